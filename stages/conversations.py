@@ -1,0 +1,73 @@
+"""The canonical conversation schema (DESIGN §2) and its JSONL reader.
+
+    {"id": "...", "messages": [{"role": "user", "content": "..."}, ...],
+     "meta": {"topic": "...", "source": "..."}}
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator, TypedDict
+
+ROLES = ("system", "user", "assistant")
+
+
+class Message(TypedDict):
+    role: str
+    content: str
+
+
+class Conversation(TypedDict):
+    id: str
+    messages: list[Message]
+    meta: dict[str, Any]
+
+
+class InputError(ValueError):
+    """User data that cannot be read: the message names the file, the place and what was expected."""
+
+
+def read_text_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{path}: not valid UTF-8 at byte offset {exc.start} (byte 0x{data[exc.start]:02x}); "
+            "re-encode the file as UTF-8"
+        ) from None
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, parsed object) for each non-blank line."""
+    for line_no, line in enumerate(read_text_utf8(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield line_no, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def make_conversation(conv_id: str, messages: list[Message], topic: str | None, source: str) -> Conversation:
+    return {"id": str(conv_id), "messages": messages, "meta": {"topic": topic, "source": source}}
+
+
+def validate_conversation(obj: Any, where: str) -> Conversation:
+    """Check one canonical record; `where` is 'file:line' for the error message."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("id"), str) or not isinstance(obj.get("messages"), list):
+        raise InputError(f"{where}: expected an object with string 'id' and list 'messages'")
+    for index, message in enumerate(obj["messages"]):
+        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            raise InputError(
+                f"{where}: messages[{index}] must be {{'role': one of {list(ROLES)}, 'content': string}}, got {message!r}"
+            )
+    obj.setdefault("meta", {})
+    return obj
+
+
+def read_conversations(path: Path | str) -> list[Conversation]:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: not found; run the stage that writes it first (dvc repro)")
+    return [validate_conversation(obj, f"{path}:{line_no}") for line_no, obj in iter_jsonl(path)]
