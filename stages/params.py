@@ -83,6 +83,7 @@ class LoraParams(Section):
 
 class TrainParams(Section):
     method: Literal["full", "lora"] = "full"
+    processes: int = Field(1, ge=1)
     learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)

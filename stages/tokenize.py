@@ -1,0 +1,130 @@
+"""Stage `tokenize`: render the processed splits with the base model's chat template and label them.
+
+Writes data/tokenized/ (a `datasets` DatasetDict with train and val: input_ids, labels, attention_mask,
+length) and metrics/tokenize.json. `python -m stages.tokenize --show N` prints example N of the train
+split with the trained tokens marked, so you can see exactly what the model learns.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Iterable
+
+from tqdm import tqdm
+
+from stages.atomic import atomic_path, write_json
+from stages.chat_format import IGNORE_INDEX, TemplateCost, WindowStats, windows
+from stages.cli import run
+from stages.conversations import Conversation, InputError, read_conversations
+from stages.params import TokenizeParams, load_params
+
+PROCESSED = Path("data/processed")
+BASE_MODEL = Path("models/base")
+OUTPUT = Path("data/tokenized")
+TOKEN_METRICS = Path("metrics/tokenize.json")
+SWAP = {"user": "assistant", "assistant": "user", "system": "system"}
+
+
+def role_swapped(conversation: Conversation) -> Conversation:
+    """The same dialogue from the other speaker's side (DESIGN §3: both speakers are real humans)."""
+    return {
+        "id": conversation["id"] + "#swap",
+        "messages": [{"role": SWAP[m["role"]], "content": m["content"]} for m in conversation["messages"]],
+        "meta": conversation.get("meta", {}),
+    }
+
+
+def load_tokenizer(path: Path = BASE_MODEL) -> Any:
+    from transformers import AutoTokenizer
+
+    if not (path / "tokenizer_config.json").exists():
+        raise InputError(f"{path}: no tokenizer; run the base_model stage first (dvc repro base_model)")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def tokenize_split(tokenizer: Any, conversations: Iterable[Conversation], params: TokenizeParams, desc: str) -> tuple[list[dict], dict]:
+    cost = TemplateCost.measure(tokenizer)
+    stats = WindowStats()
+    rows: list[dict] = []
+    conversations = list(conversations)
+    for conversation in tqdm(conversations, desc=f"tokenize {desc}", unit="conv", mininterval=2.0):
+        for example in windows(tokenizer, conversation["messages"], params.max_length, params.loss_on, cost, stats):
+            rows.append({"input_ids": example.input_ids, "labels": example.labels,
+                         "attention_mask": [1] * len(example.input_ids), "length": len(example.input_ids)})
+    trained = sum(sum(label != IGNORE_INDEX for label in row["labels"]) for row in rows)
+    tokens = sum(row["length"] for row in rows)
+    report = {
+        "conversations": len(conversations),
+        "examples": len(rows),
+        "tokens": tokens,
+        "trained_tokens": trained,
+        "trained_fraction": round(trained / tokens, 4) if tokens else 0.0,
+        "mean_length": round(tokens / len(rows), 2) if rows else 0.0,
+        "conversations_split_into_windows": stats.conversations_split,
+        "dropped_turns_too_long": stats.turns_too_long,
+        "dropped_turns_without_context": stats.turns_without_context,
+        "dropped_rows_without_trained_tokens": stats.rows_without_trained_tokens,
+    }
+    return rows, report
+
+
+def build(params: TokenizeParams) -> tuple[Any, dict]:
+    import datasets
+
+    tokenizer = load_tokenizer()
+    train = read_conversations(PROCESSED / "train.jsonl")
+    val = read_conversations(PROCESSED / "val.jsonl")
+    if params.role_swap:
+        train = train + [role_swapped(c) for c in train]
+    if params.max_val_examples is not None:
+        val = val[: params.max_val_examples]  # the split is already shuffled by the seed
+    splits, report = {}, {"max_length": params.max_length, "loss_on": params.loss_on, "role_swap": params.role_swap}
+    for name, conversations in (("train", train), ("val", val)):
+        rows, report[name] = tokenize_split(tokenizer, conversations, params, name)
+        if name == "train" and not rows:
+            raise InputError(f"tokenize: no training example fits max_length={params.max_length}; raise tokenize.max_length")
+        splits[name] = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({k: [] for k in ("input_ids", "labels", "attention_mask", "length")})
+    return datasets.DatasetDict(splits), report
+
+
+def show(index: int) -> int:
+    """Print one tokenized training example; trained tokens are wrapped in [[ ]]."""
+    import datasets
+
+    tokenizer = load_tokenizer()
+    dataset = datasets.load_from_disk(str(OUTPUT))["train"]
+    row = dataset[index]
+    pieces, trained = [], False
+    for token_id, label in zip(row["input_ids"], row["labels"]):
+        now = label != IGNORE_INDEX
+        if now != trained:
+            pieces.append("[[" if now else "]]")
+            trained = now
+        pieces.append(tokenizer.decode([token_id]))
+    pieces.append("]]" if trained else "")
+    n_trained = sum(label != IGNORE_INDEX for label in row["labels"])
+    print(f"train example {index} of {len(dataset)}: {len(row['input_ids'])} tokens, {n_trained} trained (inside [[ ]])\n")
+    print("".join(pieces))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--show", type=int, metavar="N", help="print train example N with trained tokens marked, then exit")
+    args = parser.parse_args()
+    if args.show is not None:
+        return show(args.show)
+    params = load_params()
+    dataset, report = build(params.tokenize)
+    with atomic_path(OUTPUT, is_dir=True) as staged:
+        dataset.save_to_disk(str(staged))
+    write_json(TOKEN_METRICS, report)
+    train = report["train"]
+    print(f"tokenize: train {train['examples']} examples ({train['trained_tokens']} trained of {train['tokens']} tokens, "
+          f"{train['conversations_split_into_windows']} conversations windowed, {train['dropped_turns_too_long']} turns too long), "
+          f"val {report['val']['examples']} examples -> {OUTPUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,336 @@
+"""Stage `train`: fine-tune models/base on data/tokenized with the Hugging Face Trainer.
+
+Run it through a launcher so the same code runs on one CPU, one GPU or many:
+    torchrun --standalone --nproc_per_node N -m stages.train   (what dvc.yaml runs, N = train.processes;
+                                                                N > 1 on CPU uses gloo DDP)
+    accelerate launch -m stages.train                          (with your accelerate config: DDP/FSDP/DeepSpeed)
+dvc.yaml uses torchrun because `accelerate launch` without a config pins CPU runs to one thread.
+
+Writes models/finetuned/ (safetensors + tokenizer + chat template + generation config), metrics/train.json,
+DVCLive curves under dvclive/ for `dvc plots`, and resumable checkpoints under models/checkpoints/.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.atomic import atomic_path, write_json
+from stages.chat_format import IGNORE_INDEX
+from stages.cli import run
+from stages.conversations import InputError
+from stages.params import Params, TrainParams, load_params
+
+TOKENIZED = Path("data/tokenized")
+BASE_MODEL = Path("models/base")
+OUTPUT = Path("models/finetuned")
+CHECKPOINTS = Path("models/checkpoints")
+FINGERPRINT = CHECKPOINTS / "fingerprint.json"
+TRAIN_METRICS = Path("metrics/train.json")
+DVCLIVE_DIR = Path("dvclive")
+
+
+def resolve_precision(requested: str) -> str:
+    """`auto`: bf16 on a GPU that supports it (else fp16); on a CPU, bf16 autocast only with AMX tiles.
+
+    Measured on a 2-core Xeon with AVX512-BF16 but no AMX: bf16 matmuls ran at 158 GFLOP/s against 272 in
+    float32, so autocast there is a slowdown, not a speedup.
+    """
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.cpu._is_amx_tile_supported() else "fp32"
+
+
+def pad_batch(features: list[dict], pad_token_id: int, multiple_of: int = 8) -> dict[str, torch.Tensor]:
+    """Dynamic right padding to the longest row (rounded up): pad positions are masked and never trained."""
+    longest = max(len(f["input_ids"]) for f in features)
+    width = int(math.ceil(longest / multiple_of) * multiple_of)
+    batch = {"input_ids": [], "attention_mask": [], "labels": []}
+    for feature in features:
+        gap = width - len(feature["input_ids"])
+        batch["input_ids"].append(list(feature["input_ids"]) + [pad_token_id] * gap)
+        batch["attention_mask"].append(list(feature["attention_mask"]) + [0] * gap)
+        batch["labels"].append(list(feature["labels"]) + [IGNORE_INDEX] * gap)
+    return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+def fingerprint(params: Params) -> str:
+    """Identity of a training run: a checkpoint is resumed only by the run that wrote it."""
+    parts = [json.dumps(params.train.model_dump(), sort_keys=True), str(params.seed)]
+    for path in (TOKENIZED / "train" / "state.json", TOKENIZED / "val" / "state.json", BASE_MODEL / "model_card.json", BASE_MODEL / "config.json"):
+        parts.append(path.read_text() if path.exists() else "")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def complete(checkpoint: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint killed mid-save lacks a readable one."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def resumable_checkpoint(identity: str) -> str | None:
+    """The last complete checkpoint of an interrupted run with the same fingerprint, if any."""
+    if not FINGERPRINT.exists() or json.loads(FINGERPRINT.read_text()).get("fingerprint") != identity:
+        return None
+    checkpoints = sorted(CHECKPOINTS.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    return next((str(c) for c in checkpoints if complete(c)), None)
+
+
+def reset_checkpoints(identity: str, status: str) -> None:
+    if CHECKPOINTS.exists():
+        for child in CHECKPOINTS.iterdir():
+            if child.name.startswith("checkpoint-"):
+                shutil.rmtree(child)
+    write_json(FINGERPRINT, {"fingerprint": identity, "status": status})
+
+
+def load_model(params: TrainParams) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (BASE_MODEL / "config.json").exists():
+        raise InputError(f"{BASE_MODEL}: no model; run the base_model stage first (dvc repro base_model)")
+    tokenizer = AutoTokenizer.from_pretrained(BASE_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(BASE_MODEL, use_safetensors=True, dtype=torch.float32)
+    if params.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = params.lora
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=lora.target_modules, task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    return model, tokenizer
+
+
+def trained_position_loss(model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None) -> tuple[torch.Tensor, Any]:
+    """Causal LM loss with the vocabulary head applied only where a label is trained.
+
+    Same value as the model's own loss (tested), but skips the 49k-wide logits at prompt and pad
+    positions. Shift once here: position t predicts labels[t + 1]. Sum over trained tokens divided by
+    `num_items_in_batch` (the Trainer's count over the whole accumulated batch) keeps gradient
+    accumulation exact (DESIGN §4.6); without it, the mean over this batch's trained tokens.
+    """
+    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    logits_to_keep=1, output_hidden_states=True, use_cache=False)
+    hidden = outputs.hidden_states[-1][:, :-1]  # the final (normed) layer output
+    targets = inputs["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    head = unwrap(model).get_output_embeddings()
+    logits = head(hidden[keep]).float()
+    losses = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+    if num_items_in_batch is None:
+        return losses / keep.sum().clamp(min=1), outputs
+    return losses / torch.as_tensor(num_items_in_batch, device=losses.device, dtype=losses.dtype), outputs
+
+
+def unwrap(model: Any) -> Any:
+    """The transformers model under DDP/FSDP and PEFT wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class TokenCounter:
+    """Counts non-pad and trained tokens of each training batch (for tokens/s and metrics)."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.trained = 0
+
+    def add(self, inputs: dict[str, torch.Tensor]) -> None:
+        self.tokens += int(inputs["attention_mask"].sum())
+        self.trained += int((inputs["labels"] != IGNORE_INDEX).sum())
+
+
+def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, output_dir: Path, **overrides: Any) -> tuple[Any, TokenCounter]:
+    from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+
+    train = params.train
+    precision = resolve_precision(train.precision)
+    counter = TokenCounter()
+    has_val = len(datasets["val"]) > 0
+    early = train.early_stopping_patience is not None and has_val
+
+    class CountingTrainer(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            counter.add(inputs)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = trained_position_loss(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
+            return (loss, outputs) if return_outputs else loss
+
+    class Throughput(TrainerCallback):
+        """Adds tokens/s since the previous log to each log record (DVCLive then plots it)."""
+
+        def __init__(self) -> None:
+            self.last = (time.perf_counter(), 0, 0)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is None or "loss" not in logs:
+                return
+            now, tokens, trained = time.perf_counter(), counter.tokens, counter.trained
+            elapsed = max(now - self.last[0], 1e-9)
+            world = max(args.world_size, 1)
+            logs["tokens_per_s"] = round((tokens - self.last[1]) * world / elapsed, 1)
+            logs["trained_tokens_per_s"] = round((trained - self.last[2]) * world / elapsed, 1)
+            self.last = (now, tokens, trained)
+
+    arguments = dict(
+        output_dir=str(output_dir),
+        seed=params.seed,
+        data_seed=params.seed,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,
+        weight_decay=train.weight_decay,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation,
+        max_steps=train.max_steps,
+        num_train_epochs=train.epochs,
+        max_grad_norm=train.max_grad_norm,
+        activation_checkpointing=train.gradient_checkpointing,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=train.eval_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=1 if not early else 2,
+        load_best_model_at_end=early,
+        metric_for_best_model="eval_loss" if early else None,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        train_sampling_strategy="group_by_length",
+        length_column_name="length",
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        report_to="none",
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
+    arguments.update(overrides)
+    args = TrainingArguments(**arguments)
+    callbacks: list[Any] = [Throughput()]
+    if early:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
+    if args.process_index == 0 and overrides.get("report_to", "dvclive") == "dvclive":
+        from dvclive import Live
+        from transformers.integrations import DVCLiveCallback
+
+        callbacks.append(DVCLiveCallback(live=Live(dir=str(DVCLIVE_DIR), save_dvc_exp=False, dvcyaml=None, report=None)))
+    pad_id = tokenizer.pad_token_id
+
+    trainer = CountingTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets["val"] if has_val else None,
+        data_collator=lambda features: pad_batch(features, pad_id),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    return trainer, counter
+
+
+def save_model(model: Any, tokenizer: Any, params: TrainParams, output: Path = OUTPUT) -> str:
+    """Save weights (merged LoRA by default), tokenizer, chat template and generation config (DESIGN §4.8)."""
+    saved = "full"
+    if params.method == "lora":
+        if params.lora.merge:
+            model = model.merge_and_unload()
+            saved = "lora-merged"
+        else:
+            saved = "lora-adapter"
+    with atomic_path(output, is_dir=True) as staged:
+        model.save_pretrained(staged, safe_serialization=True)
+        tokenizer.save_pretrained(staged)
+        if saved == "lora-adapter":
+            write_json(staged / "base_model.json", {"base_model": str(BASE_MODEL), "card": json.loads((BASE_MODEL / "model_card.json").read_text())})
+    return saved
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def main() -> int:
+    import datasets as hf_datasets
+    from transformers import set_seed
+
+    params = load_params()
+    if not (TOKENIZED / "dataset_dict.json").exists():
+        raise InputError(f"{TOKENIZED}: no tokenized data; run the tokenize stage first (dvc repro tokenize)")
+    set_seed(params.seed)
+    data = hf_datasets.load_from_disk(str(TOKENIZED))
+    model, tokenizer = load_model(params.train)
+    identity = fingerprint(params)
+    resume = resumable_checkpoint(identity)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if resume is None and rank0:
+        reset_checkpoints(identity, "running")
+    trainer, counter = build_trainer(params, model, tokenizer, data, CHECKPOINTS)
+    before = trainer.evaluate()["eval_loss"] if len(data["val"]) and resume is None else None
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    wall = time.perf_counter() - started
+    history = trainer.state.log_history
+    evals = [(entry["step"], entry["eval_loss"]) for entry in history if "eval_loss" in entry]
+    final_eval = None
+    if len(data["val"]):
+        at_end = [loss for step, loss in evals if step == trainer.state.global_step]
+        final_eval = at_end[-1] if at_end else trainer.evaluate()["eval_loss"]
+    if not trainer.is_world_process_zero():
+        return 0
+    saved = save_model(trainer.model, tokenizer, params.train)
+    world = max(trainer.args.world_size, 1)
+    metrics = {
+        "method": saved,
+        "precision": resolve_precision(params.train.precision),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
+        "processes": world,
+        "steps": trainer.state.global_step,
+        "resumed_from_step": int(Path(resume).name.split("-")[-1]) if resume else 0,
+        "train_loss": round(result.training_loss, 4),
+        "final_logged_train_loss": next((round(e["loss"], 4) for e in reversed(history) if "loss" in e), None),
+        "eval_loss_before": round(before, 4) if before is not None else None,
+        "eval_loss_after": round(final_eval, 4) if final_eval is not None else None,
+        "best_eval_loss": round(min([loss for _, loss in evals] + [final_eval]), 4) if final_eval is not None else None,
+        "eval_perplexity_before": round(math.exp(before), 3) if before is not None else None,
+        "eval_perplexity_after": round(math.exp(final_eval), 3) if final_eval is not None else None,
+        "tokens_seen": counter.tokens * world,
+        "trained_tokens": counter.trained * world,
+        "tokens_per_s": round(counter.tokens * world / wall, 1),
+        "trained_tokens_per_s": round(counter.trained * world / wall, 1),
+        "wall_time_s": round(wall, 1),
+        "peak_memory_mb": peak_memory_mb(),
+    }
+    write_json(TRAIN_METRICS, metrics)
+    reset_checkpoints(identity, "complete")
+    print(f"train: {metrics['steps']} steps ({saved}, {metrics['precision']}, {metrics['device']}), eval loss "
+          f"{metrics['eval_loss_before']} -> {metrics['eval_loss_after']}, {metrics['tokens_per_s']} tokens/s, "
+          f"{metrics['wall_time_s']} s, peak {metrics['peak_memory_mb']} MB -> {OUTPUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

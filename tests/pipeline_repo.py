@@ -1,0 +1,70 @@
+"""Build a temporary git + DVC repository from this one, pointed at the tiny fixtures."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import FIXTURES, REPO, write_params
+from tiny import save_tiny
+
+TINY_TRAIN = {
+    "max_steps": 30, "batch_size": 8, "learning_rate": 5.0e-3, "warmup_ratio": 0.1, "eval_steps": 15,
+    "save_steps": 15, "logging_steps": 5, "lr_scheduler": "linear",
+}
+
+
+def tool_env() -> dict:
+    """The environment of a user whose virtual environment is active (dvc, torchrun on PATH)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def sh(cwd: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(list(command), cwd=cwd, env=tool_env(), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return sh(cwd, sys.executable, "-m", "dvc", *args, check=check)
+
+
+def make_repo(root: Path, arch: str = "llama", overrides: dict | None = None) -> Path:
+    repo = root / "repo"
+    repo.mkdir()
+    for item in ("stages", "dvc.yaml", "params.yaml", ".gitignore"):
+        source = REPO / item
+        if source.is_dir():
+            shutil.copytree(source, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, repo / item)
+    (repo / "data" / "external").mkdir(parents=True)
+    shutil.copy(FIXTURES / "conversations.jsonl", repo / "data" / "external" / "chats.jsonl")
+    save_tiny(repo / "tiny-model", arch)
+    params = {
+        "data": {"source": "data/external/chats.jsonl"},
+        "preprocess": {"val_fraction": 0.1, "test_fraction": 0.1},
+        "model": {"base": "tiny-model"},
+        "tokenize": {"max_length": 128, "max_val_examples": None},
+        "train": dict(TINY_TRAIN),
+    }
+    for section, values in (overrides or {}).items():
+        params.setdefault(section, {}).update(values)
+    write_params(repo, params)
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "config", "user.email", "test@example.com")
+    sh(repo, "git", "config", "user.name", "test")
+    dvc(repo, "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "fixture pipeline")
+    return repo
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())

@@ -1,0 +1,180 @@
+"""DESIGN §4: each label trap, on a ChatML template and on the plain GPT-2 template."""
+import pytest
+import torch
+
+from stages.base_model import prepare_tokenizer
+from stages.chat_format import (IGNORE_INDEX, PLAIN_CHAT_TEMPLATE, TemplateCost, WindowStats, encode, end_of_turn_token,
+                                windows)
+from stages.train import pad_batch, trained_position_loss
+from tiny import train_tokenizer, tiny_model
+
+CONVERSATION = [
+    {"role": "system", "content": "you are a helpful assistant."},
+    {"role": "user", "content": "what is your favorite color? assistant:"},
+    {"role": "assistant", "content": "my favorite color is blue."},
+    {"role": "user", "content": "why blue?"},
+    {"role": "assistant", "content": "because blue is calm."},
+]
+
+
+@pytest.fixture(params=["chatml", "gpt2"])
+def tokenizer(request):
+    """Prepared as the base_model stage prepares it: template, end-of-turn and a pad that no label needs."""
+    tok = train_tokenizer(request.param)
+    model = tiny_model("llama" if request.param == "chatml" else "gpt2", len(tok))
+    prepare_tokenizer(model, tok)
+    tok.test_model = model
+    return tok
+
+
+def trained_segments(tok, example):
+    """Decoded runs of consecutive trained tokens."""
+    segments, current = [], []
+    for token_id, label in zip(example.input_ids, example.labels):
+        if label != IGNORE_INDEX:
+            current.append(token_id)
+        elif current:
+            segments.append(tok.decode(current))
+            current = []
+    if current:
+        segments.append(tok.decode(current))
+    return segments
+
+
+def test_1_labels_cover_exactly_the_assistant_replies(tokenizer):
+    # The user turn ends with the text "assistant:", which a marker-string search would mistake for a reply start.
+    eot = end_of_turn_token(tokenizer)
+    example = encode(tokenizer, CONVERSATION)
+    prefix = " " if tokenizer.chat_template == PLAIN_CHAT_TEMPLATE else ""
+    assert trained_segments(tokenizer, example) == [f"{prefix}my favorite color is blue.{eot}", f"{prefix}because blue is calm.{eot}"]
+
+
+def test_1_everything_outside_the_spans_is_ignored(tokenizer):
+    example = encode(tokenizer, CONVERSATION)
+    untrained = tokenizer.decode([t for t, l in zip(example.input_ids, example.labels) if l == IGNORE_INDEX])
+    for prompt in ("you are a helpful assistant.", "what is your favorite color? assistant:", "why blue?"):
+        assert prompt in untrained
+    assert "blue is calm" not in untrained and "color is blue." not in untrained
+    assert example.labels[0] == IGNORE_INDEX
+
+
+def test_2_end_of_turn_is_trained_and_pad_differs_from_it(tokenizer):
+    eot = end_of_turn_token(tokenizer)
+    eot_id = tokenizer.convert_tokens_to_ids(eot)
+    example = encode(tokenizer, CONVERSATION)
+    trained_eot = [i for i, (t, l) in enumerate(zip(example.input_ids, example.labels)) if t == eot_id and l == eot_id]
+    assert len(trained_eot) == 2  # one per assistant reply
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eot_id
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_2_plain_template_for_models_without_one():
+    tok = train_tokenizer("gpt2")
+    assert tok.chat_template is None
+    info = prepare_tokenizer(tiny_model("gpt2", len(tok)), tok)
+    assert info["chat_template"].startswith("plain") and info["end_of_turn"] == "<|endoftext|>"
+    assert info["pad_token"] == "<|pad|>"  # GPT-2 has no spare special token, so one is added
+    text = tok.apply_chat_template(CONVERSATION[1:3], tokenize=False)
+    assert text == "User: what is your favorite color? assistant:<|endoftext|>\nAssistant: my favorite color is blue.<|endoftext|>\n"
+
+
+def test_3_one_bos_at_most():
+    tok = train_tokenizer("bos")  # template writes BOS and the tokenizer would add one more
+    bos = tok.bos_token_id
+    naive = tok(tok.apply_chat_template(CONVERSATION, tokenize=False))["input_ids"]
+    assert naive[:2] == [bos, bos]  # the trap is real
+    example = encode(tok, CONVERSATION)
+    assert example.input_ids[0] == bos and example.input_ids[1] != bos
+
+
+def test_4_labels_equal_inputs_and_are_not_shifted(tokenizer):
+    example = encode(tokenizer, CONVERSATION)
+    assert all(label == token for token, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX)
+    model = tokenizer.test_model.eval()
+    ids = torch.tensor([example.input_ids])
+    labels = torch.tensor([example.labels])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+        model_loss = model(input_ids=ids, labels=labels).loss
+    # Position t predicts token t+1: the model shifts once, so the labels must not be pre-shifted.
+    targets = labels[0, 1:]
+    keep = targets != IGNORE_INDEX
+    manual = torch.nn.functional.cross_entropy(logits[:-1][keep], targets[keep])
+    assert torch.allclose(model_loss, manual, atol=1e-5)
+
+
+def test_4_trained_position_loss_matches_the_models_own_loss(tokenizer):
+    model = tokenizer.test_model.eval()
+    rows = [encode(tokenizer, CONVERSATION), encode(tokenizer, CONVERSATION[:3])]
+    batch = pad_batch([{"input_ids": r.input_ids, "labels": r.labels, "attention_mask": [1] * len(r.input_ids)} for r in rows], tokenizer.pad_token_id)
+    with torch.no_grad():
+        reference = model(**batch).loss
+        ours, _ = trained_position_loss(model, batch)
+    assert torch.allclose(reference, ours, atol=1e-5)
+
+
+def long_conversation(turns: int):
+    messages = [{"role": "system", "content": "you are a helpful assistant."}]
+    for i in range(turns):
+        messages += [{"role": "user", "content": f"question {i}: do you like red?"},
+                     {"role": "assistant", "content": f"answer {i}: red is nice, but too loud."}]
+    return messages
+
+
+def test_5_long_conversations_become_windows_of_whole_turns(tokenizer):
+    messages = long_conversation(12)
+    full = encode(tokenizer, messages)
+    max_length = len(full.input_ids) // 3
+    stats = WindowStats()
+    examples = windows(tokenizer, messages, max_length, "assistant", TemplateCost.measure(tokenizer), stats)
+    assert len(examples) >= 3 and stats.windows == len(examples) and stats.conversations_split == 1
+    assert all(len(e.input_ids) <= max_length for e in examples)
+    replies = [s for e in examples for s in trained_segments(tokenizer, e)]
+    eot = end_of_turn_token(tokenizer)
+    prefix = " " if tokenizer.chat_template == PLAIN_CHAT_TEMPLATE else ""
+    assert replies == [f"{prefix}answer {i}: red is nice, but too loud.{eot}" for i in range(12)]  # each once, in order
+    for example in examples:  # every window keeps the system prompt and opens on a user turn, never mid-turn
+        assert "you are a helpful assistant." in tokenizer.decode(example.input_ids)
+        assert messages[example.turns[0]]["role"] == "user" and messages[example.turns[1]]["role"] == "assistant"
+    assert [e.turns for e in examples] == sorted(e.turns for e in examples)
+    assert all(a.turns[1] + 1 == b.turns[0] for a, b in zip(examples, examples[1:]))  # contiguous, no turn lost
+    last = tokenizer.decode(examples[-1].input_ids)
+    assert "question 11" in last and "question 10" in last  # the most recent context is kept
+
+
+def test_5_turn_too_long_is_dropped_and_counted(tokenizer):
+    messages = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "blue " * 200},
+                {"role": "user", "content": "why?"}, {"role": "assistant", "content": "because."}]
+    stats = WindowStats()
+    examples = windows(tokenizer, messages, 40, "assistant", TemplateCost.measure(tokenizer), stats)
+    assert stats.turns_too_long == 1 and len(examples) == 1
+    assert [s.strip() for s in trained_segments(tokenizer, examples[0])] == [f"because.{end_of_turn_token(tokenizer)}"]
+
+
+def test_5_reply_without_context_is_not_trained(tokenizer):
+    messages = [{"role": "assistant", "content": "hello!"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "how are you?"}]
+    stats = WindowStats()
+    examples = windows(tokenizer, messages, 200, "assistant", TemplateCost.measure(tokenizer), stats)
+    assert stats.turns_without_context == 1 and len(examples) == 1
+    assert "hello!" not in "".join(trained_segments(tokenizer, examples[0]))
+
+
+def test_5_loss_on_all_trains_every_token(tokenizer):
+    stats = WindowStats()
+    (example,) = windows(tokenizer, CONVERSATION, 512, "all", TemplateCost.measure(tokenizer), stats)
+    assert example.labels == example.input_ids
+
+
+def test_7_dynamic_padding_does_not_change_logits(tokenizer):
+    """We batch by length with padding instead of packing; padded rows must give the unpadded logits."""
+    model = tokenizer.test_model.eval()
+    rows = [encode(tokenizer, CONVERSATION), encode(tokenizer, CONVERSATION[:3])]
+    batch = pad_batch([{"input_ids": r.input_ids, "labels": r.labels, "attention_mask": [1] * len(r.input_ids)} for r in rows], tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[1] % 8 == 0
+    short = len(rows[1].input_ids)
+    assert (batch["labels"][1, short:] == IGNORE_INDEX).all() and (batch["attention_mask"][1, short:] == 0).all()
+    with torch.no_grad():
+        padded = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for i, row in enumerate(rows):
+            alone = model(input_ids=torch.tensor([row.input_ids])).logits[0]
+            assert torch.allclose(padded[i, : len(row.input_ids)], alone, atol=1e-4)

@@ -1,0 +1,91 @@
+"""The real `dvc` CLI on the fixture pipeline in a temporary git repository."""
+import json
+
+import pytest
+import yaml
+
+from pipeline_repo import dvc, make_repo, read_json
+
+
+def stages_ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+@pytest.fixture(scope="module")
+def llama_repo(tmp_path_factory):
+    repo = make_repo(tmp_path_factory.mktemp("llama"), "llama")
+    result = dvc(repo, "repro")
+    assert stages_ran(result.stdout) == {"ingest", "preprocess", "base_model", "tokenize", "train"}
+    return repo
+
+
+def test_repro_trains_and_the_loss_goes_down(llama_repo):
+    train = read_json(llama_repo / "metrics" / "train.json")
+    assert train["steps"] == 30
+    assert train["eval_loss_after"] < train["eval_loss_before"] - 1.0
+    assert train["trained_tokens"] > 0 and train["tokens_per_s"] > 0
+    data = read_json(llama_repo / "metrics" / "data.json")
+    assert data["input"]["conversations"] == 48
+    tokens = read_json(llama_repo / "metrics" / "tokenize.json")
+    assert tokens["train"]["examples"] > 0 and 0 < tokens["train"]["trained_fraction"] < 1
+
+
+def test_finetuned_model_carries_its_chat_format(llama_repo):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = llama_repo / "models" / "finetuned"
+    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    assert tokenizer.pad_token != "<|im_end|>"
+    assert model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hello there, i am visitor 3."}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    generated = model.generate(**prompt, max_new_tokens=40, do_sample=False)
+    assert generated[0, -1].item() == tokenizer.convert_tokens_to_ids("<|im_end|>")  # it learned to stop
+
+
+def test_dvclive_curves_and_plots(llama_repo):
+    loss = (llama_repo / "dvclive" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
+    assert loss[0].split("\t")[:2] == ["step", "loss"] and len(loss) > 3
+    assert (llama_repo / "dvclive" / "plots" / "metrics" / "tokens_per_s.tsv").exists()
+    shown = dvc(llama_repo, "plots", "show", "--json")
+    assert "Training loss" in shown.stdout
+
+
+def test_nothing_changed_means_nothing_runs(llama_repo):
+    assert "Data and pipelines are up to date" in dvc(llama_repo, "status").stdout
+    assert stages_ran(dvc(llama_repo, "repro").stdout) == set()
+
+
+def test_param_changes_rerun_only_what_depends_on_them(llama_repo):
+    params_file = llama_repo / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    try:
+        params["train"]["learning_rate"] = 1.0e-3
+        params["seed"] = 7
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        status = json.loads(dvc(llama_repo, "status", "--json").stdout)
+        assert "train" in status and "preprocess" in status  # the seed drives the split too
+        assert "tokenize" not in status and "base_model" not in status and "ingest" not in status
+
+        params = yaml.safe_load(original)
+        params["preprocess"]["max_turn_chars"] = 3000  # reruns preprocess; its outputs are unchanged
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        ran = stages_ran(dvc(llama_repo, "repro").stdout)
+        assert ran == {"preprocess"}
+    finally:
+        params_file.write_text(original)
+    dvc(llama_repo, "repro")
+    assert "Data and pipelines are up to date" in dvc(llama_repo, "status").stdout
+
+
+def test_gpt2_with_plain_template_trains_through_dvc(tmp_path):
+    repo = make_repo(tmp_path, "gpt2")
+    dvc(repo, "repro")
+    card = read_json(repo / "models" / "base" / "model_card.json")
+    assert card["chat_template"].startswith("plain") and card["end_of_turn"] == "<|endoftext|>" and card["pad_token"] == "<|pad|>"
+    train = read_json(repo / "metrics" / "train.json")
+    assert train["eval_loss_after"] < train["eval_loss_before"] - 1.0

@@ -1,0 +1,144 @@
+"""The train stage on tiny models: gradient accumulation, LoRA, resume after a kill, two-process DDP."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FIXTURES, REPO, run_stage, write_params
+from pipeline_repo import TINY_TRAIN, read_json, tool_env
+from stages.params import load_params
+from tiny import save_tiny
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A work directory with models/base and data/tokenized for a tiny Llama, made by the real stages."""
+    work = tmp_path_factory.mktemp("prepared")
+    (work / "data" / "external").mkdir(parents=True)
+    shutil.copy(FIXTURES / "conversations.jsonl", work / "data" / "external" / "chats.jsonl")
+    save_tiny(work / "tiny-model", "llama")
+    write_params(work, {"data": {"source": "data/external/chats.jsonl"}, "model": {"base": "tiny-model"},
+                        "preprocess": {"val_fraction": 0.1, "test_fraction": 0.1},
+                        "tokenize": {"max_length": 128, "max_val_examples": None}, "train": dict(TINY_TRAIN)})
+    for stage in ("ingest", "preprocess", "base_model", "tokenize"):
+        result = run_stage(stage, work)
+        assert result.returncode == 0, result.stderr
+    return work
+
+
+def workspace(prepared: Path, tmp_path: Path, train: dict | None = None) -> Path:
+    work = tmp_path / "work"
+    shutil.copytree(prepared, work)
+    if train:
+        write_params(work, {"data": {"source": "data/external/chats.jsonl"}, "model": {"base": "tiny-model"},
+                            "preprocess": {"val_fraction": 0.1, "test_fraction": 0.1},
+                            "tokenize": {"max_length": 128, "max_val_examples": None}, "train": {**TINY_TRAIN, **train}})
+    return work
+
+
+def one_step_weights(prepared: Path, tmp_path: Path, batch: int, accumulation: int) -> dict[str, torch.Tensor]:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.train import build_trainer
+
+    params = load_params(prepared / "params.yaml")
+    params = params.model_copy(update={"train": params.train.model_copy(update={
+        "batch_size": batch, "gradient_accumulation": accumulation, "max_steps": 1, "warmup_ratio": 0.0,
+        "lr_scheduler": "constant", "learning_rate": 0.5, "max_grad_norm": 1e9})})
+    model = AutoModelForCausalLM.from_pretrained(prepared / "models" / "base", use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(prepared / "models" / "base")
+    data = datasets.load_from_disk(str(prepared / "data" / "tokenized"))
+    data["val"] = data["val"].select([])
+    trainer, counter = build_trainer(params, model, tokenizer, data, tmp_path / f"out-{batch}x{accumulation}",
+                                     optim="sgd", train_sampling_strategy="sequential", report_to="none", save_strategy="no")
+    trainer.train()
+    return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}, counter
+
+
+def test_6_gradient_accumulation_matches_one_big_batch(prepared, tmp_path):
+    """Loss normalised by the trained tokens of the whole accumulated batch: 8x1 and 2x4 give one gradient."""
+    base, _ = one_step_weights(prepared, tmp_path, batch=1, accumulation=1)  # a different batch, as a control
+    big, counted_big = one_step_weights(prepared, tmp_path, batch=8, accumulation=1)
+    small, counted_small = one_step_weights(prepared, tmp_path, batch=2, accumulation=4)
+    assert counted_big.trained == counted_small.trained > 0
+    for name in big:
+        assert torch.allclose(big[name], small[name], atol=2e-5, rtol=1e-4), name
+    assert any(not torch.allclose(big[name], base[name], atol=1e-4) for name in big)
+
+
+def run_train(work: Path, *launcher: str) -> subprocess.CompletedProcess:
+    env = {**tool_env(), "PYTHONPATH": str(REPO)}
+    command = list(launcher) if launcher else [sys.executable]
+    return subprocess.run(command + ["-m", "stages.train"], cwd=work, env=env, capture_output=True, text=True)
+
+
+def test_lora_trains_and_saves_a_merged_model(prepared, tmp_path):
+    work = workspace(prepared, tmp_path, {"method": "lora", "learning_rate": 1.0e-2, "lora": {"r": 4, "alpha": 8, "dropout": 0.0,
+                                                                                           "target_modules": ["q_proj", "v_proj"], "merge": True}})
+    result = run_train(work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_json(work / "metrics" / "train.json")
+    assert metrics["method"] == "lora-merged" and metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    merged = load_file(work / "models" / "finetuned" / "model.safetensors")
+    base = load_file(work / "models" / "base" / "model.safetensors")
+    assert not any("lora" in key for key in merged) and set(merged) == set(base)
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+
+
+def test_lora_adapter_only_records_its_base(prepared, tmp_path):
+    work = workspace(prepared, tmp_path, {"method": "lora", "max_steps": 4, "lora": {"r": 4, "alpha": 8, "merge": False}})
+    result = run_train(work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = work / "models" / "finetuned"
+    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
+    assert read_json(out / "base_model.json")["base_model"] == "models/base"
+
+
+def test_killed_run_resumes_to_the_same_weights(prepared, tmp_path):
+    settings = {"max_steps": 200, "save_steps": 10, "eval_steps": 100, "logging_steps": 50, "batch_size": 2}
+    straight = workspace(prepared, tmp_path / "a", settings)
+    assert run_train(straight).returncode == 0
+
+    killed = workspace(prepared, tmp_path / "b", settings)
+    env = {**tool_env(), "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=killed, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    state = killed / "models" / "checkpoints" / "checkpoint-10" / "trainer_state.json"
+    while not state.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (killed / "models" / "finetuned").exists() and not (killed / "metrics" / "train.json").exists()
+
+    resumed = run_train(killed)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = read_json(killed / "metrics" / "train.json")
+    assert 10 <= metrics["resumed_from_step"] < 200 and metrics["steps"] == 200
+    a = load_file(straight / "models" / "finetuned" / "model.safetensors")
+    b = load_file(killed / "models" / "finetuned" / "model.safetensors")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    assert read_json(killed / "models" / "checkpoints" / "fingerprint.json")["status"] == "complete"
+    assert not list((killed / "models" / "checkpoints").glob("checkpoint-*"))
+
+
+def test_two_cpu_processes_train_with_ddp_and_save_once(prepared, tmp_path):
+    work = workspace(prepared, tmp_path, {"max_steps": 6, "eval_steps": 6, "save_steps": 6})
+    result = run_train(work, "torchrun", "--standalone", "--nproc_per_node", "2")
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = read_json(work / "metrics" / "train.json")
+    assert metrics["processes"] == 2 and metrics["steps"] == 6
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    assert result.stdout.count("train: 6 steps") == 1  # only rank 0 reports and saves
+    assert (work / "models" / "finetuned" / "model.safetensors").exists()
