@@ -142,6 +142,27 @@ def unwrap(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def seeded_length_sampler(dataset: Any, batch_size: int, seed: int) -> Any:
+    """Length-grouped batches whose order depends only on (seed, epoch), never on the global RNG state.
+
+    transformers' LengthGroupedSampler draws from the global RNG when iteration starts, which differs
+    between an uninterrupted run and one resumed from a checkpoint; this one makes resuming exact.
+    """
+    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+
+    class SeededLengthGroupedSampler(LengthGroupedSampler):
+        epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            generator = torch.Generator().manual_seed(seed + int(self.epoch))
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+    return SeededLengthGroupedSampler(batch_size, dataset=dataset, lengths=list(dataset["length"]))
+
+
 class TokenCounter:
     """Counts non-pad and trained tokens of each training batch (for tokens/s and metrics)."""
 
@@ -167,6 +188,12 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
         def training_step(self, model, inputs, num_items_in_batch=None):
             counter.add(inputs)
             return super().training_step(model, inputs, num_items_in_batch)
+
+        def _get_train_sampler(self, train_dataset=None):
+            if self.args.train_sampling_strategy != "group_by_length":
+                return super()._get_train_sampler(train_dataset)
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            return seeded_length_sampler(dataset, self.args.train_batch_size * self.args.gradient_accumulation_steps, self.args.seed)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, outputs = trained_position_loss(model, inputs, num_items_in_batch)

@@ -12,8 +12,8 @@ from conftest import FIXTURES, REPO, write_params
 from tiny import save_tiny
 
 TINY_TRAIN = {
-    "max_steps": 30, "batch_size": 8, "learning_rate": 5.0e-3, "warmup_ratio": 0.1, "eval_steps": 15,
-    "save_steps": 15, "logging_steps": 5, "lr_scheduler": "linear",
+    "max_steps": 150, "batch_size": 8, "learning_rate": 5.0e-3, "warmup_ratio": 0.1, "eval_steps": 75,
+    "save_steps": 75, "logging_steps": 10, "lr_scheduler": "linear",
 }
 
 
