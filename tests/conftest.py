@@ -46,3 +46,7 @@ def run_stage(stage: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
 def workdir(tmp_path: Path) -> Path:
     (tmp_path / "data" / "external").mkdir(parents=True)
     return tmp_path
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "bundled: uses the real bundled SmolLM2 model and chitchat data (select with -m bundled)")
