@@ -7,6 +7,8 @@ split with the trained tokens marked, so you can see exactly what the model lear
 from __future__ import annotations
 
 import argparse
+import os
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -42,15 +44,40 @@ def load_tokenizer(path: Path = BASE_MODEL) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def tokenize_split(tokenizer: Any, conversations: Iterable[Conversation], params: TokenizeParams, desc: str) -> tuple[list[dict], dict]:
-    cost = TemplateCost.measure(tokenizer)
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    _WORKER["tokenizer"] = load_tokenizer(Path(tokenizer_path))
+    _WORKER["cost"] = TemplateCost.measure(_WORKER["tokenizer"])
+
+
+def _tokenize_chunk(task: tuple[list[Conversation], TokenizeParams]) -> tuple[list[dict], WindowStats]:
+    conversations, params = task
     stats = WindowStats()
-    rows: list[dict] = []
-    conversations = list(conversations)
-    for conversation in tqdm(conversations, desc=f"tokenize {desc}", unit="conv", mininterval=2.0):
-        for example in windows(tokenizer, conversation["messages"], params.max_length, params.loss_on, cost, stats):
+    rows = []
+    for conversation in conversations:
+        for example in windows(_WORKER["tokenizer"], conversation["messages"], params.max_length, params.loss_on, _WORKER["cost"], stats):
             rows.append({"input_ids": example.input_ids, "labels": example.labels,
                          "attention_mask": [1] * len(example.input_ids), "length": len(example.input_ids)})
+    return rows, stats
+
+
+def tokenize_split(tokenizer_path: Path, conversations: list[Conversation], params: TokenizeParams, desc: str) -> tuple[list[dict], dict]:
+    """Tokenize conversations in parallel chunks; rows come back in input order, so output is deterministic."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    chunks = [(conversations[i : i + 64], params) for i in range(0, len(conversations), 64)]
+    stats = WindowStats()
+    rows: list[dict] = []
+    workers = max(1, min(os.cpu_count() or 1, 8, len(chunks)))
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool, \
+            tqdm(total=len(conversations), desc=f"tokenize {desc}", unit="conv", mininterval=2.0) as progress:
+        for (chunk, _), (chunk_rows, chunk_stats) in zip(chunks, pool.map(_tokenize_chunk, chunks)):
+            rows += chunk_rows
+            for field in fields(WindowStats):
+                setattr(stats, field.name, getattr(stats, field.name) + getattr(chunk_stats, field.name))
+            progress.update(len(chunk))
     trained = sum(sum(label != IGNORE_INDEX for label in row["labels"]) for row in rows)
     tokens = sum(row["length"] for row in rows)
     report = {
@@ -71,7 +98,7 @@ def tokenize_split(tokenizer: Any, conversations: Iterable[Conversation], params
 def build(params: TokenizeParams) -> tuple[Any, dict]:
     import datasets
 
-    tokenizer = load_tokenizer()
+    load_tokenizer()  # fail early, with a clear message, if the base model is missing
     train = read_conversations(PROCESSED / "train.jsonl")
     val = read_conversations(PROCESSED / "val.jsonl")
     if params.role_swap:
@@ -80,7 +107,7 @@ def build(params: TokenizeParams) -> tuple[Any, dict]:
         val = val[: params.max_val_examples]  # the split is already shuffled by the seed
     splits, report = {}, {"max_length": params.max_length, "loss_on": params.loss_on, "role_swap": params.role_swap}
     for name, conversations in (("train", train), ("val", val)):
-        rows, report[name] = tokenize_split(tokenizer, conversations, params, name)
+        rows, report[name] = tokenize_split(BASE_MODEL, conversations, params, name)
         if name == "train" and not rows:
             raise InputError(f"tokenize: no training example fits max_length={params.max_length}; raise tokenize.max_length")
         splits[name] = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({k: [] for k in ("input_ids", "labels", "attention_mask", "length")})
