@@ -25,6 +25,7 @@ import torch
 
 from stages.atomic import atomic_path, write_json
 from stages.chat_format import IGNORE_INDEX
+from stages.modeling import pad_batch, trained_logits
 from stages.cli import run
 from stages.conversations import InputError
 from stages.params import Params, TrainParams, load_params
@@ -49,19 +50,6 @@ def resolve_precision(requested: str) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if torch.cpu._is_amx_tile_supported() else "fp32"
-
-
-def pad_batch(features: list[dict], pad_token_id: int, multiple_of: int = 8) -> dict[str, torch.Tensor]:
-    """Dynamic right padding to the longest row (rounded up): pad positions are masked and never trained."""
-    longest = max(len(f["input_ids"]) for f in features)
-    width = int(math.ceil(longest / multiple_of) * multiple_of)
-    batch = {"input_ids": [], "attention_mask": [], "labels": []}
-    for feature in features:
-        gap = width - len(feature["input_ids"])
-        batch["input_ids"].append(list(feature["input_ids"]) + [pad_token_id] * gap)
-        batch["attention_mask"].append(list(feature["attention_mask"]) + [0] * gap)
-        batch["labels"].append(list(feature["labels"]) + [IGNORE_INDEX] * gap)
-    return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
 
 
 def fingerprint(params: Params) -> str:
@@ -115,31 +103,16 @@ def load_model(params: TrainParams) -> tuple[Any, Any]:
 
 
 def trained_position_loss(model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None) -> tuple[torch.Tensor, Any]:
-    """Causal LM loss with the vocabulary head applied only where a label is trained.
+    """Causal LM loss over trained positions only; same value as the model's own loss (tested).
 
-    Same value as the model's own loss (tested), but skips the 49k-wide logits at prompt and pad
-    positions. Shift once here: position t predicts labels[t + 1]. Sum over trained tokens divided by
-    `num_items_in_batch` (the Trainer's count over the whole accumulated batch) keeps gradient
-    accumulation exact (DESIGN §4.6); without it, the mean over this batch's trained tokens.
+    Sum over trained tokens divided by `num_items_in_batch` (the Trainer's count over the whole
+    accumulated batch) keeps gradient accumulation exact (DESIGN §4.6); without it, the batch mean.
     """
-    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                    logits_to_keep=1, output_hidden_states=True, use_cache=False)
-    hidden = outputs.hidden_states[-1][:, :-1]  # the final (normed) layer output
-    targets = inputs["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    head = unwrap(model).get_output_embeddings()
-    logits = head(hidden[keep]).float()
-    losses = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+    logits, targets, keep, outputs = trained_logits(model, inputs)
+    losses = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
     if num_items_in_batch is None:
         return losses / keep.sum().clamp(min=1), outputs
     return losses / torch.as_tensor(num_items_in_batch, device=losses.device, dtype=losses.dtype), outputs
-
-
-def unwrap(model: Any) -> Any:
-    """The transformers model under DDP/FSDP and PEFT wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def seeded_length_sampler(dataset: Any, batch_size: int, seed: int) -> Any:

@@ -5,7 +5,8 @@ import torch
 from stages.base_model import prepare_tokenizer
 from stages.chat_format import (IGNORE_INDEX, PLAIN_CHAT_TEMPLATE, TemplateCost, WindowStats, encode, end_of_turn_token,
                                 windows)
-from stages.train import pad_batch, trained_position_loss
+from stages.modeling import pad_batch
+from stages.train import trained_position_loss
 from tiny import train_tokenizer, tiny_model
 
 CONVERSATION = [
