@@ -108,6 +108,31 @@ class TrainParams(Section):
         return self
 
 
+class GateParams(Section):
+    min_perplexity_improvement: float = Field(0.3, ge=-1.0, le=1.0)  # relative: 1 - ppl_finetuned / ppl_base
+    min_stop_rate: float = Field(0.9, ge=0.0, le=1.0)
+    fail_on_gate: bool = False
+
+
+class EvaluateParams(Section):
+    max_conversations: int = Field(24, ge=1)
+    turns_per_conversation: int = Field(2, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(16, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    depth_buckets: list[int] = Field([1, 3, 7, 15], min_length=1)
+    transcripts: int = Field(8, ge=0)
+    gate: GateParams = GateParams()
+
+    @model_validator(mode="after")
+    def _buckets_ascend(self) -> "EvaluateParams":
+        if self.depth_buckets != sorted(set(self.depth_buckets)) or self.depth_buckets[0] != 1:
+            raise ValueError(f"depth_buckets must be strictly increasing and start at 1 (got {self.depth_buckets})")
+        return self
+
+
 class Params(Section):
     seed: int = Field(42, ge=0)
     data: DataParams = DataParams()
@@ -115,6 +140,7 @@ class Params(Section):
     model: ModelParams = ModelParams()
     tokenize: TokenizeParams = TokenizeParams()
     train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -53,6 +53,7 @@ def make_repo(root: Path, arch: str = "llama", overrides: dict | None = None) ->
         "model": {"base": "tiny-model"},
         "tokenize": {"max_length": 128, "max_val_examples": None},
         "train": dict(TINY_TRAIN),
+        "evaluate": {"max_conversations": 5, "max_new_tokens": 24, "batch_size": 8},
     }
     for section, values in (overrides or {}).items():
         params.setdefault(section, {}).update(values)

@@ -15,7 +15,7 @@ def stages_ran(output: str) -> set[str]:
 def llama_repo(tmp_path_factory):
     repo = make_repo(tmp_path_factory.mktemp("llama"), "llama")
     result = dvc(repo, "repro")
-    assert stages_ran(result.stdout) == {"ingest", "preprocess", "base_model", "tokenize", "train"}
+    assert stages_ran(result.stdout) == {"ingest", "preprocess", "base_model", "tokenize", "train", "evaluate"}
     return repo
 
 
@@ -89,3 +89,34 @@ def test_gpt2_with_plain_template_trains_through_dvc(tmp_path):
     assert card["chat_template"].startswith("plain") and card["end_of_turn"] == "<|endoftext|>" and card["pad_token"] == "<|pad|>"
     train = read_json(repo / "metrics" / "train.json")
     assert train["eval_loss_after"] < train["eval_loss_before"] - 1.0
+
+
+def test_evaluation_compares_base_and_finetuned(llama_repo):
+    results = read_json(llama_repo / "metrics" / "eval.json")
+    base, tuned = results["base"], results["finetuned"]
+    assert tuned["perplexity"] < base["perplexity"] and tuned["bits_per_byte"] < base["bits_per_byte"]
+    assert tuned["stop_rate"] > base["stop_rate"]
+    for key in ("bleu", "chrf", "rouge_l", "distinct_1", "distinct_2", "repetition_rate", "mean_reply_words", "context_relevance"):
+        assert key in tuned and key in base
+    assert "distinct_1" in results["human"] and "passed" in results["gate"]
+    depth = read_json(llama_repo / "metrics" / "eval_by_depth.json")
+    assert depth and {"depth", "base_perplexity", "finetuned_perplexity"} <= set(depth[0])
+    transcripts = (llama_repo / "metrics" / "transcripts.md").read_text()
+    assert transcripts.count("- **human**:") >= 1 and "- **finetuned**:" in transcripts
+    shown = dvc(llama_repo, "metrics", "show", "--json").stdout
+    assert "finetuned" in shown and "perplexity" in shown
+
+
+def test_evaluation_only_change_does_not_retrain_and_gate_can_fail(llama_repo):
+    params_file = llama_repo / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    try:
+        params["evaluate"]["gate"] = {"min_perplexity_improvement": 1.0, "min_stop_rate": 0.0, "fail_on_gate": True}
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        result = dvc(llama_repo, "repro", check=False)
+        assert result.returncode != 0 and stages_ran(result.stdout) == {"evaluate"}
+        assert "quality gate failed" in result.stderr + result.stdout
+    finally:
+        params_file.write_text(original)
+    assert stages_ran(dvc(llama_repo, "repro").stdout) == {"evaluate"}  # restored from run-cache or rerun
