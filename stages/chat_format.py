@@ -66,6 +66,20 @@ def assistant_spans(tokenizer: Any, messages: Sequence[Message], full_text: str)
     return spans
 
 
+def fit_prompt(tokenizer: Any, messages: Sequence[Message], budget: int) -> list[int]:
+    """Token ids of the generation prompt for `messages`, dropping the oldest whole turns (the system
+    message is kept) until it fits `budget` tokens; a history never starts on an assistant turn."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    history = list(messages[len(system):])
+    while True:
+        ids = tokenizer(render(tokenizer, system + history, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        if len(ids) <= budget or len(history) <= 1:
+            return ids[-budget:]
+        history = history[1:]
+        while len(history) > 1 and history[0]["role"] == "assistant":
+            history = history[1:]
+
+
 @dataclass
 class Example:
     input_ids: list[int]

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from stages import scoring
 from stages.atomic import write_json, write_text
-from stages.chat_format import IGNORE_INDEX, TemplateCost, WindowStats, end_of_turn_token, render, windows
+from stages.chat_format import TemplateCost, WindowStats, end_of_turn_token, fit_prompt, windows
 from stages.cli import run
 from stages.conversations import Conversation, read_conversations
 from stages.modeling import load_causal_lm, pad_batch, trained_logits
@@ -123,25 +123,12 @@ def pick_samples(conversations: list[Conversation], per_conversation: int, seed:
     return samples
 
 
-def prompt_ids(tokenizer: Any, context: list[dict], budget: int) -> list[int]:
-    """The rendered prompt, oldest whole turns dropped (system kept) until it fits `budget` tokens."""
-    system = [m for m in context[:1] if m["role"] == "system"]
-    history = context[len(system):]
-    while True:
-        ids = tokenizer(render(tokenizer, system + history, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-        if len(ids) <= budget or len(history) <= 1:
-            return ids[-budget:]
-        history = history[1:]
-        while len(history) > 1 and history[0]["role"] == "assistant":
-            history = history[1:]
-
-
 def generate(model: Any, tokenizer: Any, samples: list[Sample], name: str, params: EvaluateParams, max_length: int, seed: int) -> None:
     """Batched generation with left padding and the KV cache; fills sample.replies[name] and .stopped[name]."""
     eos_ids = model.generation_config.eos_token_id
     eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
     eot_id = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
-    prompts = [prompt_ids(tokenizer, s.context, max_length - params.max_new_tokens) for s in samples]
+    prompts = [fit_prompt(tokenizer, s.context, max_length - params.max_new_tokens) for s in samples]
     order = sorted(range(len(samples)), key=lambda i: len(prompts[i]))
     torch.manual_seed(seed)
     with torch.inference_mode():
@@ -151,6 +138,7 @@ def generate(model: Any, tokenizer: Any, samples: list[Sample], name: str, param
             output = model.generate(
                 **batch, max_new_tokens=params.max_new_tokens, do_sample=params.do_sample,
                 temperature=params.temperature if params.do_sample else None, top_p=params.top_p if params.do_sample else None,
+                repetition_penalty=params.repetition_penalty,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_ids | {eot_id}),
             )
             for row, index in zip(output[:, batch["input_ids"].shape[1]:].tolist(), chunk):

@@ -122,6 +122,7 @@ class EvaluateParams(Section):
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, ge=1.0)
     depth_buckets: list[int] = Field([1, 3, 7, 15], min_length=1)
     transcripts: int = Field(8, ge=0)
     gate: GateParams = GateParams()

@@ -1,0 +1,128 @@
+"""Chat with the fine-tuned model (or the base model), formatted exactly as in training.
+
+    python -m stages.chat                          interactive; /reset clears the history, /exit quits
+    python -m stages.chat --model base             the base model, for comparison
+    python -m stages.chat --prompt "Hi there!"     answer one prompt and exit
+    python -m stages.chat --prompts in.jsonl       answer each {"prompt": ...} line, print JSONL replies
+
+The history is rendered with the model's saved chat template; when it outgrows the context window the
+oldest turns are dropped. Replies stream token by token in interactive mode.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from stages.chat_format import end_of_turn_token, fit_prompt
+from stages.cli import run
+from stages.conversations import InputError, iter_jsonl
+from stages.modeling import load_causal_lm
+
+MODELS = {"finetuned": Path("models/finetuned"), "base": Path("models/base")}
+HELP = "commands: /reset (forget the conversation), /exit (quit), /help"
+
+
+class Chat:
+    def __init__(self, model: Any, tokenizer: Any, args: argparse.Namespace) -> None:
+        self.model, self.tokenizer, self.args = model, tokenizer, args
+        self.system = [{"role": "system", "content": args.system}] if args.system else []
+        self.history: list[dict[str, str]] = []
+        positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
+        self.context_tokens = min(args.context_tokens or positions, positions)
+        eos = model.generation_config.eos_token_id
+        self.stop_ids = sorted(set(eos if isinstance(eos, list) else [eos]) | {tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))})
+
+    def reset(self) -> None:
+        self.history = []
+
+    def reply(self, text: str, stream: bool = False) -> str:
+        from transformers import TextStreamer
+
+        self.history.append({"role": "user", "content": text})
+        budget = max(1, self.context_tokens - self.args.max_new_tokens)
+        ids = fit_prompt(self.tokenizer, self.system + self.history, budget)
+        sampling = self.args.temperature > 0
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=self.args.max_new_tokens, do_sample=sampling,
+                temperature=self.args.temperature if sampling else None, top_p=self.args.top_p if sampling else None,
+                eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
+                streamer=TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None,
+            )
+        new = output[0, len(ids):].tolist()
+        stop = next((i for i, token in enumerate(new) if token in self.stop_ids), len(new))
+        answer = self.tokenizer.decode(new[:stop], skip_special_tokens=True).strip()
+        self.history.append({"role": "assistant", "content": answer})
+        return answer
+
+
+def prompts_from(path: Path) -> Iterable[str]:
+    for line_no, record in iter_jsonl(path):
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise InputError(f"{path}:{line_no}: expected {{\"prompt\": \"...\"}}")
+        yield record["prompt"]
+
+
+def interactive(chat: Chat) -> None:
+    print(f"chatting with {chat.args.model} ({HELP})", flush=True)
+    while True:
+        try:
+            text = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            chat.reset()
+            print("(history cleared)")
+            continue
+        if text == "/help":
+            print(HELP)
+            continue
+        print("bot> ", end="", flush=True)
+        chat.reply(text, stream=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="finetuned", help="finetuned, base, or a model directory")
+    parser.add_argument("--prompt", help="answer this one prompt and exit")
+    parser.add_argument("--prompts", type=Path, help="JSONL of {\"prompt\": ...}; each is a new conversation unless --keep-history")
+    parser.add_argument("--keep-history", action="store_true", help="with --prompts: one conversation across all lines")
+    parser.add_argument("--system", help="system message")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--context-tokens", type=int, help="prompt + reply budget (default: the model's context window)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_causal_lm(MODELS.get(args.model, Path(args.model)))
+    chat = Chat(model, tokenizer, args)
+    if args.prompt is not None:
+        print(chat.reply(args.prompt))
+    elif args.prompts is not None:
+        for prompt in prompts_from(args.prompts):
+            if not args.keep_history:
+                chat.reset()
+            print(json.dumps({"prompt": prompt, "reply": chat.reply(prompt)}, ensure_ascii=False), flush=True)
+    else:
+        interactive(chat)
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
