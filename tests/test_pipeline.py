@@ -1,5 +1,6 @@
 """The real `dvc` CLI on the fixture pipeline in a temporary git repository."""
 import json
+import sys
 
 import pytest
 import yaml
@@ -120,3 +121,28 @@ def test_evaluation_only_change_does_not_retrain_and_gate_can_fail(llama_repo):
     finally:
         params_file.write_text(original)
     assert stages_ran(dvc(llama_repo, "repro").stdout) == {"evaluate"}  # restored from run-cache or rerun
+
+
+def test_review_report_shows_what_a_change_did(llama_repo):
+    """Commit the reference run, change a param, reproduce, and review the workspace against the commit."""
+    from pipeline_repo import sh
+
+    sh(llama_repo, "git", "add", "-A")
+    sh(llama_repo, "git", "commit", "-qm", "reference run")
+    params_file = llama_repo / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["train"]["learning_rate"] = 2.0e-3
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        assert stages_ran(dvc(llama_repo, "repro").stdout) == {"train", "evaluate"}
+        result = sh(llama_repo, sys.executable, "-m", "stages.review", "--base", "HEAD", "--out", "review/review.md")
+        report = (llama_repo / "review" / "review.md").read_text()
+        assert "train.learning_rate" in report and "0.005" in report and "0.002" in report
+        assert "finetuned.perplexity" in report and "metrics/eval.json" in report
+        assert "![Training loss](training-loss.png)" in report and (llama_repo / "review" / "training-loss.png").stat().st_size > 1000
+        assert "## Transcripts" in report
+        assert "review/review.md" in result.stdout
+    finally:
+        params_file.write_text(original)
+        dvc(llama_repo, "repro")
