@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from stages.atomic import write_jsonl
 from stages.cli import run
@@ -68,32 +68,23 @@ def topic_of(obj: dict) -> str | None:
     return str(topic) if topic not in (None, "") else None
 
 
-def from_openai(obj: dict, where: str, index: int, source: str) -> Conversation:
-    raw_messages = require(obj, "messages", where)
+def from_message_list(obj: dict, where: str, index: int, source: str, keys: tuple[str, str, str]) -> Conversation:
+    """A record holding a list of messages; `keys` names the list, the role and the text fields."""
+    list_key, role_key, text_key = keys
+    raw_messages = require(obj, list_key, where)
     if not isinstance(raw_messages, list):
-        raise InputError(f"{where}: 'messages' must be a list")
+        raise InputError(f"{where}: {list_key!r} must be a list")
     messages: list[Message] = []
     for i, message in enumerate(raw_messages):
-        at = f"{where} messages[{i}]"
+        at = f"{where} {list_key}[{i}]"
         if not isinstance(message, dict):
-            raise InputError(f"{at}: expected an object with 'role' and 'content'")
-        role = to_role(require(message, "role", at), at)
-        messages.append({"role": role, "content": content_text(require(message, "content", at), at)})
+            raise InputError(f"{at}: expected an object with {role_key!r} and {text_key!r}")
+        role = to_role(require(message, role_key, at), at)
+        messages.append({"role": role, "content": content_text(require(message, text_key, at), at)})
     return make_conversation(obj.get("id", f"conv-{index:06d}"), messages, topic_of(obj), source)
 
 
-def from_sharegpt(obj: dict, where: str, index: int, source: str) -> Conversation:
-    turns = require(obj, "conversations", where)
-    if not isinstance(turns, list):
-        raise InputError(f"{where}: 'conversations' must be a list")
-    messages: list[Message] = []
-    for i, turn in enumerate(turns):
-        at = f"{where} conversations[{i}]"
-        if not isinstance(turn, dict):
-            raise InputError(f"{at}: expected an object with 'from' and 'value'")
-        role = to_role(require(turn, "from", at), at)
-        messages.append({"role": role, "content": content_text(require(turn, "value", at), at)})
-    return make_conversation(obj.get("id", f"conv-{index:06d}"), messages, topic_of(obj), source)
+MESSAGE_LIST_KEYS = {"openai": ("messages", "role", "content"), "sharegpt": ("conversations", "from", "value")}
 
 
 def from_chitchat(data: Any, path: str, source: str) -> list[Conversation]:
@@ -170,8 +161,7 @@ def convert_records(records: list[tuple[int, Any]], fmt: str, columns: RowColumn
         fmt = detect_format(records[0][1], columns)
     if fmt == "rows":
         return from_rows(records, columns, path, source)
-    adapters: dict[str, Callable[[dict, str, int, str], Conversation]] = {"openai": from_openai, "sharegpt": from_sharegpt}
-    if fmt not in adapters:
+    if fmt not in MESSAGE_LIST_KEYS:
         first = records[0][1]
         keys = sorted(first) if isinstance(first, dict) else type(first).__name__
         raise InputError(f"{path}: unrecognised record shape (first record: {keys}); set data.format or convert the file\n{EXPECTED_SHAPES}")
@@ -180,7 +170,7 @@ def convert_records(records: list[tuple[int, Any]], fmt: str, columns: RowColumn
         where = f"{path}:{number}"
         if not isinstance(record, dict):
             raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}\n{EXPECTED_SHAPES}")
-        out.append(adapters[fmt](record, where, index, source))
+        out.append(from_message_list(record, where, index, source, MESSAGE_LIST_KEYS[fmt]))
     return out
 
 
