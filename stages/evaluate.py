@@ -174,6 +174,14 @@ def reply_metrics(samples: list[Sample], name: str, relevance: scoring.Relevance
     }
 
 
+def within_budget(replies: list[str], tokenizer: Any, max_new_tokens: int) -> float:
+    """Share of replies that, with their end-of-turn token, fit in `max_new_tokens`."""
+    if not replies:
+        return 0.0
+    lengths = [len(ids) + 1 for ids in tokenizer(replies, add_special_tokens=False)["input_ids"]]
+    return sum(n <= max_new_tokens for n in lengths) / len(replies)
+
+
 def fluency_metrics(turns: Iterable[TurnFluency]) -> dict[str, float]:
     turns = list(turns)
     nll, tokens = sum(t.nll for t in turns), sum(t.tokens for t in turns)
@@ -255,7 +263,11 @@ def evaluate(params: EvaluateParams, max_length: int, seed: int) -> tuple[dict, 
                                   + [s.replies[n] for s in samples for n in MODELS])
     for name in MODELS:
         results[name] = rounded({**results[name], **reply_metrics(samples, name, relevance)})
-    results["human"] = rounded(reply_metrics(samples, "human", relevance))
+    results["human"] = rounded({
+        **reply_metrics(samples, "human", relevance),
+        # The stop rate's ceiling: a model replying exactly like the humans cannot stop sooner than they did.
+        "within_max_new_tokens": within_budget([s.human for s in samples], tokenizer, params.max_new_tokens),
+    })
     results["gate"] = quality_gate(results, params)
     results["timing"] = timings
     depth_keys = sorted({depth_bucket(t + 1, params.depth_buckets) for t in range(max(len(c["messages"]) for c in test))})

@@ -117,7 +117,7 @@ class GateParams(Section):
 class EvaluateParams(Section):
     max_conversations: int = Field(24, ge=1)
     turns_per_conversation: int = Field(2, ge=1)
-    max_new_tokens: int = Field(48, ge=1)
+    max_new_tokens: int = Field(96, ge=1)
     batch_size: int = Field(16, ge=1)
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0.0)

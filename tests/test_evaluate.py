@@ -4,7 +4,8 @@ import math
 import pytest
 
 from stages import scoring
-from stages.evaluate import Sample, TurnFluency, depth_bucket, fluency_metrics, pick_samples, quality_gate, run_ids
+from stages.evaluate import TurnFluency, depth_bucket, fluency_metrics, pick_samples, quality_gate, run_ids, within_budget
+from tiny import train_tokenizer
 from stages.params import EvaluateParams, GateParams
 
 
@@ -80,3 +81,12 @@ def test_gate_records_each_check():
 def test_depth_buckets_must_ascend_from_one():
     with pytest.raises(ValueError, match="depth_buckets"):
         EvaluateParams(depth_buckets=[3, 1])
+
+
+def test_within_budget_counts_the_end_of_turn_token():
+    tokenizer = train_tokenizer("chatml")
+    replies = ["blue", "blue is calm and it reminds me of the sea"]
+    short = len(tokenizer("blue", add_special_tokens=False)["input_ids"]) + 1
+    assert within_budget(replies, tokenizer, short) == pytest.approx(0.5)
+    assert within_budget(replies, tokenizer, short - 1) == 0.0
+    assert within_budget(replies, tokenizer, 1000) == 1.0
