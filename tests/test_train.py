@@ -94,13 +94,21 @@ def test_lora_trains_and_saves_a_merged_model(prepared, tmp_path):
     assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
 
 
-def test_lora_adapter_only_records_its_base(prepared, tmp_path):
+def test_lora_adapter_only_records_its_base_and_evaluates(prepared, tmp_path):
     work = workspace(prepared, tmp_path, {"method": "lora", "max_steps": 4, "lora": {"r": 4, "alpha": 8, "merge": False}})
     result = run_train(work)
     assert result.returncode == 0, result.stderr[-3000:]
     out = work / "models" / "finetuned"
     assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
     assert read_json(out / "base_model.json")["base_model"] == "models/base"
+    write_params(work, {"data": {"source": "data/external/chats.jsonl"}, "model": {"base": "tiny-model"},
+                        "preprocess": {"val_fraction": 0.1, "test_fraction": 0.1},
+                        "tokenize": {"max_length": 128, "max_val_examples": None},
+                        "train": {**TINY_TRAIN, "method": "lora", "max_steps": 4, "lora": {"r": 4, "alpha": 8, "merge": False}},
+                        "evaluate": {"max_conversations": 3, "max_new_tokens": 8}})
+    evaluated = run_stage("evaluate", work)  # base model + adapter on top, the way evaluate loads it
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert read_json(work / "metrics" / "eval.json")["finetuned"]["scored_tokens"] > 0
 
 
 def test_killed_run_resumes_to_the_same_weights(prepared, tmp_path):
