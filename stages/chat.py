@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
-from stages.chat_format import end_of_turn_token, fit_prompt
+from stages.chat_format import fit_prompt
 from stages.cli import run
 from stages.conversations import InputError, iter_jsonl
+from stages.evaluate import stop_token_ids
 from stages.modeling import load_causal_lm
 
 MODELS = {"finetuned": Path("models/finetuned"), "base": Path("models/base")}
@@ -34,8 +34,7 @@ class Chat:
         self.history: list[dict[str, str]] = []
         positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
         self.context_tokens = min(args.context_tokens or positions, positions)
-        eos = model.generation_config.eos_token_id
-        self.stop_ids = sorted(set(eos if isinstance(eos, list) else [eos]) | {tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))})
+        self.stop_ids = stop_token_ids(model, tokenizer)
 
     def reset(self) -> None:
         self.history = []

@@ -123,11 +123,15 @@ def pick_samples(conversations: list[Conversation], per_conversation: int, seed:
     return samples
 
 
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Generation stops at the model's EOS ids and at the template's end-of-turn token."""
+    eos = model.generation_config.eos_token_id
+    return sorted(set(eos if isinstance(eos, list) else [eos]) | {tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))})
+
+
 def generate(model: Any, tokenizer: Any, samples: list[Sample], name: str, params: EvaluateParams, max_length: int, seed: int) -> None:
     """Batched generation with left padding and the KV cache; fills sample.replies[name] and .stopped[name]."""
-    eos_ids = model.generation_config.eos_token_id
-    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
-    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
+    stop_ids = stop_token_ids(model, tokenizer)
     prompts = [fit_prompt(tokenizer, s.context, max_length - params.max_new_tokens) for s in samples]
     order = sorted(range(len(samples)), key=lambda i: len(prompts[i]))
     torch.manual_seed(seed)
@@ -139,10 +143,10 @@ def generate(model: Any, tokenizer: Any, samples: list[Sample], name: str, param
                 **batch, max_new_tokens=params.max_new_tokens, do_sample=params.do_sample,
                 temperature=params.temperature if params.do_sample else None, top_p=params.top_p if params.do_sample else None,
                 repetition_penalty=params.repetition_penalty,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_ids | {eot_id}),
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids,
             )
             for row, index in zip(output[:, batch["input_ids"].shape[1]:].tolist(), chunk):
-                stop = next((k for k, token in enumerate(row) if token in eos_ids or token == eot_id), None)
+                stop = next((k for k, token in enumerate(row) if token in stop_ids), None)
                 reply = row if stop is None else row[:stop]
                 samples[index].replies[name] = tokenizer.decode(reply, skip_special_tokens=True).strip()
                 samples[index].stopped[name] = stop is not None

@@ -17,6 +17,13 @@ from stages.params import load_params
 from tiny import save_tiny
 
 
+def tiny_params(train: dict | None = None, **sections: dict) -> dict:
+    """The fixture pipeline's params: tiny Llama, fixture chats, TINY_TRAIN updated with `train`."""
+    return {"data": {"source": "data/external/chats.jsonl"}, "model": {"base": "tiny-model"},
+            "preprocess": {"val_fraction": 0.1, "test_fraction": 0.1},
+            "tokenize": {"max_length": 128, "max_val_examples": None}, "train": {**TINY_TRAIN, **(train or {})}, **sections}
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """A work directory with models/base and data/tokenized for a tiny Llama, made by the real stages."""
@@ -24,9 +31,7 @@ def prepared(tmp_path_factory) -> Path:
     (work / "data" / "external").mkdir(parents=True)
     shutil.copy(FIXTURES / "conversations.jsonl", work / "data" / "external" / "chats.jsonl")
     save_tiny(work / "tiny-model", "llama")
-    write_params(work, {"data": {"source": "data/external/chats.jsonl"}, "model": {"base": "tiny-model"},
-                        "preprocess": {"val_fraction": 0.1, "test_fraction": 0.1},
-                        "tokenize": {"max_length": 128, "max_val_examples": None}, "train": dict(TINY_TRAIN)})
+    write_params(work, tiny_params())
     for stage in ("ingest", "preprocess", "base_model", "tokenize"):
         result = run_stage(stage, work)
         assert result.returncode == 0, result.stderr
@@ -37,9 +42,7 @@ def workspace(prepared: Path, tmp_path: Path, train: dict | None = None) -> Path
     work = tmp_path / "work"
     shutil.copytree(prepared, work)
     if train:
-        write_params(work, {"data": {"source": "data/external/chats.jsonl"}, "model": {"base": "tiny-model"},
-                            "preprocess": {"val_fraction": 0.1, "test_fraction": 0.1},
-                            "tokenize": {"max_length": 128, "max_val_examples": None}, "train": {**TINY_TRAIN, **train}})
+        write_params(work, tiny_params(train))
     return work
 
 
@@ -101,11 +104,8 @@ def test_lora_adapter_only_records_its_base_and_evaluates(prepared, tmp_path):
     out = work / "models" / "finetuned"
     assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
     assert read_json(out / "base_model.json")["base_model"] == "models/base"
-    write_params(work, {"data": {"source": "data/external/chats.jsonl"}, "model": {"base": "tiny-model"},
-                        "preprocess": {"val_fraction": 0.1, "test_fraction": 0.1},
-                        "tokenize": {"max_length": 128, "max_val_examples": None},
-                        "train": {**TINY_TRAIN, "method": "lora", "max_steps": 4, "lora": {"r": 4, "alpha": 8, "merge": False}},
-                        "evaluate": {"max_conversations": 3, "max_new_tokens": 8}})
+    write_params(work, tiny_params({"method": "lora", "max_steps": 4, "lora": {"r": 4, "alpha": 8, "merge": False}},
+                                   evaluate={"max_conversations": 3, "max_new_tokens": 8}))
     evaluated = run_stage("evaluate", work)  # base model + adapter on top, the way evaluate loads it
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert read_json(work / "metrics" / "eval.json")["finetuned"]["scored_tokens"] > 0
