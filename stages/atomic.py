@@ -18,6 +18,8 @@ def atomic_path(target: Path | str, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success move it onto `target`."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a run that was killed (SIGKILL)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     staged = tmp / target.name
     if is_dir:

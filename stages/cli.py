@@ -1,6 +1,7 @@
 """Entry-point wrapper shared by every stage: known errors become one clear line and exit code 1."""
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Callable
 
@@ -8,7 +9,13 @@ from stages.conversations import InputError
 from stages.params import ParamsError
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through `finally`, so temporary outputs are removed
+
+
 def run(entry: Callable[[], int]) -> None:
+    """Run a stage's main(); SIGTERM (what `kill` and job schedulers send) exits cleanly like Ctrl-C."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         code = entry()
     except (InputError, ParamsError) as exc:

@@ -96,6 +96,7 @@ class TrainParams(Section):
     early_stopping_patience: Optional[int] = Field(None, ge=1)
     max_grad_norm: float = Field(1.0, gt=0.0)
     gradient_checkpointing: bool = False
+    torch_compile: bool = False
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     logging_steps: int = Field(5, ge=1)
     save_steps: int = Field(50, ge=1)
@@ -105,6 +106,9 @@ class TrainParams(Section):
     def _steps_or_epochs(self) -> "TrainParams":
         if self.max_steps == 0:
             raise ValueError("max_steps must be positive, or -1 to train for `epochs`")
+        if self.save_steps % self.logging_steps:
+            # A resumed run restarts its loss average at the checkpoint: on a logging step, its curve is the same.
+            raise ValueError(f"save_steps ({self.save_steps}) must be a multiple of logging_steps ({self.logging_steps})")
         return self
 
 

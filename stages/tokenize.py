@@ -18,7 +18,7 @@ from stages.atomic import atomic_path, write_json
 from stages.chat_format import IGNORE_INDEX, TemplateCost, WindowStats, windows
 from stages.cli import run
 from stages.conversations import Conversation, InputError, read_conversations
-from stages.params import TokenizeParams, load_params
+from stages.params import ParamsError, TokenizeParams, load_params
 
 PROCESSED = Path("data/processed")
 BASE_MODEL = Path("models/base")
@@ -98,7 +98,11 @@ def tokenize_split(tokenizer_path: Path, conversations: list[Conversation], para
 def build(params: TokenizeParams) -> tuple[Any, dict]:
     import datasets
 
-    load_tokenizer()  # fail early, with a clear message, if the base model is missing
+    cost = TemplateCost.measure(load_tokenizer())  # fails early, with a clear message, if the base model is missing
+    smallest = cost.preamble + 2 * cost.per_message + 2  # one user word and one assistant word
+    if params.max_length < smallest:
+        raise ParamsError(f"tokenize.max_length: {params.max_length} is smaller than one exchange of {BASE_MODEL}'s chat "
+                          f"template ({smallest} tokens with one word per turn); expected a value well above it, e.g. 256")
     train = read_conversations(PROCESSED / "train.jsonl")
     val = read_conversations(PROCESSED / "val.jsonl")
     if params.role_swap:

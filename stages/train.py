@@ -33,9 +33,10 @@ from stages.params import Params, TrainParams, load_params
 TOKENIZED = Path("data/tokenized")
 BASE_MODEL = Path("models/base")
 OUTPUT = Path("models/finetuned")
-CHECKPOINTS = Path("models/checkpoints")
+CHECKPOINTS = Path("models/checkpoints")  # scratch for resuming, outside DVC: a persist out would disable the run-cache
 FINGERPRINT = CHECKPOINTS / "fingerprint.json"
 TRAIN_METRICS = Path("metrics/train.json")
+TRAIN_RUNTIME = Path("metrics/runtime/train.json")  # wall-clock and this process's history: not reproducible
 DVCLIVE_DIR = Path("dvclive")
 
 
@@ -83,6 +84,19 @@ def reset_checkpoints(identity: str, status: str) -> None:
             if child.name.startswith("checkpoint-"):
                 shutil.rmtree(child)
     write_json(FINGERPRINT, {"fingerprint": identity, "status": status})
+
+
+def loss_before_training(trainer: Any, has_val: bool, resume: str | None, rank0: bool) -> float | None:
+    """The base model's validation loss: measured on a fresh start and kept beside the checkpoints, so that
+    a resumed run reports the same number as an uninterrupted one."""
+    if not has_val:
+        return None
+    if resume is not None:
+        return json.loads(FINGERPRINT.read_text()).get("eval_loss_before")
+    before = trainer.evaluate()["eval_loss"]
+    if rank0:
+        write_json(FINGERPRINT, {**json.loads(FINGERPRINT.read_text()), "eval_loss_before": before})
+    return before
 
 
 def load_model(params: TrainParams) -> tuple[Any, Any]:
@@ -205,6 +219,7 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
         num_train_epochs=train.epochs,
         max_grad_norm=train.max_grad_norm,
         activation_checkpointing=train.gradient_checkpointing,
+        torch_compile=train.torch_compile,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
@@ -235,7 +250,14 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
         from dvclive import Live
         from transformers.integrations import DVCLiveCallback
 
-        callbacks.append(DVCLiveCallback(live=Live(dir=str(DVCLIVE_DIR), save_dvc_exp=False, dvcyaml=None, report=None)))
+        class Curves(DVCLiveCallback):
+            """DVCLive's curves without its dump of every TrainingArguments field: params.yaml is the record,
+            and an extra git-tracked output would switch off DVC's run-cache for this stage."""
+
+            def setup(self, args, state, model):
+                self._initialized = True
+
+        callbacks.append(Curves(live=Live(dir=str(DVCLIVE_DIR), save_dvc_exp=False, dvcyaml=None, report=None)))
     pad_id = tokenizer.pad_token_id
 
     trainer = CountingTrainer(
@@ -267,6 +289,21 @@ def save_model(model: Any, tokenizer: Any, params: TrainParams, output: Path = O
     return saved
 
 
+def mean_logged_loss(history: list[dict]) -> float | None:
+    """Mean training loss over the logged steps, each log weighted by the steps it covers.
+
+    Unlike the Trainer's `training_loss`, which only averages the steps since a resume, this is the same for
+    an interrupted-and-resumed run as for an uninterrupted one (checkpoints fall on logging steps).
+    """
+    total, steps, last = 0.0, 0, 0
+    for entry in history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - last)
+            steps += entry["step"] - last
+            last = entry["step"]
+    return round(total / steps, 4) if steps else None
+
+
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -289,9 +326,9 @@ def main() -> int:
     if resume is None and rank0:
         reset_checkpoints(identity, "running")
     trainer, counter = build_trainer(params, model, tokenizer, data, CHECKPOINTS)
-    before = trainer.evaluate()["eval_loss"] if len(data["val"]) and resume is None else None
+    before = loss_before_training(trainer, len(data["val"]) > 0, resume, rank0)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - started
     history = trainer.state.log_history
     evals = [(entry["step"], entry["eval_loss"]) for entry in history if "eval_loss" in entry]
@@ -303,32 +340,36 @@ def main() -> int:
         return 0
     saved = save_model(trainer.model, tokenizer, params.train)
     world = max(trainer.args.world_size, 1)
+    # Only what the same params and data reproduce, resumed or not: byte-identical across runs on one machine.
     metrics = {
         "method": saved,
         "precision": resolve_precision(params.train.precision),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
         "processes": world,
         "steps": trainer.state.global_step,
-        "resumed_from_step": int(Path(resume).name.split("-")[-1]) if resume else 0,
-        "train_loss": round(result.training_loss, 4),
+        "train_loss": mean_logged_loss(history),
         "final_logged_train_loss": next((round(e["loss"], 4) for e in reversed(history) if "loss" in e), None),
         "eval_loss_before": round(before, 4) if before is not None else None,
         "eval_loss_after": round(final_eval, 4) if final_eval is not None else None,
         "best_eval_loss": round(min([loss for _, loss in evals] + [final_eval]), 4) if final_eval is not None else None,
         "eval_perplexity_before": round(math.exp(before), 3) if before is not None else None,
         "eval_perplexity_after": round(math.exp(final_eval), 3) if final_eval is not None else None,
-        "tokens_seen": counter.tokens * world,
+    }
+    runtime = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
+        "resumed_from_step": int(Path(resume).name.split("-")[-1]) if resume else 0,
+        "tokens_seen": counter.tokens * world,  # by this process since it started (after the resume point)
         "trained_tokens": counter.trained * world,
         "tokens_per_s": round(counter.tokens * world / wall, 1),
         "trained_tokens_per_s": round(counter.trained * world / wall, 1),
         "wall_time_s": round(wall, 1),
         "peak_memory_mb": peak_memory_mb(),
     }
+    write_json(TRAIN_RUNTIME, runtime)
     write_json(TRAIN_METRICS, metrics)
     reset_checkpoints(identity, "complete")
-    print(f"train: {metrics['steps']} steps ({saved}, {metrics['precision']}, {metrics['device']}), eval loss "
-          f"{metrics['eval_loss_before']} -> {metrics['eval_loss_after']}, {metrics['tokens_per_s']} tokens/s, "
-          f"{metrics['wall_time_s']} s, peak {metrics['peak_memory_mb']} MB -> {OUTPUT}")
+    print(f"train: {metrics['steps']} steps ({saved}, {metrics['precision']}, {runtime['device']}), eval loss "
+          f"{metrics['eval_loss_before']} -> {metrics['eval_loss_after']}, {runtime['tokens_per_s']} tokens/s, "
+          f"{runtime['wall_time_s']} s, peak {runtime['peak_memory_mb']} MB -> {OUTPUT}")
     return 0
 
 

@@ -48,5 +48,16 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.fixture(scope="session")
+def llama_repo(tmp_path_factory) -> Path:
+    """The fixture pipeline (tiny Llama, fixture chats) reproduced once with `dvc repro`; tests restore what they change."""
+    from pipeline_repo import dvc, make_repo, stages_ran
+
+    repo = make_repo(tmp_path_factory.mktemp("llama"), "llama")
+    result = dvc(repo, "repro")
+    assert stages_ran(result.stdout) == {"ingest", "preprocess", "base_model", "tokenize", "train", "evaluate", "transcripts"}
+    return repo
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "bundled: uses the real bundled SmolLM2 model and chitchat data (select with -m bundled)")

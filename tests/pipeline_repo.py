@@ -13,7 +13,7 @@ from tiny import save_tiny
 
 TINY_TRAIN = {
     "max_steps": 150, "batch_size": 8, "learning_rate": 5.0e-3, "warmup_ratio": 0.1, "eval_steps": 75,
-    "save_steps": 75, "logging_steps": 10, "lr_scheduler": "linear",
+    "save_steps": 75, "logging_steps": 15, "lr_scheduler": "linear",
 }
 
 
@@ -65,6 +65,11 @@ def make_repo(root: Path, arch: str = "llama", overrides: dict | None = None) ->
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "fixture pipeline")
     return repo
+
+
+def stages_ran(output: str) -> set[str]:
+    """Stages `dvc repro` ran (not those it restored from the run-cache or skipped)."""
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
 
 def read_json(path: Path) -> dict:

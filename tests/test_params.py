@@ -1,8 +1,9 @@
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, run_stage, write_params
 from stages.params import ParamsError, load_params, parse_params
+from tiny import save_tiny
 
 
 def repo_params() -> dict:
@@ -37,6 +38,12 @@ def test_unknown_section_is_rejected():
         ("preprocess", "split_by", "topic", r"preprocess\.split_by: .*'random'.*'topic'"),
         ("data", "format", "xml", r"data\.format: .*'auto'"),
         ("preprocess", "val_fraction", 0.6, r"preprocess: val_fraction \+ test_fraction must be < 1"),
+        ("train", "learning_rate", -1e-4, r"train\.learning_rate: .*greater than 0.*-0\.0001"),
+        ("train", "batch_size", 0, r"train\.batch_size: .*greater than or equal to 1.*got 0"),
+        ("train", "batch_size", 2.5, r"train\.batch_size: .*integer.*2\.5"),
+        ("train", "save_steps", 7, r"train: save_steps \(7\) must be a multiple of logging_steps \(5\)"),
+        ("tokenize", "loss_on", "everything", r"tokenize\.loss_on: .*'assistant'.*'all'"),
+        ("evaluate", "top_p", 1.5, r"evaluate\.top_p: .*less than or equal to 1"),
     ],
 )
 def test_bad_values_name_key_value_and_expectation(section, key, value, expected):
@@ -59,3 +66,33 @@ def test_missing_and_malformed_files(tmp_path):
     listing.write_text("- 1\n- 2\n")
     with pytest.raises(ParamsError, match="expected a mapping"):
         load_params(listing)
+
+
+def stage_error(result) -> str:
+    """The one-line error of a stage that rejected its input: exit 1, no traceback."""
+    assert result.returncode == 1, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_unknown_model_base_names_the_key(workdir):
+    write_params(workdir, {"model": {"base": "no-such-org/no-such-model"}})
+    message = stage_error(run_stage("base_model", workdir))
+    assert "model.base 'no-such-org/no-such-model'" in message and "bundled" in message
+    assert not (workdir / "models" / "base").exists()
+
+
+def test_missing_data_source_names_the_key_and_path(workdir):
+    write_params(workdir, {"data": {"source": "data/external/missing.jsonl"}})
+    message = stage_error(run_stage("ingest", workdir))
+    assert "data.source" in message and "data/external/missing.jsonl" in message
+    assert not (workdir / "data" / "raw").exists()
+
+
+def test_max_length_below_one_template_turn_is_rejected_before_work(workdir):
+    save_tiny(workdir / "models" / "base", "llama")
+    write_params(workdir, {"tokenize": {"max_length": 16}})
+    message = stage_error(run_stage("tokenize", workdir))
+    assert "tokenize.max_length: 16 is smaller than one exchange" in message
+    assert not (workdir / "data" / "tokenized").exists()  # rejected before reading data or writing anything

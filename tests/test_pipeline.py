@@ -2,29 +2,17 @@
 import json
 import sys
 
-import pytest
 import yaml
 
-from pipeline_repo import TINY_TRAIN, dvc, make_repo, read_json
-
-
-def stages_ran(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
-
-
-@pytest.fixture(scope="module")
-def llama_repo(tmp_path_factory):
-    repo = make_repo(tmp_path_factory.mktemp("llama"), "llama")
-    result = dvc(repo, "repro")
-    assert stages_ran(result.stdout) == {"ingest", "preprocess", "base_model", "tokenize", "train", "evaluate"}
-    return repo
+from pipeline_repo import TINY_TRAIN, dvc, make_repo, read_json, stages_ran
 
 
 def test_repro_trains_and_the_loss_goes_down(llama_repo):
     train = read_json(llama_repo / "metrics" / "train.json")
     assert train["steps"] == TINY_TRAIN["max_steps"]
     assert train["eval_loss_after"] < train["eval_loss_before"] - 1.0
-    assert train["trained_tokens"] > 0 and train["tokens_per_s"] > 0
+    runtime = read_json(llama_repo / "metrics" / "runtime" / "train.json")
+    assert runtime["trained_tokens"] > 0 and runtime["tokens_per_s"] > 0 and runtime["peak_memory_mb"] > 0
     data = read_json(llama_repo / "metrics" / "data.json")
     assert data["input"]["conversations"] == 48
     tokens = read_json(llama_repo / "metrics" / "tokenize.json")
@@ -120,7 +108,8 @@ def test_evaluation_only_change_does_not_retrain_and_gate_can_fail(llama_repo):
         assert "quality gate failed" in result.stderr + result.stdout
     finally:
         params_file.write_text(original)
-    assert stages_ran(dvc(llama_repo, "repro").stdout) == {"evaluate"}  # restored from run-cache or rerun
+    restored = dvc(llama_repo, "repro").stdout
+    assert stages_ran(restored) == set() and "Stage 'evaluate' is cached - skipping run" in restored
 
 
 def test_review_report_shows_what_a_change_did(llama_repo):
@@ -135,7 +124,7 @@ def test_review_report_shows_what_a_change_did(llama_repo):
     params["train"]["learning_rate"] = 2.0e-3
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
-        assert stages_ran(dvc(llama_repo, "repro").stdout) == {"train", "evaluate"}
+        assert stages_ran(dvc(llama_repo, "repro").stdout) == {"train", "evaluate", "transcripts"}
         result = sh(llama_repo, sys.executable, "-m", "stages.review", "--base", "HEAD", "--out", "review/review.md")
         report = (llama_repo / "review" / "review.md").read_text()
         assert "train.learning_rate" in report and "0.005" in report and "0.002" in report

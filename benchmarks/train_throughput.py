@@ -1,0 +1,252 @@
+"""Training throughput: the train stage against the standard `run_clm.py`-style recipe, on the same tokens.
+
+    python benchmarks/train_throughput.py                      # baseline and stage, 20 steps each
+    python benchmarks/train_throughput.py --variants stage stage-bf16-autocast --steps 12
+
+Needs the pipeline's data/tokenized and models/base (`dvc repro tokenize`). Every variant trains on the
+same seeded subset of `steps * batch_size` training windows, one pass, same learning-rate schedule, in its
+own subprocess (so peak resident memory is its own). Then each scores the same held-out validation set
+(assistant tokens, the loss the pipeline reports). Prints a table and writes benchmarks/results/train.json.
+
+Variants
+- baseline: what most users start from (transformers' run_clm.py approach): Trainer, float32, every
+  example padded to max_length, the model's own loss on every non-pad token, full vocabulary logits
+  at every position, random batches.
+- stage: `stages.train.build_trainer` with params.yaml's train section (length-grouped dynamic padding,
+  loss and vocabulary head at trained positions only, precision `auto`).
+- stage-*: the stage with one lever changed (see VARIANTS), for benchmarks/NOTES.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages.chat_format import IGNORE_INDEX  # noqa: E402
+from stages.modeling import pad_batch, unwrap  # noqa: E402
+from stages.params import Params, load_params  # noqa: E402
+
+RESULTS = Path("benchmarks/results/train.json")
+TOKENIZED = Path("data/tokenized")
+BASE_MODEL = Path("models/base")
+
+
+def stage_overrides(args: dict | None = None, **train_changes: Any) -> Callable[[Params], tuple[Params, dict]]:
+    """A stage variant: params.train fields to change, and extra TrainingArguments."""
+    def apply(params: Params) -> tuple[Params, dict]:
+        return params.model_copy(update={"train": params.train.model_copy(update=train_changes)}), dict(args or {})
+    return apply
+
+
+VARIANTS: dict[str, Callable[[Params], tuple[Params, dict]] | None] = {
+    "baseline": None,
+    "stage": stage_overrides(),
+    "stage-fp32": stage_overrides(precision="fp32"),
+    "stage-bf16-autocast": stage_overrides(precision="bf16"),
+    "stage-compile": stage_overrides(args={"torch_compile": True}),
+    "stage-fused-adamw": stage_overrides(args={"optim": "adamw_torch_fused"}),
+    "stage-workers2": stage_overrides(args={"dataloader_num_workers": 2}),
+    "stage-batch16": stage_overrides(batch_size=16),
+    "stage-lora": stage_overrides(method="lora", learning_rate=1e-3),
+    "stage-loss-on-all": stage_overrides(),  # labels on every token, as the baseline: isolates the loss mask
+}
+
+
+def subset(dataset: Any, count: int, seed: int) -> Any:
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    return dataset.select(sorted(order))
+
+
+def heldout_loss(model: Any, val: Any, pad_id: int, batch_size: int) -> float:
+    """Mean loss over the validation set's trained (assistant) tokens: same definition for every variant."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(val), batch_size):
+            batch = pad_batch([val[i] for i in range(start, min(start + batch_size, len(val)))], pad_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            targets = batch["labels"][:, 1:]
+            keep = targets != IGNORE_INDEX
+            total += float(torch.nn.functional.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"))
+            count += int(keep.sum())
+    return total / count
+
+
+class StepClock:
+    """TrainerCallback that records when each optimizer step ends."""
+
+    def __init__(self) -> None:
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                clock.times.append(time.perf_counter())
+
+            def on_step_end(self, args, state, control, **kwargs):
+                clock.times.append(time.perf_counter())
+
+        self.times: list[float] = []
+        self.callback = Callback()
+
+
+def baseline_trainer(params: Params, model: Any, tokenizer: Any, train_set: Any, output_dir: str) -> Any:
+    """transformers' run_clm.py recipe: float32, pad to max_length, loss on all tokens via the model."""
+    from transformers import Trainer, TrainingArguments
+
+    width = params.tokenize.max_length
+    pad_id = tokenizer.pad_token_id
+
+    def collate(features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = pad_batch([{"input_ids": f["input_ids"]} for f in features], pad_id, multiple_of=width)
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        return batch
+
+    args = TrainingArguments(
+        output_dir=output_dir, seed=params.seed, data_seed=params.seed, learning_rate=params.train.learning_rate,
+        lr_scheduler_type=params.train.lr_scheduler, warmup_steps=params.train.warmup_ratio,
+        per_device_train_batch_size=params.train.batch_size, max_steps=len(train_set) // params.train.batch_size,
+        max_grad_norm=params.train.max_grad_norm, use_cpu=not torch.cuda.is_available(),
+        bf16=False, fp16=False, save_strategy="no", eval_strategy="no", logging_steps=10_000,
+        report_to="none", remove_unused_columns=False, disable_tqdm=True,
+    )
+    return Trainer(model=model, args=args, train_dataset=train_set, data_collator=collate, processing_class=tokenizer)
+
+
+def run_variant(name: str, steps: int) -> dict:
+    import datasets as hf_datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    from stages.train import build_trainer, load_model, resolve_precision
+
+    params = load_params()
+    set_seed(params.seed)
+    data = hf_datasets.load_from_disk(str(TOKENIZED))
+    train_set = subset(data["train"], steps * params.train.batch_size, params.seed)
+    if name == "stage-loss-on-all":
+        train_set = train_set.map(lambda row: {"labels": row["input_ids"]})
+    tokenizer = AutoTokenizer.from_pretrained(BASE_MODEL)
+    clock = StepClock()
+    with tempfile.TemporaryDirectory() as output_dir:
+        if VARIANTS[name] is None:
+            model = AutoModelForCausalLM.from_pretrained(BASE_MODEL, use_safetensors=True, dtype=torch.float32)
+            trainer = baseline_trainer(params, model, tokenizer, train_set, output_dir)
+            precision = "fp32"
+            trained_tokens = sum(train_set["length"])
+        else:
+            params, args = VARIANTS[name](params)
+            params = params.model_copy(update={"train": params.train.model_copy(update={"max_steps": steps})})
+            model, tokenizer = load_model(params.train)
+            overrides = dict(report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10_000, disable_tqdm=True, **args)
+            trainer, _ = build_trainer(params, model, tokenizer, {"train": train_set, "val": data["val"]}, Path(output_dir), **overrides)
+            precision = resolve_precision(params.train.precision)
+            trained_tokens = sum(sum(1 for label in row[1:] if label != IGNORE_INDEX) for row in train_set["labels"])
+        trainer.add_callback(clock.callback)
+        started = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - started
+    steps_done = len(clock.times) - 1
+    step_times = [b - a for a, b in zip(clock.times, clock.times[1:])]
+    steady = step_times[2:] or step_times
+    tokens = sum(train_set["length"])
+    flops = model_flops_per_token(unwrap(trainer.model), 1.0 if VARIANTS[name] is None else trained_tokens / tokens)
+    loss = heldout_loss(trainer.model, data["val"], tokenizer.pad_token_id, params.train.batch_size)
+    return {
+        "variant": name,
+        "precision": precision,
+        "steps": steps_done,
+        "non_pad_tokens": tokens,
+        "loss_tokens": trained_tokens,
+        "wall_s": round(wall, 1),
+        "tokens_per_s": round(tokens / wall, 1),
+        "steady_tokens_per_s": round(tokens * len(steady) / steps_done / sum(steady), 1),
+        "s_per_step": round(sorted(steady)[len(steady) // 2], 2),
+        "model_gflops_per_s": round(flops * tokens / wall / 1e9, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "heldout_loss": round(loss, 4),
+        "heldout_perplexity": round(math.exp(loss), 2),
+    }
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def model_flops_per_token(model: Any, head_fraction: float) -> float:
+    """6 FLOPs per parameter per token (forward + backward) for the transformer layers, and for the
+    vocabulary head at the fraction of positions where it is applied; attention scores are left out."""
+    head = model.get_output_embeddings().weight.numel()
+    body = sum(p.numel() for p in model.parameters()) - head  # tied: the embedding lookup costs no FLOPs
+    return 6.0 * body + 6.0 * head * head_fraction
+
+
+def machine() -> dict:
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "amx": bool(torch.cpu._is_amx_tile_supported()),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=["baseline", "stage"], choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--one", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_variant(args.one, args.steps)))
+        return 0
+    if not (TOKENIZED / "dataset_dict.json").exists():
+        sys.exit(f"{TOKENIZED}: missing; run `dvc repro tokenize` first")
+    rows = []
+    for name in args.variants:
+        print(f"running {name} ({args.steps} steps) ...", flush=True)
+        done = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    base = next((r for r in rows if r["variant"] == "baseline"), None)
+    columns = ["variant", "precision", "steps", "non_pad_tokens", "tokens_per_s", "steady_tokens_per_s", "s_per_step", "model_gflops_per_s", "peak_rss_mb", "heldout_loss"]
+    print("| " + " | ".join(columns + (["speedup"] if base else [])) + " |")
+    print("|" + "---|" * (len(columns) + (1 if base else 0)))
+    for row in rows:
+        cells = [str(row[c]) for c in columns]
+        if base:
+            cells.append(f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}x")
+        print("| " + " | ".join(cells) + " |")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(args.output.read_text()) if args.output.exists() else {}
+    runs = {**previous.get("runs", {}), **{r["variant"]: r for r in rows}}
+    args.output.write_text(json.dumps({"machine": machine(), "steps": args.steps, "runs": runs}, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Reproducibility, caching and data safety through the real `dvc` CLI on the fixture pipeline."""
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from pipeline_repo import dvc, make_repo, read_json, stages_ran, tool_env
+
+DVC_OUTPUTS = ["data/raw/conversations.jsonl", "data/processed", "data/tokenized", "models/base", "models/finetuned", "data/eval_samples.json"]
+
+
+# The README's comparison: the columns that matter, out of ~200 (every metric and param).
+EXP_COLUMNS = r"Experiment|train\.learning_rate|finetuned\.(perplexity|chrf|stop_rate)$|.*runtime/train.json:trained_tokens_per_s"
+
+
+def digest(path: Path) -> str:
+    """sha256 of a file, or of a directory's relative paths and file contents."""
+    sha = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        sha.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        sha.update(file.read_bytes())
+    return sha.hexdigest()
+
+
+def metrics_snapshot(repo: Path) -> dict[str, bytes]:
+    """Every reproducible metrics file (metrics/runtime/ holds the wall-clock ones and is left out)."""
+    return {p.name: p.read_bytes() for p in sorted((repo / "metrics").glob("*.json"))} | {
+        "transcripts.md": (repo / "metrics" / "transcripts.md").read_bytes()}
+
+
+def set_params(repo: Path, section: str, **values) -> str:
+    """Change params.yaml in place; returns the original text to restore."""
+    path = repo / "params.yaml"
+    original = path.read_text()
+    params = yaml.safe_load(original)
+    params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return original
+
+
+def test_every_param_reaches_a_stage_so_exp_run_set_param_works():
+    """`dvc exp run -S key=value` only reruns what declares the key: every leaf of params.yaml is declared."""
+    declared = [p for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values() for p in stage.get("params", [])]
+
+    def leaves(tree: dict, prefix: str = "") -> list[str]:
+        out = []
+        for key, value in tree.items():
+            out += leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+        return out
+
+    for leaf in leaves(yaml.safe_load((REPO / "params.yaml").read_text())):
+        assert any(leaf == d or leaf.startswith(d + ".") for d in declared), f"{leaf} is read by no stage in dvc.yaml"
+
+
+def test_two_runs_from_scratch_give_byte_identical_metrics(llama_repo, tmp_path):
+    second = make_repo(tmp_path, "llama")
+    dvc(second, "repro")
+    first_metrics, second_metrics = metrics_snapshot(llama_repo), metrics_snapshot(second)
+    assert first_metrics.keys() == second_metrics.keys() and len(first_metrics) >= 7
+    for name, content in first_metrics.items():
+        assert second_metrics[name] == content, f"metrics/{name} differs between two runs from scratch"
+    for output in DVC_OUTPUTS:
+        assert digest(llama_repo / output) == digest(second / output), output
+    print("\nbyte-identical across two runs from scratch:")
+    for name, content in first_metrics.items():
+        print(f"  metrics/{name:<22} sha256 {hashlib.sha256(content).hexdigest()[:16]}")
+    for output in DVC_OUTPUTS:
+        print(f"  {output:<30} sha256 {digest(second / output)[:16]}")
+
+
+def test_preprocess_change_reruns_downstream_and_going_back_restores_from_run_cache(llama_repo):
+    before = metrics_snapshot(llama_repo)
+    model = digest(llama_repo / "models" / "finetuned")
+    original = set_params(llama_repo, "preprocess", val_fraction=0.2)  # a different split
+    try:
+        assert stages_ran(dvc(llama_repo, "repro").stdout) == {"preprocess", "tokenize", "train", "evaluate", "transcripts"}
+    finally:
+        (llama_repo / "params.yaml").write_text(original)
+    back = dvc(llama_repo, "repro")
+    assert stages_ran(back.stdout) == {"transcripts"}, back.stdout  # nothing recomputed but a 1 s rendering
+    for stage in ("preprocess", "tokenize", "train", "evaluate"):
+        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in back.stdout
+    assert metrics_snapshot(llama_repo) == before and digest(llama_repo / "models" / "finetuned") == model
+    assert "Data and pipelines are up to date" in dvc(llama_repo, "status").stdout
+
+
+def test_push_to_a_remote_and_pull_into_an_empty_cache(llama_repo, tmp_path):
+    before = metrics_snapshot(llama_repo)
+    outputs = {output: digest(llama_repo / output) for output in DVC_OUTPUTS}
+    dvc(llama_repo, "remote", "add", "--local", "-d", "store", str(tmp_path / "remote"))
+    try:
+        started = time.perf_counter()
+        pushed = dvc(llama_repo, "push")
+        push_s = time.perf_counter() - started
+        assert "pushed" in pushed.stdout
+        shutil.rmtree(llama_repo / ".dvc" / "cache")
+        for output in DVC_OUTPUTS:
+            path = llama_repo / output
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        assert "deleted" in dvc(llama_repo, "status").stdout
+        started = time.perf_counter()
+        dvc(llama_repo, "pull")
+        pull_s = time.perf_counter() - started
+    finally:
+        dvc(llama_repo, "remote", "remove", "--local", "store")
+    assert "Data and pipelines are up to date" in dvc(llama_repo, "status").stdout
+    assert {output: digest(llama_repo / output) for output in DVC_OUTPUTS} == outputs
+    assert metrics_snapshot(llama_repo) == before
+    size = sum(p.stat().st_size for p in (tmp_path / "remote").rglob("*") if p.is_file())
+    print(f"\nremote round trip: {size / 2**20:.1f} MiB, push {push_s:.1f} s, pull {pull_s:.1f} s")
+
+
+def start_repro(repo: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dvc", "repro", *args], cwd=repo, env=tool_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(condition, process: subprocess.Popen, seconds: float = 180) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert process.poll() is None, f"dvc repro ended before the test could act:\n{process.stdout.read()[-3000:]}"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def stage_process_running(module: str) -> bool:
+    """A process of `python -m stages.<module>` (or torchrun ... -m stages.<module>) is alive."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"-m" in cmdline and f"stages.{module}".encode() in cmdline:
+            return True
+    return False
+
+
+def kill_group(process: subprocess.Popen, signum: int) -> None:
+    os.killpg(process.pid, signum)
+    process.wait(timeout=60)
+    assert process.returncode != 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_repro_killed_during_preprocess_leaves_no_torn_output(tmp_path, signum):
+    repo = make_repo(tmp_path, "llama", {"data": {"source": "chitchat"}})  # 7k conversations: ~10 s of work
+    dvc(repo, "repro", "preprocess")
+    processed = repo / "data" / "processed"
+    complete = digest(processed)
+    report = (repo / "metrics" / "data.json").read_bytes()
+
+    process = start_repro(repo, "--force", "--single-item", "preprocess")
+    wait_for(lambda: stage_process_running("preprocess"), process)
+    time.sleep(2.0)  # mid-way through cleaning
+    kill_group(process, signum)
+    assert not processed.exists() or digest(processed) == complete, "half-written data/processed"
+
+    again = dvc(repo, "repro", "preprocess")  # reruns it, or restores the completed run from the run-cache
+    assert "preprocess" in stages_ran(again.stdout) or "Stage 'preprocess' is cached" in again.stdout
+    assert digest(processed) == complete and (repo / "metrics" / "data.json").read_bytes() == report
+    assert not list((repo / "data").glob(".processed.*.tmp")), "temporary output left behind"
+    assert "Data and pipelines are up to date" in dvc(repo, "status", "preprocess").stdout
+
+
+def test_repro_killed_during_train_resumes_to_the_same_metrics_and_a_second_repro_is_locked_out(llama_repo, tmp_path):
+    repo = make_repo(tmp_path, "llama")  # the same params and data as llama_repo, never trained here
+    process = start_repro(repo, "train")
+    wait_for(lambda: stage_process_running("train"), process)
+    second = dvc(repo, "repro", check=False)  # a concurrent run must be refused, not interleaved
+    refused = second.stderr + second.stdout
+    assert second.returncode != 0 and ("Unable to acquire lock" in refused or "is busy, it is being blocked by" in refused), refused
+
+    checkpoint = repo / "models" / "checkpoints" / "checkpoint-75" / "trainer_state.json"
+    wait_for(checkpoint.exists, process)
+    kill_group(process, signal.SIGKILL)
+    assert not (repo / "models" / "finetuned").exists(), "half-written models/finetuned"
+    assert not (repo / "metrics" / "train.json").exists()
+
+    resumed = dvc(repo, "repro", "train")
+    assert "train" in stages_ran(resumed.stdout)
+    assert read_json(repo / "metrics" / "runtime" / "train.json")["resumed_from_step"] == 75
+    # the uninterrupted run of the same configuration: llama_repo
+    assert (repo / "metrics" / "train.json").read_bytes() == (llama_repo / "metrics" / "train.json").read_bytes()
+    assert "Data and pipelines are up to date" in dvc(repo, "status", "train").stdout
+
+
+def test_queued_learning_rate_sweep_runs_and_compares(llama_repo):
+    """`dvc exp run --queue` + `dvc queue start`: experiments run in temporary copies of the last commit."""
+    from pipeline_repo import sh
+
+    sh(llama_repo, "git", "add", "-A")
+    sh(llama_repo, "git", "commit", "-qm", "baseline for the sweep", check=False)  # queued runs start from HEAD
+    dvc(llama_repo, "exp", "run", "--queue", "-S", "train.learning_rate=0.002,0.01")
+    dvc(llama_repo, "queue", "start", "-j", "1")
+    deadline = time.time() + 600
+    while True:
+        status = dvc(llama_repo, "queue", "status").stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        assert time.time() < deadline, status
+        time.sleep(2)
+    assert status.count("Success") == 2, status
+    shown = dvc(llama_repo, "exp", "show", "--md", "--drop", ".*", "--keep", EXP_COLUMNS).stdout
+    header = [cell.strip() for cell in shown.splitlines()[0].strip("|").split("|")]
+    assert header == ["Experiment", "metrics/runtime/train.json:trained_tokens_per_s", "finetuned.perplexity",
+                      "finetuned.chrf", "finetuned.stop_rate", "train.learning_rate"], header
+    rates = sorted(line.strip("|").split("|")[-1].strip() for line in shown.splitlines()[2:] if "[" in line)
+    assert rates == ["0.002", "0.01"], shown
+    assert "Data and pipelines are up to date" in dvc(llama_repo, "status").stdout  # the workspace is untouched
