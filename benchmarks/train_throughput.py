@@ -77,6 +77,7 @@ def heldout_loss(model: Any, val: Any, pad_id: int, batch_size: int) -> float:
     with torch.no_grad():
         for start in range(0, len(val), batch_size):
             batch = pad_batch([val[i] for i in range(start, min(start + batch_size, len(val)))], pad_id)
+            batch = {key: value.to(model.device) for key, value in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             targets = batch["labels"][:, 1:]
             keep = targets != IGNORE_INDEX
@@ -134,9 +135,12 @@ def run_variant(name: str, steps: int) -> dict:
     from stages.train import build_trainer, load_model, resolve_precision
 
     params = load_params()
+    args: dict = {}
+    if VARIANTS[name] is not None:
+        params, args = VARIANTS[name](params)
     set_seed(params.seed)
     data = hf_datasets.load_from_disk(str(TOKENIZED))
-    train_set = subset(data["train"], steps * params.train.batch_size, params.seed)
+    train_set = subset(data["train"], steps * params.train.batch_size, params.seed)  # one pass, no repeats
     if name == "stage-loss-on-all":
         train_set = train_set.map(lambda row: {"labels": row["input_ids"]})
     tokenizer = AutoTokenizer.from_pretrained(BASE_MODEL)
@@ -148,7 +152,6 @@ def run_variant(name: str, steps: int) -> dict:
             precision = "fp32"
             trained_tokens = sum(train_set["length"])
         else:
-            params, args = VARIANTS[name](params)
             params = params.model_copy(update={"train": params.train.model_copy(update={"max_steps": steps})})
             model, tokenizer = load_model(params.train)
             overrides = dict(report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10_000, disable_tqdm=True, **args)
@@ -177,6 +180,7 @@ def run_variant(name: str, steps: int) -> dict:
         "s_per_step": round(sorted(steady)[len(steady) // 2], 2),
         "model_gflops_per_s": round(flops * tokens / wall / 1e9, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "heldout_loss": round(loss, 4),
         "heldout_perplexity": round(math.exp(loss), 2),
     }
@@ -216,6 +220,8 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", default=["baseline", "stage"], choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the accelerator's dense peak (e.g. 989 for H100 bf16) to report MFU")
     parser.add_argument("--one", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -232,6 +238,9 @@ def main() -> int:
             sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     base = next((r for r in rows if r["variant"] == "baseline"), None)
+    if args.peak_tflops:
+        for row in rows:
+            row["mfu"] = round(row["model_gflops_per_s"] / (args.peak_tflops * 1000), 4)
     columns = ["variant", "precision", "steps", "non_pad_tokens", "tokens_per_s", "steady_tokens_per_s", "s_per_step", "model_gflops_per_s", "peak_rss_mb", "heldout_loss"]
     print("| " + " | ".join(columns + (["speedup"] if base else [])) + " |")
     print("|" + "---|" * (len(columns) + (1 if base else 0)))
