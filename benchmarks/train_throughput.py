@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.chat_format import IGNORE_INDEX  # noqa: E402
-from stages.modeling import pad_batch, unwrap  # noqa: E402
+from stages.modeling import pad_batch, trained_logits, unwrap  # noqa: E402
 from stages.params import Params, load_params  # noqa: E402
 
 RESULTS = Path("benchmarks/results/train.json")
@@ -77,11 +77,8 @@ def heldout_loss(model: Any, val: Any, pad_id: int, batch_size: int) -> float:
     with torch.no_grad():
         for start in range(0, len(val), batch_size):
             batch = pad_batch([val[i] for i in range(start, min(start + batch_size, len(val)))], pad_id)
-            batch = {key: value.to(model.device) for key, value in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            targets = batch["labels"][:, 1:]
-            keep = targets != IGNORE_INDEX
-            total += float(torch.nn.functional.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"))
+            logits, targets, keep, _ = trained_logits(model, {key: value.to(model.device) for key, value in batch.items()})
+            total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
             count += int(keep.sum())
     return total / count
 
