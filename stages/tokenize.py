@@ -14,15 +14,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from stages.atomic import atomic_path, write_json
-from stages.chat_format import IGNORE_INDEX, TemplateCost, WindowStats, windows
-from stages.cli import run
-from stages.conversations import Conversation, InputError, read_conversations
-from stages.params import ParamsError, TokenizeParams, load_params
-
-PROCESSED = Path("data/processed")
-BASE_MODEL = Path("models/base")
-OUTPUT = Path("data/tokenized")
+from stages.lib.atomic import atomic_path, write_json
+from stages.lib.cli import run
+from stages.lib.conversations import Conversation, InputError, read_conversations
+from stages.lib.labels import IGNORE_INDEX, TemplateCost, WindowStats, windows
+from stages.lib.params import ParamsError, TokenizeParams, load_params
+from stages.lib.paths import BASE_MODEL, PROCESSED, TOKENIZED as OUTPUT
+from stages.lib.template import with_system_prompt
 TOKEN_METRICS = Path("metrics/tokenize.json")
 SWAP = {"user": "assistant", "assistant": "user", "system": "system"}
 
@@ -36,19 +34,22 @@ def role_swapped(conversation: Conversation) -> Conversation:
     }
 
 
-def load_tokenizer(path: Path = BASE_MODEL) -> Any:
+def load_tokenizer(system_prompt: str, path: Path = BASE_MODEL) -> Any:
+    """The base tokenizer with `tokenize.system_prompt` written into its chat template."""
     from transformers import AutoTokenizer
 
     if not (path / "tokenizer_config.json").exists():
         raise InputError(f"{path}: no tokenizer; run the base_model stage first (dvc repro base_model)")
-    return AutoTokenizer.from_pretrained(path)
+    return with_system_prompt(AutoTokenizer.from_pretrained(path), system_prompt)
 
 
 _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(tokenizer_path: str) -> None:
-    _WORKER["tokenizer"] = load_tokenizer(Path(tokenizer_path))
+    from transformers import AutoTokenizer
+
+    _WORKER["tokenizer"] = AutoTokenizer.from_pretrained(tokenizer_path)
     _WORKER["cost"] = TemplateCost.measure(_WORKER["tokenizer"])
 
 
@@ -95,10 +96,13 @@ def tokenize_split(tokenizer_path: Path, conversations: list[Conversation], para
     return rows, report
 
 
-def build(params: TokenizeParams) -> tuple[Any, dict]:
+def build(params: TokenizeParams, tokenizer_dir: Path) -> tuple[Any, dict]:
+    """Tokenize train and val with the tokenizer saved in `tokenizer_dir` (the workers load it from there)."""
     import datasets
 
-    cost = TemplateCost.measure(load_tokenizer())  # fails early, with a clear message, if the base model is missing
+    tokenizer = load_tokenizer(params.system_prompt)  # fails early, with a clear message, if the base model is missing
+    tokenizer.save_pretrained(tokenizer_dir)
+    cost = TemplateCost.measure(tokenizer)
     smallest = cost.preamble + 2 * cost.per_message + 2  # one user word and one assistant word
     if params.max_length < smallest:
         raise ParamsError(f"tokenize.max_length: {params.max_length} is smaller than one exchange of {BASE_MODEL}'s chat "
@@ -109,9 +113,10 @@ def build(params: TokenizeParams) -> tuple[Any, dict]:
         train = train + [role_swapped(c) for c in train]
     if params.max_val_examples is not None:
         val = val[: params.max_val_examples]  # the split is already shuffled by the seed
-    splits, report = {}, {"max_length": params.max_length, "loss_on": params.loss_on, "role_swap": params.role_swap}
+    splits = {}
+    report = {"max_length": params.max_length, "loss_on": params.loss_on, "role_swap": params.role_swap, "system_prompt": params.system_prompt}
     for name, conversations in (("train", train), ("val", val)):
-        rows, report[name] = tokenize_split(BASE_MODEL, conversations, params, name)
+        rows, report[name] = tokenize_split(tokenizer_dir, conversations, params, name)
         if name == "train" and not rows:
             raise InputError(f"tokenize: no training example fits max_length={params.max_length}; raise tokenize.max_length")
         splits[name] = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({k: [] for k in ("input_ids", "labels", "attention_mask", "length")})
@@ -122,8 +127,14 @@ def show(index: int) -> int:
     """Print one tokenized training example; trained tokens are wrapped in [[ ]]."""
     import datasets
 
-    tokenizer = load_tokenizer()
+    from transformers import AutoTokenizer
+
+    if not (OUTPUT / "dataset_dict.json").exists():
+        raise InputError(f"{OUTPUT}: no tokenized data; run the tokenize stage first (dvc repro tokenize)")
+    tokenizer = AutoTokenizer.from_pretrained(OUTPUT / "tokenizer")
     dataset = datasets.load_from_disk(str(OUTPUT))["train"]
+    if not 0 <= index < len(dataset):
+        raise InputError(f"--show {index}: out of range; the train split has examples 0 to {len(dataset) - 1}")
     row = dataset[index]
     pieces, trained = [], False
     for token_id, label in zip(row["input_ids"], row["labels"]):
@@ -146,8 +157,9 @@ def main() -> int:
     if args.show is not None:
         return show(args.show)
     params = load_params()
-    dataset, report = build(params.tokenize)
     with atomic_path(OUTPUT, is_dir=True) as staged:
+        staged.mkdir(exist_ok=True)
+        dataset, report = build(params.tokenize, staged / "tokenizer")
         dataset.save_to_disk(str(staged))
     write_json(TOKEN_METRICS, report)
     train = report["train"]

@@ -23,16 +23,14 @@ from typing import Any
 
 import torch
 
-from stages.atomic import atomic_path, write_json
-from stages.chat_format import IGNORE_INDEX
-from stages.modeling import pad_batch, trained_logits
-from stages.cli import run
-from stages.conversations import InputError
-from stages.params import Params, TrainParams, load_params
+from stages.lib.atomic import atomic_path, write_json
+from stages.lib.cli import run
+from stages.lib.conversations import InputError
+from stages.lib.labels import IGNORE_INDEX
+from stages.lib.modeling import collator, load_causal_lm, trained_logits
+from stages.lib.params import Params, TrainParams, load_params
+from stages.lib.paths import BASE_MODEL, FINETUNED as OUTPUT, TOKENIZED
 
-TOKENIZED = Path("data/tokenized")
-BASE_MODEL = Path("models/base")
-OUTPUT = Path("models/finetuned")
 CHECKPOINTS = Path("models/checkpoints")  # scratch for resuming, outside DVC: a persist out would disable the run-cache
 FINGERPRINT = CHECKPOINTS / "fingerprint.json"
 TRAIN_METRICS = Path("metrics/train.json")
@@ -100,12 +98,9 @@ def loss_before_training(trainer: Any, has_val: bool, resume: str | None, rank0:
 
 
 def load_model(params: TrainParams) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (BASE_MODEL / "config.json").exists():
-        raise InputError(f"{BASE_MODEL}: no model; run the base_model stage first (dvc repro base_model)")
-    tokenizer = AutoTokenizer.from_pretrained(BASE_MODEL)
-    model = AutoModelForCausalLM.from_pretrained(BASE_MODEL, use_safetensors=True, dtype=torch.float32)
+    """The base model (float32 master weights) and the tokenizer tokenize used, LoRA-wrapped if asked."""
+    model, _ = load_causal_lm(BASE_MODEL)
+    tokenizer = load_tokenizer()
     if params.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -116,24 +111,31 @@ def load_model(params: TrainParams) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def trained_position_loss(model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None) -> tuple[torch.Tensor, Any]:
-    """Causal LM loss over trained positions only; same value as the model's own loss (tested).
+def load_tokenizer() -> Any:
+    """The tokenizer exactly as tokenize used it (its chat template carries the system prompt choice)."""
+    from transformers import AutoTokenizer
 
-    Sum over trained tokens divided by `num_items_in_batch` (the Trainer's count over the whole
-    accumulated batch) keeps gradient accumulation exact (DESIGN §4.6); without it, the batch mean.
-    """
-    logits, targets, keep, outputs = trained_logits(model, inputs)
-    losses = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-    if num_items_in_batch is None:
-        return losses / keep.sum().clamp(min=1), outputs
-    return losses / torch.as_tensor(num_items_in_batch, device=losses.device, dtype=losses.dtype), outputs
+    if not (TOKENIZED / "tokenizer" / "tokenizer_config.json").exists():
+        raise InputError(f"{TOKENIZED}: no tokenized data; run the tokenize stage first (dvc repro tokenize)")
+    return AutoTokenizer.from_pretrained(TOKENIZED / "tokenizer")
+
+
+def trained_position_loss(model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None) -> tuple[torch.Tensor, Any]:
+    """Causal LM loss over trained positions only: summed NLL over `num_items_in_batch` (the trained-token
+    count of the whole accumulated, all-process batch, DESIGN §4.6), or the batch's own count when none is given."""
+    scored = trained_logits(model, inputs)
+    total = torch.nn.functional.cross_entropy(scored.logits, scored.targets, reduction="sum")
+    count = scored.targets.numel() if num_items_in_batch is None else num_items_in_batch
+    return total / torch.as_tensor(count, device=total.device, dtype=total.dtype).clamp(min=1), scored
 
 
 def seeded_length_sampler(dataset: Any, batch_size: int, seed: int) -> Any:
-    """Length-grouped batches whose order depends only on (seed, epoch), never on the global RNG state.
+    """Length-grouped batches in an order that depends only on (seed, epoch) and not on length.
 
-    transformers' LengthGroupedSampler draws from the global RNG when iteration starts, which differs
-    between an uninterrupted run and one resumed from a checkpoint; this one makes resuming exact.
+    transformers' LengthGroupedSampler puts the longest batch first (to fail early on memory) and draws from
+    the global RNG, which differs between an uninterrupted and a resumed run. Here the batches are grouped by
+    length for padding, then shuffled as whole batches, so warm-up and the peak learning rate see a
+    representative slice, and resuming is exact.
     """
     from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
@@ -145,7 +147,10 @@ def seeded_length_sampler(dataset: Any, batch_size: int, seed: int) -> Any:
 
         def __iter__(self):
             generator = torch.Generator().manual_seed(seed + int(self.epoch))
-            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+            grouped = get_length_grouped_indices(self.lengths, self.batch_size, generator=generator)
+            batches = [grouped[i : i + self.batch_size] for i in range(0, len(grouped), self.batch_size)]
+            order = torch.randperm(len(batches), generator=generator).tolist()
+            return iter([index for b in order for index in batches[b]])
 
     return SeededLengthGroupedSampler(batch_size, dataset=dataset, lengths=list(dataset["length"]))
 
@@ -172,6 +177,14 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
     early = train.early_stopping_patience is not None and has_val
 
     class CountingTrainer(Trainer):
+        # compute_loss below normalises by the trained-token count itself, whatever the model's forward accepts:
+        # the Trainer must count tokens for every model and must not divide by the accumulation steps again.
+        loss_is_scaled_for_ga = True
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch for any model
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             counter.add(inputs)
             return super().training_step(model, inputs, num_items_in_batch)
@@ -187,6 +200,28 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
             return (loss, outputs) if return_outputs else loss
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            """Token-weighted validation loss (total NLL over all trained tokens, as `evaluate` computes it),
+            not the Trainer's mean of per-batch means."""
+            loader = self.get_eval_dataloader(eval_dataset)
+            model = self.model_wrapped
+            was_training = model.training
+            model.eval()
+            sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+            with torch.no_grad():
+                for inputs in loader:
+                    inputs = self._prepare_inputs(inputs)
+                    with self.compute_loss_context_manager():
+                        scored = trained_logits(model, inputs)
+                    sums[0] += torch.nn.functional.cross_entropy(scored.logits, scored.targets, reduction="sum").double()
+                    sums[1] += scored.targets.numel()
+            sums = self.accelerator.reduce(sums, reduction="sum")
+            model.train(was_training)
+            metrics = {f"{metric_key_prefix}_loss": float(sums[0] / sums[1].clamp(min=1)), f"{metric_key_prefix}_tokens": int(sums[1])}
+            self.log({f"{metric_key_prefix}_loss": metrics[f"{metric_key_prefix}_loss"]})
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
 
     class Throughput(TrainerCallback):
         """Adds tokens/s since the previous log to each log record (DVCLive then plots it)."""
@@ -258,14 +293,12 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
                 self._initialized = True
 
         callbacks.append(Curves(live=Live(dir=str(DVCLIVE_DIR), save_dvc_exp=False, dvcyaml=None, report=None)))
-    pad_id = tokenizer.pad_token_id
-
     trainer = CountingTrainer(
         model=model,
         args=args,
         train_dataset=datasets["train"],
         eval_dataset=datasets["val"] if has_val else None,
-        data_collator=lambda features: pad_batch(features, pad_id),
+        data_collator=collator(tokenizer),
         processing_class=tokenizer,
         callbacks=callbacks,
     )
@@ -334,8 +367,11 @@ def main() -> int:
     evals = [(entry["step"], entry["eval_loss"]) for entry in history if "eval_loss" in entry]
     final_eval = None
     if len(data["val"]):
-        at_end = [loss for step, loss in evals if step == trainer.state.global_step]
-        final_eval = at_end[-1] if at_end else trainer.evaluate()["eval_loss"]
+        if trainer.args.load_best_model_at_end and trainer.state.best_metric is not None:
+            final_eval = trainer.state.best_metric  # the saved model is the best checkpoint, not the last step
+        else:
+            at_end = [loss for step, loss in evals if step == trainer.state.global_step]
+            final_eval = at_end[-1] if at_end else trainer.evaluate()["eval_loss"]
     if not trainer.is_world_process_zero():
         return 0
     saved = save_model(trainer.model, tokenizer, params.train)
@@ -348,11 +384,12 @@ def main() -> int:
         "steps": trainer.state.global_step,
         "train_loss": mean_logged_loss(history),
         "final_logged_train_loss": next((round(e["loss"], 4) for e in reversed(history) if "loss" in e), None),
-        "eval_loss_before": round(before, 4) if before is not None else None,
-        "eval_loss_after": round(final_eval, 4) if final_eval is not None else None,
-        "best_eval_loss": round(min([loss for _, loss in evals] + [final_eval]), 4) if final_eval is not None else None,
-        "eval_perplexity_before": round(math.exp(before), 3) if before is not None else None,
-        "eval_perplexity_after": round(math.exp(final_eval), 3) if final_eval is not None else None,
+        # Validation split, token-weighted over trained tokens (the same definition as evaluate's test perplexity).
+        "val_loss_before": round(before, 4) if before is not None else None,
+        "val_loss_after": round(final_eval, 4) if final_eval is not None else None,
+        "best_val_loss": round(min([loss for _, loss in evals] + [final_eval]), 4) if final_eval is not None else None,
+        "val_perplexity_before": round(math.exp(before), 3) if before is not None else None,
+        "val_perplexity_after": round(math.exp(final_eval), 3) if final_eval is not None else None,
     }
     runtime = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
@@ -367,8 +404,8 @@ def main() -> int:
     write_json(TRAIN_RUNTIME, runtime)
     write_json(TRAIN_METRICS, metrics)
     reset_checkpoints(identity, "complete")
-    print(f"train: {metrics['steps']} steps ({saved}, {metrics['precision']}, {runtime['device']}), eval loss "
-          f"{metrics['eval_loss_before']} -> {metrics['eval_loss_after']}, {runtime['tokens_per_s']} tokens/s, "
+    print(f"train: {metrics['steps']} steps ({saved}, {metrics['precision']}, {runtime['device']}), val loss "
+          f"{metrics['val_loss_before']} -> {metrics['val_loss_after']}, {runtime['tokens_per_s']} tokens/s, "
           f"{runtime['wall_time_s']} s, peak {runtime['peak_memory_mb']} MB -> {OUTPUT}")
     return 0
 

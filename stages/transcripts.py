@@ -10,12 +10,12 @@ import json
 import random
 from pathlib import Path
 
-from stages.atomic import write_text
-from stages.cli import run
-from stages.conversations import InputError
-from stages.params import load_params
+from stages.lib.atomic import write_text
+from stages.lib.cli import run
+from stages.lib.conversations import InputError
+from stages.lib.params import load_params
+from stages.lib.paths import EVAL_SAMPLES as SAMPLES
 
-SAMPLES = Path("data/eval_samples.json")
 TRANSCRIPTS = Path("metrics/transcripts.md")
 
 

@@ -35,8 +35,8 @@ def test_base_model_is_materialised_as_safetensors(bundled_run):
 
 def test_real_steps_give_a_finite_loss(bundled_run):
     metrics = read_json(bundled_run / "metrics" / "train.json")
-    assert metrics["steps"] == 3 and math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["eval_loss_after"])
-    assert 1.0 < metrics["eval_loss_before"] < 8.0
+    assert metrics["steps"] == 3 and math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss_after"])
+    assert 1.0 < metrics["val_loss_before"] < 8.0
 
 
 def test_finetuned_model_answers_and_stops(bundled_run):

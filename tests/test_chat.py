@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import REPO, run_stage, write_params
-from stages.chat_format import fit_prompt
+from stages.lib.template import fit_prompt
 from tiny import save_tiny, train_tokenizer
 
 
@@ -21,7 +21,7 @@ def chat_dir(tmp_path_factory):
 
 
 def chat(work, *args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "stages.chat", "--model", "base", "--max-new-tokens", "8", *args],
+    return subprocess.run([sys.executable, "-m", "stages.tools.chat", "--model", "base", "--max-new-tokens", "8", *args],
                           cwd=work, env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": ""},
                           input=stdin, capture_output=True, text=True, timeout=300)
 

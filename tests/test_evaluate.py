@@ -3,10 +3,10 @@ import math
 
 import pytest
 
-from stages import scoring
+from stages.lib import scoring
 from stages.evaluate import TurnFluency, depth_bucket, fluency_metrics, pick_samples, quality_gate, run_ids, within_budget
 from tiny import train_tokenizer
-from stages.params import EvaluateParams, GateParams
+from stages.lib.params import EvaluateParams, GateParams
 
 
 def test_distinct_n_counts_over_all_replies_of_a_slice():

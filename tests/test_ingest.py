@@ -4,9 +4,9 @@ import pandas as pd
 import pytest
 
 from conftest import FIXTURES, run_stage, write_params
-from stages.conversations import InputError, read_conversations
+from stages.lib.conversations import InputError, read_conversations
 from stages.ingest import OUTPUT, from_chitchat, ingest, load_source
-from stages.params import DataParams, RowColumns
+from stages.lib.params import DataParams, RowColumns
 
 
 def data_params(source, **kwargs) -> DataParams:

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from stages.base_model import prepare_tokenizer
-from stages.chat_format import (IGNORE_INDEX, PLAIN_CHAT_TEMPLATE, TemplateCost, WindowStats, encode, end_of_turn_token,
-                                windows)
-from stages.modeling import pad_batch
+from stages.lib.labels import IGNORE_INDEX, TemplateCost, WindowStats, encode, windows
+from stages.lib.template import PLAIN_CHAT_TEMPLATE, end_of_turn_token
+from stages.lib.modeling import collator
 from stages.train import trained_position_loss
 from tiny import train_tokenizer, tiny_model
 
@@ -107,7 +107,7 @@ def test_4_labels_equal_inputs_and_are_not_shifted(tokenizer):
 def test_4_trained_position_loss_matches_the_models_own_loss(tokenizer):
     model = tokenizer.test_model.eval()
     rows = [encode(tokenizer, CONVERSATION), encode(tokenizer, CONVERSATION[:3])]
-    batch = pad_batch([{"input_ids": r.input_ids, "labels": r.labels, "attention_mask": [1] * len(r.input_ids)} for r in rows], tokenizer.pad_token_id)
+    batch = collator(tokenizer)([{"input_ids": r.input_ids, "labels": r.labels, "attention_mask": [1] * len(r.input_ids)} for r in rows])
     with torch.no_grad():
         reference = model(**batch).loss
         ours, _ = trained_position_loss(model, batch)
@@ -170,7 +170,7 @@ def test_7_dynamic_padding_does_not_change_logits(tokenizer):
     """We batch by length with padding instead of packing; padded rows must give the unpadded logits."""
     model = tokenizer.test_model.eval()
     rows = [encode(tokenizer, CONVERSATION), encode(tokenizer, CONVERSATION[:3])]
-    batch = pad_batch([{"input_ids": r.input_ids, "labels": r.labels, "attention_mask": [1] * len(r.input_ids)} for r in rows], tokenizer.pad_token_id)
+    batch = collator(tokenizer)([{"input_ids": r.input_ids, "labels": r.labels, "attention_mask": [1] * len(r.input_ids)} for r in rows])
     assert batch["input_ids"].shape[1] % 8 == 0
     short = len(rows[1].input_ids)
     assert (batch["labels"][1, short:] == IGNORE_INDEX).all() and (batch["attention_mask"][1, short:] == 0).all()

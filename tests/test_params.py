@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from conftest import REPO, run_stage, write_params
-from stages.params import ParamsError, load_params, parse_params
+from stages.lib.params import ParamsError, load_params, parse_params
 from tiny import save_tiny
 
 

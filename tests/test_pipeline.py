@@ -10,7 +10,7 @@ from pipeline_repo import TINY_TRAIN, dvc, make_repo, read_json, stages_ran
 def test_repro_trains_and_the_loss_goes_down(llama_repo):
     train = read_json(llama_repo / "metrics" / "train.json")
     assert train["steps"] == TINY_TRAIN["max_steps"]
-    assert train["eval_loss_after"] < train["eval_loss_before"] - 1.0
+    assert train["val_loss_after"] < train["val_loss_before"] - 1.0
     runtime = read_json(llama_repo / "metrics" / "runtime" / "train.json")
     assert runtime["trained_tokens"] > 0 and runtime["tokens_per_s"] > 0 and runtime["peak_memory_mb"] > 0
     data = read_json(llama_repo / "metrics" / "data.json")
@@ -77,7 +77,7 @@ def test_gpt2_with_plain_template_trains_through_dvc(tmp_path):
     card = read_json(repo / "models" / "base" / "model_card.json")
     assert card["chat_template"].startswith("plain") and card["end_of_turn"] == "<|endoftext|>" and card["pad_token"] == "<|pad|>"
     train = read_json(repo / "metrics" / "train.json")
-    assert train["eval_loss_after"] < train["eval_loss_before"] - 1.0
+    assert train["val_loss_after"] < train["val_loss_before"] - 1.0
 
 
 def test_evaluation_compares_base_and_finetuned(llama_repo):
@@ -125,7 +125,7 @@ def test_review_report_shows_what_a_change_did(llama_repo):
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         assert stages_ran(dvc(llama_repo, "repro").stdout) == {"train", "evaluate", "transcripts"}
-        result = sh(llama_repo, sys.executable, "-m", "stages.review", "--base", "HEAD", "--out", "review/review.md")
+        result = sh(llama_repo, sys.executable, "-m", "stages.tools.review", "--base", "HEAD", "--out", "review/review.md")
         report = (llama_repo / "review" / "review.md").read_text()
         assert "train.learning_rate" in report and "0.005" in report and "0.002" in report
         assert "finetuned.perplexity" in report and "metrics/eval.json" in report

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from conftest import FIXTURES, run_stage, write_params
-from stages.conversations import read_conversations
-from stages.params import PreprocessParams
+from stages.lib.conversations import read_conversations
+from stages.lib.params import PreprocessParams
 from stages.preprocess import (clean_conversations, clean_text, merge_turns, near_key, preprocess, remove_leakage,
                                scrub_pii, split_indices)
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import FIXTURES, REPO, run_stage, write_params
 from pipeline_repo import TINY_TRAIN, read_json, tool_env
-from stages.params import load_params
+from stages.lib.params import load_params
 from tiny import save_tiny
 
 
@@ -89,7 +89,7 @@ def test_lora_trains_and_saves_a_merged_model(prepared, tmp_path):
     result = run_train(work)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_json(work / "metrics" / "train.json")
-    assert metrics["method"] == "lora-merged" and metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    assert metrics["method"] == "lora-merged" and metrics["val_loss_after"] < metrics["val_loss_before"]
     merged = load_file(work / "models" / "finetuned" / "model.safetensors")
     base = load_file(work / "models" / "base" / "model.safetensors")
     assert not any("lora" in key for key in merged) and set(merged) == set(base)
@@ -149,6 +149,6 @@ def test_two_cpu_processes_train_with_ddp_and_save_once(prepared, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = read_json(work / "metrics" / "train.json")
     assert metrics["processes"] == 2 and metrics["steps"] == 6
-    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    assert metrics["val_loss_after"] < metrics["val_loss_before"]
     assert result.stdout.count("train: 6 steps") == 1  # only rank 0 reports and saves
     assert (work / "models" / "finetuned" / "model.safetensors").exists()

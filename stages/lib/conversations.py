@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, TypedDict
 
+from stages.lib.errors import InputError  # noqa: F401  (re-exported: stages raise it from here)
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -21,10 +23,6 @@ class Conversation(TypedDict):
     id: str
     messages: list[Message]
     meta: dict[str, Any]
-
-
-class InputError(ValueError):
-    """User data that cannot be read: the message names the file, the place and what was expected."""
 
 
 def read_text_utf8(path: Path) -> str:
@@ -71,3 +69,8 @@ def read_conversations(path: Path | str) -> list[Conversation]:
     if not path.exists():
         raise InputError(f"{path}: not found; run the stage that writes it first (dvc repro)")
     return [validate_conversation(obj, f"{path}:{line_no}") for line_no, obj in iter_jsonl(path)]
+
+
+def topic_of(conversation: Conversation) -> str:
+    """The conversation's topic label ('unknown' when it has none)."""
+    return str(conversation.get("meta", {}).get("topic") or "unknown")

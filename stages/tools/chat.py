@@ -1,9 +1,9 @@
 """Chat with the fine-tuned model (or the base model), formatted exactly as in training.
 
-    python -m stages.chat                          interactive; /reset clears the history, /exit quits
-    python -m stages.chat --model base             the base model, for comparison
-    python -m stages.chat --prompt "Hi there!"     answer one prompt and exit
-    python -m stages.chat --prompts in.jsonl       answer each {"prompt": ...} line, print JSONL replies
+    python -m stages.tools.chat                          interactive; /reset clears the history, /exit quits
+    python -m stages.tools.chat --model base             the base model, for comparison
+    python -m stages.tools.chat --prompt "Hi there!"     answer one prompt and exit
+    python -m stages.tools.chat --prompts in.jsonl       answer each {"prompt": ...} line, print JSONL replies
 
 The history is rendered with the model's saved chat template; when it outgrows the context window the
 oldest turns are dropped. Replies stream token by token in interactive mode.
@@ -17,13 +17,11 @@ from typing import Any, Iterable
 
 import torch
 
-from stages.chat_format import fit_prompt
-from stages.cli import run
-from stages.conversations import InputError, iter_jsonl
-from stages.evaluate import stop_token_ids
-from stages.modeling import load_causal_lm
-
-MODELS = {"finetuned": Path("models/finetuned"), "base": Path("models/base")}
+from stages.lib.cli import run
+from stages.lib.conversations import InputError, iter_jsonl
+from stages.lib.modeling import inference_dtype, load_causal_lm, pick_device
+from stages.lib.paths import MODELS
+from stages.lib.template import TemplateError, fit_prompt, stop_token_ids
 HELP = "commands: /reset (forget the conversation), /exit (quit), /help"
 
 
@@ -34,7 +32,7 @@ class Chat:
         self.history: list[dict[str, str]] = []
         positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
         self.context_tokens = min(args.context_tokens or positions, positions)
-        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.stop_ids = stop_token_ids(tokenizer, model.generation_config.eos_token_id)
 
     def reset(self) -> None:
         self.history = []
@@ -43,12 +41,17 @@ class Chat:
         from transformers import TextStreamer
 
         self.history.append({"role": "user", "content": text})
-        budget = max(1, self.context_tokens - self.args.max_new_tokens)
-        ids = fit_prompt(self.tokenizer, self.system + self.history, budget)
+        budget = self.context_tokens - self.args.max_new_tokens
+        try:
+            ids = fit_prompt(self.tokenizer, self.system + self.history, budget)
+        except TemplateError as exc:
+            self.history.pop()
+            raise InputError(f"--context-tokens {self.context_tokens} minus --max-new-tokens {self.args.max_new_tokens}: {exc}") from None
         sampling = self.args.temperature > 0
         with torch.inference_mode():
             output = self.model.generate(
-                input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                input_ids=torch.tensor([ids], device=self.model.device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.model.device),
                 max_new_tokens=self.args.max_new_tokens, do_sample=sampling,
                 temperature=self.args.temperature if sampling else None, top_p=self.args.top_p if sampling else None,
                 eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
@@ -109,7 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    model, tokenizer = load_causal_lm(MODELS.get(args.model, Path(args.model)))
+    device = pick_device()
+    model, tokenizer = load_causal_lm(MODELS.get(args.model, Path(args.model)), inference_dtype(device), device)
     chat = Chat(model, tokenizer, args)
     if args.prompt is not None:
         print(chat.reply(args.prompt))

@@ -1,5 +1,8 @@
 """The typed schema of `params.yaml`, validated before any stage does work.
 
+Values live in params.yaml only: the schema holds types and ranges, and every key is required, so deleting
+one is an error rather than a silent change of behaviour outside DVC's view.
+
 Every stage calls `load_params()`, which validates the whole file (so a typo in
 any section is caught by whichever stage runs first) and returns typed objects.
 Errors name the key path, the value and what was expected.
@@ -27,29 +30,29 @@ class Section(BaseModel):
 class RowColumns(Section):
     """Column names for flat CSV/Parquet/JSONL rows: one row per message."""
 
-    conversation_id: str = "conversation_id"
-    speaker: str = "speaker"
-    text: str = "text"
-    order: Optional[str] = None
-    topic: Optional[str] = None
+    conversation_id: str
+    speaker: str
+    text: str
+    order: Optional[str]
+    topic: Optional[str]
 
 
 class DataParams(Section):
-    source: str = Field("chitchat", min_length=1)
-    format: Literal["auto", "chitchat", "openai", "sharegpt", "rows"] = "auto"
-    columns: RowColumns = RowColumns()
-    hub_split: str = "train"
-    max_conversations: Optional[int] = Field(None, ge=1)
+    source: str = Field(..., min_length=1)
+    format: Literal["auto", "chitchat", "openai", "sharegpt", "rows"]
+    columns: RowColumns
+    hub_split: str
+    max_conversations: Optional[int] = Field(..., ge=1)
 
 
 class PreprocessParams(Section):
-    min_turns: int = Field(2, ge=1)
-    max_turn_chars: int = Field(2000, ge=1)
-    scrub_pii: bool = True
-    lowercase: bool = False
-    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    split_by: Literal["random", "stratify_topic", "group_topic"] = "stratify_topic"
+    min_turns: int = Field(..., ge=1)
+    max_turn_chars: int = Field(..., ge=1)
+    scrub_pii: bool
+    lowercase: bool
+    val_fraction: float = Field(..., ge=0.0, lt=1.0)
+    test_fraction: float = Field(..., ge=0.0, lt=1.0)
+    split_by: Literal["random", "stratify_topic", "group_topic"]
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> "PreprocessParams":
@@ -61,46 +64,49 @@ class PreprocessParams(Section):
 
 
 class ModelParams(Section):
-    base: str = Field("smollm2-135m-instruct", min_length=1)
-    revision: Optional[str] = None
-    trust_remote_code: bool = False
+    base: str = Field(..., min_length=1)
+    revision: Optional[str]
+    trust_remote_code: bool
 
 
 class TokenizeParams(Section):
-    max_length: int = Field(256, ge=16, le=32768)
-    loss_on: Literal["assistant", "all"] = "assistant"
-    role_swap: bool = True
-    max_val_examples: Optional[int] = Field(None, ge=1)
+    max_length: int = Field(..., ge=16, le=32768)
+    loss_on: Literal["assistant", "all"]
+    role_swap: bool
+    # 'default' (the template's own system prompt, if it injects one), 'none', or the text of a system message;
+    # written into the chat template saved with the tokenized data and the fine-tuned model.
+    system_prompt: str = Field(..., min_length=1)
+    max_val_examples: Optional[int] = Field(..., ge=1)
 
 
 class LoraParams(Section):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
-    merge: bool = True
+    r: int = Field(..., ge=1)
+    alpha: int = Field(..., ge=1)
+    dropout: float = Field(..., ge=0.0, lt=1.0)
+    target_modules: list[str]
+    merge: bool
 
 
 class TrainParams(Section):
-    method: Literal["full", "lora"] = "full"
-    processes: int = Field(1, ge=1)
-    learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    batch_size: int = Field(8, ge=1)
-    gradient_accumulation: int = Field(1, ge=1)
-    max_steps: int = Field(100, ge=-1)
-    epochs: float = Field(1.0, gt=0.0)
-    eval_steps: int = Field(50, ge=1)
-    early_stopping_patience: Optional[int] = Field(None, ge=1)
-    max_grad_norm: float = Field(1.0, gt=0.0)
-    gradient_checkpointing: bool = False
-    torch_compile: bool = False
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    logging_steps: int = Field(5, ge=1)
-    save_steps: int = Field(50, ge=1)
-    lora: LoraParams = LoraParams()
+    method: Literal["full", "lora"]
+    processes: int = Field(..., ge=1)
+    learning_rate: float = Field(..., gt=0.0, le=1.0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"]
+    warmup_ratio: float = Field(..., ge=0.0, lt=1.0)
+    weight_decay: float = Field(..., ge=0.0)
+    batch_size: int = Field(..., ge=1)
+    gradient_accumulation: int = Field(..., ge=1)
+    max_steps: int = Field(..., ge=-1)
+    epochs: float = Field(..., gt=0.0)
+    eval_steps: int = Field(..., ge=1)
+    early_stopping_patience: Optional[int] = Field(..., ge=1)
+    max_grad_norm: float = Field(..., gt=0.0)
+    gradient_checkpointing: bool
+    torch_compile: bool
+    precision: Literal["auto", "bf16", "fp16", "fp32"]
+    logging_steps: int = Field(..., ge=1)
+    save_steps: int = Field(..., ge=1)
+    lora: LoraParams
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainParams":
@@ -113,23 +119,23 @@ class TrainParams(Section):
 
 
 class GateParams(Section):
-    min_perplexity_improvement: float = Field(0.3, ge=-1.0, le=1.0)  # relative: 1 - ppl_finetuned / ppl_base
-    min_stop_rate: float = Field(0.9, ge=0.0, le=1.0)
-    fail_on_gate: bool = False
+    min_perplexity_improvement: float = Field(..., ge=-1.0, le=1.0)  # relative: 1 - ppl_finetuned / ppl_base
+    min_stop_rate: float = Field(..., ge=0.0, le=1.0)
+    fail_on_gate: bool
 
 
 class EvaluateParams(Section):
-    max_conversations: int = Field(24, ge=1)
-    turns_per_conversation: int = Field(2, ge=1)
-    max_new_tokens: int = Field(96, ge=1)
-    batch_size: int = Field(16, ge=1)
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, ge=1.0)
-    depth_buckets: list[int] = Field([1, 3, 7, 15], min_length=1)
-    transcripts: int = Field(8, ge=0)
-    gate: GateParams = GateParams()
+    max_conversations: int = Field(..., ge=1)
+    turns_per_conversation: int = Field(..., ge=1)
+    max_new_tokens: int = Field(..., ge=1)
+    batch_size: int = Field(..., ge=1)
+    do_sample: bool
+    temperature: float = Field(..., gt=0.0)
+    top_p: float = Field(..., gt=0.0, le=1.0)
+    repetition_penalty: float = Field(..., ge=1.0)
+    depth_buckets: list[int] = Field(..., min_length=1)
+    transcripts: int = Field(..., ge=0)
+    gate: GateParams
 
     @model_validator(mode="after")
     def _buckets_ascend(self) -> "EvaluateParams":
@@ -139,20 +145,24 @@ class EvaluateParams(Section):
 
 
 class Params(Section):
-    seed: int = Field(42, ge=0)
-    data: DataParams = DataParams()
-    preprocess: PreprocessParams = PreprocessParams()
-    model: ModelParams = ModelParams()
-    tokenize: TokenizeParams = TokenizeParams()
-    train: TrainParams = TrainParams()
-    evaluate: EvaluateParams = EvaluateParams()
+    seed: int = Field(..., ge=0)
+    data: DataParams
+    preprocess: PreprocessParams
+    model: ModelParams
+    tokenize: TokenizeParams
+    train: TrainParams
+    evaluate: EvaluateParams
 
 
 def _describe(error: dict[str, Any]) -> str:
     path = ".".join(str(part) for part in error["loc"]) or "<top level>"
     if error["type"] == "extra_forbidden":
         return f"{path}: unknown key (value {error['input']!r}); check the spelling against params.yaml's documented keys"
+    if error["type"] == "missing":
+        return f"{path}: missing; every key must be set in params.yaml (the repository's params.yaml documents each one)"
     message = error["msg"].removeprefix("Value error, ")
+    if isinstance(error["input"], dict):  # a cross-field check: the message names the fields, the section is noise
+        return f"{path}: {message}"
     return f"{path}: {message} (got {error['input']!r})"
 
 

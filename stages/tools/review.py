@@ -1,6 +1,6 @@
 """A markdown review of what a change did to the pipeline's results, for a pull request.
 
-    python -m stages.review --base main --out review/review.md
+    python -m stages.tools.review --base main --out review/review.md
 
 Joins `dvc params diff`, `dvc metrics diff`, every top-level plot of dvc.yaml drawn as a PNG with
 the base revision against the workspace, and the diff of the sample transcripts. The GitHub workflow

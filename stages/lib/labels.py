@@ -1,4 +1,4 @@
-"""Chat formatting and label construction (DESIGN §4): the one place that turns messages into tokens.
+"""Labels and windows (DESIGN §4): the one place that turns a conversation into trained examples.
 
 Labels come from the character spans that the chat template itself renders for each assistant turn
 (prefix renders), mapped to tokens through the tokenizer's offsets: no marker-string search, no pad-id
@@ -9,41 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from stages.lib.template import Message, TemplateError, render
+
 IGNORE_INDEX = -100
-
-# DESIGN §4.9: for models without a chat template (GPT-2). Every turn ends with the EOS token, which is
-# therefore the end-of-turn token, and it sits inside the trained span of each assistant turn.
-PLAIN_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ message['role'] | capitalize }}: {{ message['content'] }}{{ eos_token }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-
-Message = dict[str, str]
-
-
-class TemplateError(ValueError):
-    """The chat template cannot be used to derive assistant spans."""
-
-
-def render(tokenizer: Any, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def end_of_turn_token(tokenizer: Any) -> str:
-    """The special token the template writes right after an assistant reply (ChatML `<|im_end|>`, GPT-2 EOS)."""
-    probe = "Zq9 probe reply"
-    text = render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}])
-    tail = text[text.rindex(probe) + len(probe):]
-    specials = sorted(set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {})), key=len, reverse=True)
-    stripped = tail.lstrip()
-    for token in specials:
-        if token and stripped.startswith(token):
-            return token
-    if tokenizer.eos_token:
-        return tokenizer.eos_token
-    raise TemplateError(f"the chat template writes no special token after an assistant reply (it writes {tail!r})")
 
 
 def assistant_spans(tokenizer: Any, messages: Sequence[Message], full_text: str) -> list[tuple[int, int]]:
@@ -64,20 +32,6 @@ def assistant_spans(tokenizer: Any, messages: Sequence[Message], full_text: str)
             end -= 1
         spans.append((start, end))
     return spans
-
-
-def fit_prompt(tokenizer: Any, messages: Sequence[Message], budget: int) -> list[int]:
-    """Token ids of the generation prompt for `messages`, dropping the oldest whole turns (the system
-    message is kept) until it fits `budget` tokens; a history never starts on an assistant turn."""
-    system = [m for m in messages[:1] if m["role"] == "system"]
-    history = list(messages[len(system):])
-    while True:
-        ids = tokenizer(render(tokenizer, system + history, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-        if len(ids) <= budget or len(history) <= 1:
-            return ids[-budget:]
-        history = history[1:]
-        while len(history) > 1 and history[0]["role"] == "assistant":
-            history = history[1:]
 
 
 @dataclass

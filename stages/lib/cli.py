@@ -5,8 +5,8 @@ import signal
 import sys
 from typing import Callable
 
-from stages.conversations import InputError
-from stages.params import ParamsError
+from stages.lib.errors import InputError
+from stages.lib.params import ParamsError
 
 
 def _terminated(signum: int, frame: object) -> None:

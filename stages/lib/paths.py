@@ -1,0 +1,11 @@
+"""Paths that more than one stage reads: each stage's own outputs are named at the top of its module."""
+from pathlib import Path
+
+RAW = Path("data/raw/conversations.jsonl")
+PROCESSED = Path("data/processed")
+TEST = PROCESSED / "test.jsonl"
+BASE_MODEL = Path("models/base")
+TOKENIZED = Path("data/tokenized")
+FINETUNED = Path("models/finetuned")
+EVAL_SAMPLES = Path("data/eval_samples.json")
+MODELS = {"base": BASE_MODEL, "finetuned": FINETUNED}  # the names evaluate and chat accept
