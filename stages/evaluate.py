@@ -1,59 +1,53 @@
-"""Stage `evaluate`: base and fine-tuned models side by side on the same held-out test conversations.
+"""Stage `evaluate`: base and fine-tuned scores side by side, every number with its 95% interval.
 
-Writes metrics/eval.json (fluency, conversational accuracy, generation quality, quality gate),
-metrics/eval_by_depth.json and metrics/eval_by_topic.json (slices, for `dvc plots`), data/eval_samples.json
-(every regenerated turn with each model's reply; the `transcripts` stage renders a sample of them) and
-metrics/runtime/evaluate.json (seconds per pass).
+Reads data/scores/{base,finetuned}.json (stage `score`) and the test split. Writes
+- metrics/eval.json: fluency, conversational accuracy and generation quality of each model with a seeded
+  bootstrap interval over test conversations (`x`, `x_low`, `x_high`), the paired change fine-tuned − base
+  with its interval and a verdict (better / worse / within noise), the human replies' own values, and the gate;
+- metrics/eval_by_depth.json and metrics/eval_by_topic.json: slices with their support (for `dvc plots`);
+- metrics/eval_conversations.json: per-conversation statistics of both models, so that two revisions can be
+  compared pairwise on the same conversations (`python -m stages.tools.review`).
 """
 from __future__ import annotations
 
-import random
+import json
 import sys
-import time
-from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable
-
-import torch
-from tqdm import tqdm
+from typing import Any, Callable, Hashable
 
 from stages.lib import scoring
 from stages.lib.atomic import write_json
 from stages.lib.cli import run
-from stages.lib.conversations import Conversation, read_conversations, topic_of
-from stages.lib.labels import TemplateCost, WindowStats, windows
-from stages.lib.modeling import collator, load_causal_lm, trained_logits
+from stages.lib.conversations import InputError, read_conversations
 from stages.lib.params import EvaluateParams, load_params
-from stages.lib.paths import EVAL_SAMPLES as SAMPLES, MODELS, TEST
-from stages.lib.template import fit_prompt, stop_token_ids, with_system_prompt
+from stages.lib.paths import MODELS, SCORES, TEST
+from stages.lib.stats import (FLUENCY, HEADLINE, REPLY, ConversationScores, Interval, MetricSet, Reply, bootstrap,
+                              change_verdict, paired_change)
+
 EVAL_METRICS = Path("metrics/eval.json")
 BY_DEPTH = Path("metrics/eval_by_depth.json")
 BY_TOPIC = Path("metrics/eval_by_topic.json")
-EVAL_RUNTIME = Path("metrics/runtime/evaluate.json")  # wall-clock: kept apart so metrics/*.json are reproducible
+PER_CONVERSATION = Path("metrics/eval_conversations.json")
+HUMAN_METRICS = ("distinct_1", "distinct_2", "repetition_rate", "mean_reply_words", "empty_reply_rate", "context_relevance")
 
 
-@dataclass
-class TurnFluency:
-    """Summed statistics of one assistant turn's trained tokens."""
-
-    nll: float = 0.0
-    tokens: int = 0
-    correct: int = 0
-    n_bytes: int = 0
+def load_scores(name: str) -> dict:
+    path = SCORES / f"{name}.json"
+    if not path.exists():
+        raise InputError(f"{path}: no scores; run the score stage first (dvc repro score@{name})")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
-@dataclass
-class Sample:
-    """One assistant turn to regenerate from its real context."""
+def check_same_sample(base: dict, tuned: dict) -> None:
+    same = (base["conversations"] == tuned["conversations"]
+            and [(r["conversation"], r["turn"]) for r in base["replies"]] == [(r["conversation"], r["turn"]) for r in tuned["replies"]])
+    if not same:
+        raise InputError(f"{SCORES}: base and fine-tuned scores cover different test conversations or turns; rerun both (dvc repro)")
 
-    conversation: int
-    turn: int
-    topic: str
-    context: list[dict]
-    human: str
-    replies: dict[str, str] = field(default_factory=dict)
-    stopped: dict[str, bool] = field(default_factory=dict)
+
+def context_text(messages: list[dict]) -> str:
+    return "\n".join(m["content"] for m in messages if m["role"] != "system")
 
 
 def depth_bucket(turn: int, edges: list[int]) -> int:
@@ -61,218 +55,189 @@ def depth_bucket(turn: int, edges: list[int]) -> int:
     return max([edge for edge in edges if edge <= turn], default=edges[0])
 
 
-def run_ids(positions: list[int]) -> list[int]:
-    """Index of the contiguous run each trained position belongs to: one run per assistant turn of a window."""
-    ids, run, previous = [], -1, None
-    for position in positions:
-        if previous is None or position != previous + 1:
-            run += 1
-        ids.append(run)
-        previous = position
-    return ids
+class Scored:
+    """Both models' scores joined to the test conversations, with per-reply relevance computed once."""
+
+    def __init__(self, base: dict, tuned: dict, test: dict[str, dict]) -> None:
+        self.conversations = base["conversations"]
+        missing = [c["id"] for c in self.conversations if c["id"] not in test]
+        if missing:
+            raise InputError(f"{TEST}: conversations {missing[:3]} were scored but are not in the test split; rerun the score stages")
+        self.messages = [test[c["id"]]["messages"] for c in self.conversations]
+        self.scores = {"base": base, "finetuned": tuned}
+        generated = [r for r in base["replies"] if "reply" in r]
+        contexts = [context_text(self.messages[r["conversation"]][: r["turn"]]) for r in generated]
+        humans = [self.messages[r["conversation"]][r["turn"]]["content"] for r in generated]
+        texts = {name: [r["reply"] for r in self.scores[name]["replies"] if "reply" in r] for name in MODELS}
+        relevance = scoring.Relevance(contexts + humans + texts["base"] + texts["finetuned"])
+        self.relevance = {name: relevance.each(contexts, texts[name]) for name in MODELS}
+        self.relevance["human"] = relevance.each(contexts, humans)
+
+    def units(self, name: str, key: Callable[[int, int], Hashable] = lambda conversation, turn: None) -> dict[Hashable, list[ConversationScores]]:
+        """ConversationScores of model `name` ('human' for the human replies), one per (conversation, key) with
+        the turns whose key(conversation, turn) is that key; grouped by key."""
+        source = self.scores["base" if name == "human" else name]
+        pieces: dict[tuple[int, Hashable], ConversationScores] = {}
+
+        def piece(conversation: int, turn: int) -> ConversationScores:
+            k = key(conversation, turn)
+            meta = self.conversations[conversation]
+            return pieces.setdefault((conversation, k), ConversationScores(meta["id"], meta["topic"]))
+
+        if name != "human":
+            for t in source["turns"]:
+                unit = piece(t["conversation"], t["turn"])
+                unit.nll += t["nll"]
+                unit.tokens += t["tokens"]
+                unit.correct += t["correct"]
+                unit.n_bytes += t["bytes"]
+        generated = [r for r in source["replies"] if "reply" in r]
+        for index, r in enumerate(generated):
+            human = self.messages[r["conversation"]][r["turn"]]["content"]
+            text, stopped = (human, r["human_fits_max_new_tokens"]) if name == "human" else (r["reply"], r["stopped"])
+            piece(r["conversation"], r["turn"]).replies.append(Reply(r["turn"], text, human, stopped, self.relevance[name][index]))
+        grouped: dict[Hashable, list[ConversationScores]] = {}
+        for (conversation, k), unit in sorted(pieces.items(), key=lambda item: item[0][0]):
+            grouped.setdefault(k, []).append(unit)
+        return grouped
 
 
-def fluency(model: Any, tokenizer: Any, conversations: list[Conversation], max_length: int, batch_size: int) -> dict[tuple[int, int], TurnFluency]:
-    """NLL, token count, correct argmax and UTF-8 bytes per (conversation, assistant turn), same labels as training."""
-    cost = TemplateCost.measure(tokenizer)
-    rows: list[tuple[list[int], list[int], list[tuple[int, int]]]] = []
-    for index, conversation in enumerate(conversations):
-        messages = conversation["messages"]
-        for example in windows(tokenizer, messages, max_length, "assistant", cost, WindowStats()):
-            turns = [(index, t) for t in range(example.turns[0], example.turns[1] + 1) if messages[t]["role"] == "assistant"]
-            rows.append((example.input_ids, example.labels, turns))
-    rows.sort(key=lambda row: len(row[0]))  # similar lengths batch together: less padding
-    result: dict[tuple[int, int], TurnFluency] = defaultdict(TurnFluency)
-    collate = collator(tokenizer)
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(rows), batch_size), desc="perplexity", unit="batch", leave=False):
-            chunk = rows[start : start + batch_size]
-            batch = collate([{"input_ids": ids, "labels": labels} for ids, labels, _ in chunk])
-            scored = trained_logits(model, batch)
-            logits, targets, keep = scored.logits, scored.targets, scored.keep[:, :-1]
-            nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-            correct = logits.argmax(-1) == targets
-            offset = 0
-            for row_index, (_, _, turns) in enumerate(chunk):
-                mask = keep[row_index]
-                count = int(mask.sum())
-                segment = torch.tensor(run_ids(mask.nonzero().flatten().tolist()), dtype=torch.long)
-                row_targets = targets[offset : offset + count]
-                for seg, key in enumerate(turns):
-                    sel = segment == seg
-                    stats = result[key]
-                    stats.nll += float(nll[offset : offset + count][sel].sum())
-                    stats.tokens += int(sel.sum())
-                    stats.correct += int(correct[offset : offset + count][sel].sum())
-                    stats.n_bytes += len(tokenizer.decode(row_targets[sel].tolist()).encode("utf-8"))
-                offset += count
-    return result
+def interval_fields(name: str, interval: Interval) -> dict[str, float]:
+    fields = interval.as_dict()
+    return {name: fields["value"], f"{name}_low": fields["low"], f"{name}_high": fields["high"]}
 
 
-def pick_samples(conversations: list[Conversation], per_conversation: int, seed: int) -> list[Sample]:
-    """A seeded choice of assistant turns that have at least one earlier user turn."""
-    rng = random.Random(seed)
-    samples = []
-    for index, conversation in enumerate(conversations):
-        messages = conversation["messages"]
-        candidates = [t for t, m in enumerate(messages) if m["role"] == "assistant" and any(p["role"] == "user" for p in messages[:t])]
-        for turn in sorted(rng.sample(candidates, min(per_conversation, len(candidates)))):
-            samples.append(Sample(index, turn, topic_of(conversation), messages[:turn], messages[turn]["content"]))
-    return samples
+def model_summary(metrics: MetricSet, names: tuple[str, ...], params: EvaluateParams, seed: int) -> dict[str, float]:
+    summary: dict[str, float] = {}
+    for name in names:
+        summary.update(interval_fields(name, bootstrap(lambda idx, n=name: metrics.metric(n, idx), len(metrics),
+                                                       params.bootstrap.resamples, params.bootstrap.confidence, seed)))
+    summary["scored_tokens"] = int(metrics.tokens.sum())
+    return summary
 
 
-def generate(model: Any, tokenizer: Any, samples: list[Sample], name: str, params: EvaluateParams, max_length: int, seed: int) -> None:
-    """Batched generation with left padding and the KV cache; fills sample.replies[name] and .stopped[name]."""
-    stop_ids = stop_token_ids(tokenizer, model.generation_config.eos_token_id)
-    prompts = [fit_prompt(tokenizer, s.context, max_length - params.max_new_tokens) for s in samples]
-    order = sorted(range(len(samples)), key=lambda i: len(prompts[i]))
-    left_pad = collator(tokenizer, side="left")
-    torch.manual_seed(seed)
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(order), params.batch_size), desc=f"generate {name}", unit="batch", leave=False):
-            chunk = order[start : start + params.batch_size]
-            batch = left_pad([{"input_ids": prompts[i]} for i in chunk])
-            output = model.generate(
-                **batch, max_new_tokens=params.max_new_tokens, do_sample=params.do_sample,
-                temperature=params.temperature if params.do_sample else None, top_p=params.top_p if params.do_sample else None,
-                repetition_penalty=params.repetition_penalty,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids,
-            )
-            for row, index in zip(output[:, batch["input_ids"].shape[1]:].tolist(), chunk):
-                stop = next((k for k, token in enumerate(row) if token in stop_ids), None)
-                reply = row if stop is None else row[:stop]
-                samples[index].replies[name] = tokenizer.decode(reply, skip_special_tokens=True).strip()
-                samples[index].stopped[name] = stop is not None
-
-
-def context_text(sample: Sample) -> str:
-    return "\n".join(m["content"] for m in sample.context if m["role"] != "system")
-
-
-def reply_metrics(samples: list[Sample], name: str, relevance: scoring.Relevance) -> dict[str, float]:
-    replies = [s.human if name == "human" else s.replies[name] for s in samples]
-    quality = {
-        "distinct_1": scoring.distinct_n(replies, 1),
-        "distinct_2": scoring.distinct_n(replies, 2),
-        "repetition_rate": scoring.repetition_rate(replies),
-        "mean_reply_words": scoring.mean_words(replies),
-        "empty_reply_rate": scoring.empty_rate(replies),
-        "context_relevance": relevance.mean([context_text(s) for s in samples], replies),
+def quality_gate(change: dict, tuned: dict, params: EvaluateParams) -> dict:
+    """Each check compares the interval's lower bound (or the point estimate) with its threshold."""
+    bound = "low" if params.gate.use_lower_bound else "value"
+    improvement = change["perplexity_improvement"]
+    stop = {"value": tuned["stop_rate"], "low": tuned["stop_rate_low"]}
+    checks = {
+        "perplexity_improvement": {"value": improvement["value"], "low": improvement["low"],
+                                   "minimum": params.gate.min_perplexity_improvement,
+                                   "passed": improvement[bound] >= params.gate.min_perplexity_improvement},
+        "stop_rate": {"value": stop["value"], "low": stop["low"], "minimum": params.gate.min_stop_rate,
+                      "passed": stop[bound] >= params.gate.min_stop_rate},
     }
-    if name == "human":
-        return quality
-    humans = [s.human for s in samples]
-    return {
-        "bleu": scoring.bleu(replies, humans),
-        "chrf": scoring.chrf(replies, humans),
-        "rouge_l": scoring.rouge_l(replies, humans),
-        "stop_rate": sum(s.stopped[name] for s in samples) / len(samples) if samples else 0.0,
-        **quality,
-    }
+    return {"passed": all(c["passed"] for c in checks.values()), "compares": "lower bound" if bound == "low" else "point estimate", **checks}
 
 
-def within_budget(replies: list[str], tokenizer: Any, max_new_tokens: int) -> float:
-    """Share of replies that, with their end-of-turn token, fit in `max_new_tokens`."""
-    if not replies:
-        return 0.0
-    lengths = [len(ids) + 1 for ids in tokenizer(replies, add_special_tokens=False)["input_ids"]]
-    return sum(n <= max_new_tokens for n in lengths) / len(replies)
-
-
-def fluency_metrics(turns: Iterable[TurnFluency]) -> dict[str, float]:
-    turns = list(turns)
-    nll, tokens = sum(t.nll for t in turns), sum(t.tokens for t in turns)
-    return {
-        "perplexity": scoring.perplexity(nll, tokens),
-        "bits_per_byte": scoring.bits_per_byte(nll, sum(t.n_bytes for t in turns)),
-        "token_accuracy": sum(t.correct for t in turns) / tokens if tokens else float("nan"),
-        "scored_tokens": tokens,
-    }
-
-
-def rounded(values: dict) -> dict:
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in values.items()}
-
-
-def slice_rows(key_name: str, keys: list, fluency_by: dict, samples: list[Sample], sample_key, turn_key, relevance) -> list[dict]:
+def slice_table(scored: Scored, key_name: str, key: Callable[[int, int], Hashable], order: list, merge: Callable[[list], list],
+                min_replies: int) -> list[dict]:
+    """Per-slice values with their support; slices with fewer than `min_replies` generated replies are merged."""
+    by_model = {name: scored.units(name, key) for name in MODELS}
+    support = {k: sum(len(u.replies) for u in by_model["finetuned"].get(k, [])) for k in order}
+    groups = merge([(k, support[k]) for k in order if k in by_model["finetuned"]])
     rows = []
-    for key in keys:
-        row: dict[str, Any] = {key_name: key}
-        chosen = [s for s in samples if sample_key(s) == key]
-        row["replies"] = len(chosen)
+    for label, members in groups:
+        row: dict[str, Any] = {key_name: label}
+        units = {name: [u for k in members for u in by_model[name].get(k, [])] for name in MODELS}
+        row["conversations"] = len({u.id for u in units["finetuned"]})
+        row["replies"] = sum(len(u.replies) for u in units["finetuned"])
+        row["tokens"] = sum(u.tokens for u in units["finetuned"])
         for name in MODELS:
-            turns = [t for k, t in fluency_by[name].items() if turn_key(k) == key]
-            row[f"{name}_perplexity"] = round(fluency_metrics(turns)["perplexity"], 4) if turns else None
-            if chosen:
-                metrics = reply_metrics(chosen, name, relevance)
-                row[f"{name}_chrf"] = round(metrics["chrf"], 4)
-                row[f"{name}_stop_rate"] = round(metrics["stop_rate"], 4)
-        row["tokens"] = sum(t.tokens for k, t in fluency_by["finetuned"].items() if turn_key(k) == key)
+            metrics = MetricSet(units[name])
+            everything = list(range(len(metrics)))
+            row[f"{name}_perplexity"] = round(metrics.metric("perplexity", everything), 4) if row["tokens"] else None
+            for metric in ("chrf", "stop_rate"):
+                row[f"{name}_{metric}"] = round(metrics.metric(metric, everything), 4) if row["replies"] else None
         rows.append(row)
     return rows
 
 
-def quality_gate(results: dict, params: EvaluateParams) -> dict:
-    base, tuned = results["base"], results["finetuned"]
-    improvement = 1.0 - tuned["perplexity"] / base["perplexity"]
-    checks = {
-        "perplexity_improvement": {"value": round(improvement, 4), "minimum": params.gate.min_perplexity_improvement,
-                                   "passed": improvement >= params.gate.min_perplexity_improvement},
-        "stop_rate": {"value": round(tuned["stop_rate"], 4), "minimum": params.gate.min_stop_rate,
-                      "passed": tuned["stop_rate"] >= params.gate.min_stop_rate},
+def merge_small_topics(min_replies: int) -> Callable[[list], list]:
+    def merge(items: list) -> list:
+        kept = [(k, [k]) for k, n in items if n >= min_replies]
+        small = [k for k, n in items if n < min_replies]
+        return kept + ([(f"other ({len(small)} topics)", small)] if small else [])
+    return merge
+
+
+def merge_small_depths(min_replies: int) -> Callable[[list], list]:
+    """Ordered buckets: a bucket below the minimum joins the one before it (the first joins the next)."""
+    def merge(items: list) -> list:
+        groups: list[list] = []  # [label, members, support]
+        for k, n in items:
+            if groups and (n < min_replies or groups[-1][2] < min_replies):
+                groups[-1][1].append(k)
+                groups[-1][2] += n
+            else:
+                groups.append([k, [k], n])
+        return [(label, members) for label, members, _ in groups]
+    return merge
+
+
+def evaluate(params: EvaluateParams, seed: int) -> dict[str, Any]:
+    base, tuned = load_scores("base"), load_scores("finetuned")
+    check_same_sample(base, tuned)
+    test = {c["id"]: c for c in read_conversations(TEST)}
+    scored = Scored(base, tuned, test)
+    metric_sets = {name: MetricSet(scored.units(name)[None]) for name in (*MODELS, "human")}
+    boot = params.bootstrap
+    results: dict[str, Any] = {
+        "test_conversations": len(scored.conversations),
+        "generated_replies": sum("reply" in r for r in base["replies"]),
+        "skipped_replies": sum("reply" not in r for r in base["replies"]),
+        "precision": {name: scored.scores[name]["precision"] for name in MODELS},
+        "bootstrap": {"unit": "conversation", "resamples": boot.resamples, "confidence": boot.confidence, "seed": seed},
     }
-    return {"passed": all(c["passed"] for c in checks.values()), **checks}
-
-
-def evaluate(params: EvaluateParams, max_length: int, system_prompt: str, seed: int) -> tuple[dict, list[dict], list[dict], list[dict], dict]:
-    """Results (deterministic for given params, data and models), slices, samples, and wall-clock timings."""
-    test = read_conversations(TEST)[: params.max_conversations]
-    samples = pick_samples(test, params.turns_per_conversation, seed)
-    fluency_by: dict[str, dict] = {}
-    results: dict[str, Any] = {"test_conversations": len(test), "generated_replies": len(samples)}
-    timings = {}
-    for name, path in MODELS.items():
-        model, tokenizer = load_causal_lm(path)
-        if name == "base":  # the fine-tuned tokenizer carries the choice already; the base one gets the same
-            tokenizer = with_system_prompt(tokenizer, system_prompt)
-        started = time.perf_counter()
-        fluency_by[name] = fluency(model, tokenizer, test, max_length, params.batch_size)
-        timings[f"{name}_perplexity_s"] = round(time.perf_counter() - started, 1)
-        started = time.perf_counter()
-        generate(model, tokenizer, samples, name, params, max_length, seed)
-        timings[f"{name}_generation_s"] = round(time.perf_counter() - started, 1)
-        results[name] = fluency_metrics(fluency_by[name].values())
-        del model
-    relevance = scoring.Relevance([context_text(s) for s in samples] + [s.human for s in samples]
-                                  + [s.replies[n] for s in samples for n in MODELS])
     for name in MODELS:
-        results[name] = rounded({**results[name], **reply_metrics(samples, name, relevance)})
-    results["human"] = rounded({
-        **reply_metrics(samples, "human", relevance),
-        # The stop rate's ceiling: a model replying exactly like the humans cannot stop sooner than they did.
-        "within_max_new_tokens": within_budget([s.human for s in samples], tokenizer, params.max_new_tokens),
-    })
-    results["gate"] = quality_gate(results, params)
-    depth_keys = sorted({depth_bucket(t + 1, params.depth_buckets) for t in range(max(len(c["messages"]) for c in test))})
-    by_depth = slice_rows("depth", depth_keys, fluency_by, samples, lambda s: depth_bucket(s.turn + 1, params.depth_buckets),
-                          lambda k: depth_bucket(k[1] + 1, params.depth_buckets), relevance)
-    topics = sorted({topic_of(c) for c in test})
-    by_topic = slice_rows("topic", topics, fluency_by, samples, lambda s: s.topic, lambda k: topic_of(test[k[0]]), relevance)
-    return results, by_depth, by_topic, [asdict(sample) for sample in samples], timings
+        results[name] = model_summary(metric_sets[name], HEADLINE, params, seed)
+    human = model_summary(metric_sets["human"], HUMAN_METRICS, params, seed)
+    human.pop("scored_tokens")
+    within = bootstrap(lambda idx: metric_sets["human"].metric("stop_rate", idx), len(metric_sets["human"]), boot.resamples, boot.confidence, seed)
+    results["human"] = {**human, **interval_fields("within_max_new_tokens", within)}
+    change = {}
+    for name in HEADLINE:
+        interval = paired_change(name, metric_sets["finetuned"], metric_sets["base"], boot.resamples, boot.confidence, seed)
+        change["perplexity_improvement" if name == "perplexity" else name] = {**interval.as_dict(), "verdict": change_verdict(name, interval)}
+    results["change"] = change
+    results["gate"] = quality_gate(change, results["finetuned"], params)
+    edges = params.depth_buckets
+    depth_key = lambda conversation, turn: depth_bucket(turn + 1, edges)  # noqa: E731
+    by_depth = slice_table(scored, "depth", depth_key, edges, merge_small_depths(params.min_slice_replies), params.min_slice_replies)
+    topics = sorted({c["topic"] for c in scored.conversations})
+    by_topic = slice_table(scored, "topic", lambda conversation, turn: scored.conversations[conversation]["topic"], topics,
+                           merge_small_topics(params.min_slice_replies), params.min_slice_replies)
+    per_conversation = [{"id": meta["id"], "topic": meta["topic"],
+                         **{name: _plain(scored.units(name)[None][index]) for name in (*MODELS, "human")}}
+                        for index, meta in enumerate(scored.conversations)]
+    return {"results": results, "by_depth": by_depth, "by_topic": by_topic, "per_conversation": per_conversation}
+
+
+def _plain(unit: ConversationScores) -> dict:
+    data = asdict(unit)
+    data.pop("id"), data.pop("topic")
+    data["nll"] = round(data["nll"], 6)
+    for reply in data["replies"]:
+        reply["relevance"] = round(reply["relevance"], 6)
+    return data
 
 
 def main() -> int:
     params = load_params()
-    results, by_depth, by_topic, samples, timings = evaluate(params.evaluate, params.tokenize.max_length, params.tokenize.system_prompt, params.seed)
+    out = evaluate(params.evaluate, params.seed)
+    results = out["results"]
     write_json(EVAL_METRICS, results)
-    write_json(EVAL_RUNTIME, {**timings, "torch_threads": torch.get_num_threads()})
-    write_json(BY_DEPTH, by_depth)
-    write_json(BY_TOPIC, by_topic)
-    write_json(SAMPLES, samples)
-    base, tuned, gate = results["base"], results["finetuned"], results["gate"]
-    print(f"evaluate: perplexity {base['perplexity']:.2f} -> {tuned['perplexity']:.2f} "
-          f"({100 * gate['perplexity_improvement']['value']:.1f}% better), chrF {base['chrf']:.1f} -> {tuned['chrf']:.1f}, "
-          f"stop rate {base['stop_rate']:.2f} -> {tuned['stop_rate']:.2f}; gate {'passed' if gate['passed'] else 'FAILED'}")
+    write_json(BY_DEPTH, out["by_depth"])
+    write_json(BY_TOPIC, out["by_topic"])
+    write_json(PER_CONVERSATION, out["per_conversation"])
+    base, tuned, gate, change = results["base"], results["finetuned"], results["gate"], results["change"]
+    improvement = change["perplexity_improvement"]
+    print(f"evaluate: {results['test_conversations']} conversations, {results['generated_replies']} replies; perplexity "
+          f"{base['perplexity']:.2f} -> {tuned['perplexity']:.2f} ({100 * improvement['value']:.1f}% better, 95% CI "
+          f"{100 * improvement['low']:.1f}..{100 * improvement['high']:.1f}), stop rate {base['stop_rate']:.2f} -> "
+          f"{tuned['stop_rate']:.2f} [{tuned['stop_rate_low']:.2f}, {tuned['stop_rate_high']:.2f}]; "
+          f"gate {'passed' if gate['passed'] else 'FAILED'} ({gate['compares']})")
     if params.evaluate.gate.fail_on_gate and not gate["passed"]:
         print("error: quality gate failed (evaluate.gate.fail_on_gate is true)", file=sys.stderr)
         return 2

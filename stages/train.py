@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import time
@@ -36,6 +37,7 @@ FINGERPRINT = CHECKPOINTS / "fingerprint.json"
 TRAIN_METRICS = Path("metrics/train.json")
 TRAIN_RUNTIME = Path("metrics/runtime/train.json")  # wall-clock and this process's history: not reproducible
 DVCLIVE_DIR = Path("dvclive")
+WALL_CLOCK = re.compile(r"runtime|per_second|tokens_per_s|flos|preparation_time")
 
 
 def resolve_precision(requested: str) -> str:
@@ -193,7 +195,10 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
             if self.args.train_sampling_strategy != "group_by_length":
                 return super()._get_train_sampler(train_dataset)
             dataset = train_dataset if train_dataset is not None else self.train_dataset
-            return seeded_length_sampler(dataset, self.args.train_batch_size * self.args.gradient_accumulation_steps, self.args.seed)
+            # Grouped by the global batch (all processes, all accumulation steps): the same windows form one
+            # optimizer step whether it runs as 1 process × 8 or 2 processes × 4.
+            global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            return seeded_length_sampler(dataset, global_batch, self.args.seed)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, outputs = trained_position_loss(model, inputs, num_items_in_batch)
@@ -291,6 +296,12 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
 
             def setup(self, args, state, model):
                 self._initialized = True
+
+            def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+                # Wall-clock series (runtimes, samples/s, tokens/s) differ on every run: they belong to
+                # metrics/runtime/train.json, not to git-tracked curves that `dvc plots diff` compares.
+                kept = {k: v for k, v in (logs or {}).items() if not WALL_CLOCK.search(k)}
+                super().on_log(args, state, control, model=model, logs=kept, **kwargs)
 
         callbacks.append(Curves(live=Live(dir=str(DVCLIVE_DIR), save_dvc_exp=False, dvcyaml=None, report=None)))
     trainer = CountingTrainer(

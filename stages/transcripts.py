@@ -1,8 +1,6 @@
-"""Stage `transcripts`: a fixed, seeded sample of evaluate's replies as metrics/transcripts.md, for reviewers.
+"""Stage `transcripts`: a fixed, seeded sample of generated replies as metrics/transcripts.md, for reviewers.
 
-Reads data/eval_samples.json (written by `evaluate`); `evaluate.transcripts` sets how many. It is a stage of
-its own because a git-tracked output that is neither a metric nor a plot switches off DVC's run-cache for
-its stage: this way `evaluate` is restored from the run-cache and only this one-second rendering reruns.
+Reads data/scores/{base,finetuned}.json (stage `score`) and the test split; `evaluate.transcripts` sets how many.
 """
 from __future__ import annotations
 
@@ -14,7 +12,8 @@ from stages.lib.atomic import write_text
 from stages.lib.cli import run
 from stages.lib.conversations import InputError
 from stages.lib.params import load_params
-from stages.lib.paths import EVAL_SAMPLES as SAMPLES
+from stages.lib.conversations import read_conversations
+from stages.lib.paths import MODELS, SCORES, TEST
 
 TRANSCRIPTS = Path("metrics/transcripts.md")
 
@@ -35,13 +34,33 @@ def render(samples: list[dict], count: int, seed: int) -> str:
     return "\n".join(lines)
 
 
+def samples() -> list[dict]:
+    """Each generated turn: its conversation, context, the human reply and every model's reply."""
+    scores = {}
+    for name in MODELS:
+        path = SCORES / f"{name}.json"
+        if not path.exists():
+            raise InputError(f"{path}: no scores; run the score stage first (dvc repro score@{name})")
+        scores[name] = json.loads(path.read_text(encoding="utf-8"))
+    test = {c["id"]: c for c in read_conversations(TEST)}
+    conversations = scores["base"]["conversations"]
+    rows = []
+    for index, reply in enumerate(scores["base"]["replies"]):
+        if "reply" not in reply:
+            continue
+        messages = test[conversations[reply["conversation"]]["id"]]["messages"]
+        rows.append({"conversation": reply["conversation"], "turn": reply["turn"], "topic": conversations[reply["conversation"]]["topic"],
+                     "context": messages[: reply["turn"]], "human": messages[reply["turn"]]["content"],
+                     "replies": {name: scores[name]["replies"][index]["reply"] for name in MODELS},
+                     "stopped": {name: scores[name]["replies"][index]["stopped"] for name in MODELS}})
+    return rows
+
+
 def main() -> int:
     params = load_params()
-    if not SAMPLES.exists():
-        raise InputError(f"{SAMPLES}: no evaluation samples; run the evaluate stage first (dvc repro evaluate)")
-    samples = json.loads(SAMPLES.read_text(encoding="utf-8"))
-    write_text(TRANSCRIPTS, render(samples, params.evaluate.transcripts, params.seed))
-    print(f"transcripts: {min(params.evaluate.transcripts, len(samples))} of {len(samples)} replies -> {TRANSCRIPTS}")
+    rows = samples()
+    write_text(TRANSCRIPTS, render(rows, params.evaluate.transcripts, params.seed))
+    print(f"transcripts: {min(params.evaluate.transcripts, len(rows))} of {len(rows)} replies -> {TRANSCRIPTS}")
     return 0
 
 

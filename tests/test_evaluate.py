@@ -1,92 +1,169 @@
-"""Metrics on hand-computable inputs, slicing, the quality gate and transcripts."""
+"""Metrics on hand-computable inputs, intervals and verdicts, unbiased decoding and scoring, slicing and the gate."""
 import math
 
+import numpy as np
 import pytest
+import torch
 
+from stages.evaluate import depth_bucket, merge_small_depths, merge_small_topics, quality_gate
 from stages.lib import scoring
-from stages.evaluate import TurnFluency, depth_bucket, fluency_metrics, pick_samples, quality_gate, run_ids, within_budget
-from tiny import train_tokenizer
-from stages.lib.params import EvaluateParams, GateParams
+from stages.lib.params import load_params
+from stages.lib.stats import ConversationScores, Interval, MetricSet, Reply, bootstrap, change_verdict, paired_change, verdict
+from stages.score import ReplyRepetitionPenalty, fluency, sample_conversations
+from conftest import REPO
 
 
-def test_distinct_n_counts_over_all_replies_of_a_slice():
-    replies = ["a b a", "a b c"]  # unigrams: a b a a b c -> 3 unique of 6; bigrams: ab ba ab bc -> 3 of 4
-    assert scoring.distinct_n(replies, 1) == pytest.approx(3 / 6)
-    assert scoring.distinct_n(replies, 2) == pytest.approx(3 / 4)
-    # A slice is scored on its own replies, not as a mean of per-reply values (which would be (2/3 + 1) / 2).
-    assert scoring.distinct_n(replies, 1) != pytest.approx((2 / 3 + 1) / 2)
-    assert scoring.distinct_n([], 1) == 0.0
+def conversation(cid: str, replies: list[tuple[str, str]], nll=0.0, tokens=0, stopped=True, topic="t") -> ConversationScores:
+    return ConversationScores(cid, topic, nll=nll, tokens=tokens, correct=0, n_bytes=0,
+                              replies=[Reply(1, text, human, stopped, 0.0) for text, human in replies])
 
 
-def test_repetition_rate_and_lengths():
-    assert scoring.repetition_rate(["to be to be", "no repeats here"]) == pytest.approx(1 / 5)  # "to be" repeats once
-    assert scoring.mean_words(["one two", "three", ""]) == pytest.approx(1.0)
-    assert scoring.empty_rate(["x", " ", ""]) == pytest.approx(2 / 3)
+def test_distinct_n_counts_over_all_replies_of_the_sample():
+    metrics = MetricSet([conversation("a", [("a b a", "x")]), conversation("b", [("a b c", "x")])])
+    everything = np.arange(2)
+    # unigrams a b a a b c -> 3 unique of 6; bigrams ab ba ab bc -> 3 unique of 4; not a mean of per-reply values
+    assert metrics.metric("distinct_1", everything) == pytest.approx(3 / 6)
+    assert metrics.metric("distinct_2", everything) == pytest.approx(3 / 4)
+    assert metrics.metric("distinct_1", np.array([0, 0])) == pytest.approx(2 / 6)  # a resample repeats a conversation
 
 
-def test_bleu_chrf_rouge_on_exact_and_disjoint_replies():
-    assert scoring.bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100.0)
-    assert scoring.chrf(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100.0)
-    assert scoring.rouge_l(["the cat sat"], ["the cat sat"]) == pytest.approx(100.0)
-    assert scoring.bleu(["xyz qqq"], ["the cat sat on the mat"]) == pytest.approx(0.0)
+def test_reply_statistics_by_hand():
+    metrics = MetricSet([conversation("a", [("to be to be", "x"), ("", "x")], stopped=False),
+                         conversation("b", [("one two", "x")])])
+    everything = np.arange(2)
+    assert metrics.metric("repetition_rate", everything) == pytest.approx(1 / 4)  # "to be" repeats once of 3+1 bigrams
+    assert metrics.metric("mean_reply_words", everything) == pytest.approx(6 / 3)
+    assert metrics.metric("empty_reply_rate", everything) == pytest.approx(1 / 3)
+    assert metrics.metric("stop_rate", everything) == pytest.approx(1 / 3)
+
+
+def test_bleu_and_chrf_equal_sacrebleu_corpus_scores_for_any_sample():
+    import sacrebleu
+
+    pairs = [("the cat sat on the mat", "the cat sat on a mat"), ("hello there friend", "hello my friend"),
+             ("i like tea", "i like green tea a lot")]
+    metrics = MetricSet([conversation(str(i), [pair]) for i, pair in enumerate(pairs)])
+    for idx in (np.arange(3), np.array([0, 2, 2])):
+        hyps, refs = [pairs[i][0] for i in idx], [pairs[i][1] for i in idx]
+        assert metrics.metric("bleu", idx) == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+        assert metrics.metric("chrf", idx) == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
 
 
 def test_rouge_l_by_hand():
     # LCS("a b c d", "a c d e") = "a c d" (3): precision 3/4, recall 3/4, F1 0.75.
-    assert scoring.rouge_l(["a b c d"], ["a c d e"]) == pytest.approx(75.0)
+    assert scoring.rouge_l_pair("a b c d", "a c d e") == pytest.approx(0.75)
 
 
 def test_context_relevance_is_a_cosine():
     relevance = scoring.Relevance(["red blue", "green yellow", "red blue"])
-    assert relevance.mean(["red blue"], ["red blue"]) == pytest.approx(1.0)
-    assert relevance.mean(["red blue"], ["green yellow"]) == pytest.approx(0.0)
+    assert relevance.each(["red blue", "red blue"], ["red blue", "green yellow"]) == pytest.approx([1.0, 0.0])
 
 
-def test_perplexity_is_token_weighted_and_bits_per_byte():
-    turns = [TurnFluency(nll=2.0, tokens=1, correct=1, n_bytes=4), TurnFluency(nll=3.0, tokens=3, correct=0, n_bytes=12)]
-    metrics = fluency_metrics(turns)
-    assert metrics["perplexity"] == pytest.approx(math.exp(5.0 / 4))  # exp(sum NLL / sum tokens)
-    assert metrics["perplexity"] != pytest.approx((math.exp(2.0) + math.exp(1.0)) / 2)  # not a mean of perplexities
-    assert metrics["bits_per_byte"] == pytest.approx(5.0 / math.log(2) / 16)
-    assert metrics["token_accuracy"] == pytest.approx(1 / 4)
+def test_perplexity_is_token_weighted_and_bits_per_byte_uses_reply_bytes():
+    first = ConversationScores("a", "t", nll=2.0, tokens=1, correct=1, n_bytes=4)
+    second = ConversationScores("b", "t", nll=3.0, tokens=3, correct=0, n_bytes=12)
+    metrics = MetricSet([first, second])
+    everything = np.arange(2)
+    assert metrics.metric("perplexity", everything) == pytest.approx(math.exp(5.0 / 4))  # exp(sum NLL / sum tokens)
+    assert metrics.metric("perplexity", everything) != pytest.approx((math.exp(2.0) + math.exp(1.0)) / 2)
+    assert metrics.metric("bits_per_byte", everything) == pytest.approx(5.0 / math.log(2) / 16)
+    assert metrics.metric("token_accuracy", everything) == pytest.approx(1 / 4)
 
 
-def test_run_ids_split_trained_positions_by_turn():
-    assert run_ids([3, 4, 5, 9, 10, 20]) == [0, 0, 0, 1, 1, 2]
-    assert run_ids([]) == []
+def test_fluency_counts_the_reply_texts_own_bytes(chatml_model):
+    """bits per byte must not count the decoded end-of-turn token: 'cool' is 4 bytes, not 'cool<|im_end|>'."""
+    tokenizer, model = chatml_model
+    chats = [{"id": "1", "meta": {}, "messages": [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "cool"},
+                                                  {"role": "user", "content": "why?"}, {"role": "assistant", "content": "café ok"}]}]
+    records = fluency(model, tokenizer, chats, max_length=128, batch_size=4)
+    assert [(r["turn"], r["bytes"]) for r in records] == [(1, 4), (3, 8)]  # 'é' is two bytes in UTF-8
+    assert all(r["tokens"] >= 2 for r in records)  # the reply's tokens and its end-of-turn token
 
 
-def test_depth_buckets():
+def test_bootstrap_is_seeded_and_brackets_the_estimate():
+    rng = np.random.default_rng(0)
+    values = rng.normal(1.0, 1.0, 200)
+    first = bootstrap(lambda idx: float(values[idx].mean()), 200, 500, 0.95, seed=3)
+    again = bootstrap(lambda idx: float(values[idx].mean()), 200, 500, 0.95, seed=3)
+    assert (first.low, first.high) == (again.low, again.high)
+    assert first.low < first.value < first.high
+    standard_error = values.std(ddof=1) / math.sqrt(200)
+    assert first.high - first.low == pytest.approx(2 * 1.96 * standard_error, rel=0.2)
+    constant = bootstrap(lambda idx: 0.0, 50, 200, 0.95, seed=1)
+    assert (constant.low, constant.high) == (0.0, 0.0)
+
+
+def test_paired_change_tells_a_real_change_from_noise():
+    """Fine-tuned replies stop far more often (real); their length differs by chance only (noise)."""
+    rng = np.random.default_rng(1)
+    base, tuned = [], []
+    for i in range(120):
+        words = " ".join(["w"] * int(rng.integers(3, 9)))
+        base.append(conversation(str(i), [(words, "h")], stopped=bool(rng.random() < 0.5)))
+        other = " ".join(["w"] * int(rng.integers(3, 9)))
+        tuned.append(conversation(str(i), [(other, "h")], stopped=bool(rng.random() < 0.95)))
+    new, old = MetricSet(tuned), MetricSet(base)
+    stop = paired_change("stop_rate", new, old, 1000, 0.95, seed=42)
+    assert stop.low > 0 and change_verdict("stop_rate", stop) == "better"
+    length = paired_change("mean_reply_words", new, old, 1000, 0.95, seed=42)
+    assert length.low < 0 < length.high and change_verdict("mean_reply_words", length) == "within noise"
+    assert verdict("perplexity", Interval(-3.0, -5.0, -1.0)) == "better"  # lower perplexity is better
+    assert verdict("bleu", Interval(-3.0, -5.0, -1.0)) == "worse"
+
+
+def test_paired_change_needs_the_same_conversations():
+    with pytest.raises(ValueError, match="same conversations"):
+        paired_change("stop_rate", MetricSet([conversation("a", [("x", "y")])]), MetricSet([conversation("b", [("x", "y")])]), 100, 0.95, 0)
+
+
+def test_repetition_penalty_never_touches_the_prompt_or_the_stop_tokens():
+    end_of_turn, repeated, prompt_word = 5, 7, 3
+    processor = ReplyRepetitionPenalty(2.0, prompt_length=4, exempt_ids=[end_of_turn])
+    # the prompt holds the end-of-turn token (it closed earlier turns) and a word; the reply so far repeats both
+    input_ids = torch.tensor([[prompt_word, end_of_turn, 9, end_of_turn, repeated, end_of_turn]])
+    scores = torch.full((1, 10), 4.0)
+    scores[0, 8] = -4.0
+    out = processor(input_ids, scores.clone())
+    assert out[0, end_of_turn] == scores[0, end_of_turn]      # the token that ends a reply is never penalised
+    assert out[0, prompt_word] == scores[0, prompt_word]      # a word from the context is not penalised
+    assert out[0, repeated] == pytest.approx(2.0)             # the reply's own repeated token is
+    assert processor(input_ids[:, :4], scores.clone()).equal(scores)  # nothing generated yet: nothing changes
+
+
+def test_conversation_sample_is_seeded_and_stratified_by_topic():
+    test = [{"id": str(i), "meta": {"topic": "a" if i % 4 else "b"}, "messages": []} for i in range(40)]
+    sample = sample_conversations(test, 20, seed=1)
+    assert [c["id"] for c in sample] == [c["id"] for c in sample_conversations(test, 20, seed=1)]
+    assert [c["id"] for c in sample] != [c["id"] for c in test[:20]]  # not the first N in file order
+    assert sum(c["meta"]["topic"] == "b" for c in sample) == 5  # the topic mix of the split (1 in 4)
+    assert sample_conversations(test, None, seed=1) == test
+
+
+def test_gate_compares_the_lower_bound_when_asked():
+    params = load_params(REPO / "params.yaml").evaluate
+    change = {"perplexity_improvement": {"value": 0.35, "low": 0.28, "high": 0.4}}
+    tuned = {"stop_rate": 0.95, "stop_rate_low": 0.92}
+    gate = quality_gate(change, tuned, params)
+    assert params.gate.use_lower_bound and not gate["passed"] and not gate["perplexity_improvement"]["passed"]
+    assert gate["stop_rate"]["passed"]
+    point = quality_gate(change, tuned, params.model_copy(update={"gate": params.gate.model_copy(update={"use_lower_bound": False})}))
+    assert point["passed"]
+
+
+def test_depth_buckets_and_small_slices_merge():
     edges = [1, 3, 7, 15]
     assert [depth_bucket(t, edges) for t in (1, 2, 3, 6, 7, 14, 15, 400)] == [1, 1, 3, 3, 7, 7, 15, 15]
+    assert merge_small_depths(20)([(1, 100), (3, 50), (7, 12), (15, 3)]) == [(1, [1]), (3, [3, 7, 15])]  # 7 and 15 hold 15 replies
+    assert merge_small_depths(20)([(1, 5), (3, 50), (7, 30)]) == [(1, [1, 3]), (7, [7])]  # the first joins the next
+    assert merge_small_topics(20)([("a", 30), ("b", 5), ("c", 2)]) == [("a", ["a"]), ("other (2 topics)", ["b", "c"])]
 
 
-def test_samples_are_seeded_and_have_context():
-    conversations = [{"id": str(i), "meta": {"topic": "t"}, "messages": [
-        {"role": "assistant" if k % 2 else "user", "content": f"m{k}"} for k in range(10)]} for i in range(5)]
-    first = pick_samples(conversations, 2, seed=1)
-    assert [(s.conversation, s.turn) for s in first] == [(s.conversation, s.turn) for s in pick_samples(conversations, 2, seed=1)]
-    assert len(first) == 10 and all(s.context and s.context[-1]["role"] == "user" for s in first)
-    assert all(s.human == conversations[s.conversation]["messages"][s.turn]["content"] for s in first)
+@pytest.fixture(scope="module")
+def chatml_model():
+    from stages.base_model import prepare_tokenizer
+    from tiny import tiny_model, train_tokenizer
 
-
-def test_gate_records_each_check():
-    params = EvaluateParams(gate=GateParams(min_perplexity_improvement=0.3, min_stop_rate=0.9))
-    passing = quality_gate({"base": {"perplexity": 20.0}, "finetuned": {"perplexity": 10.0, "stop_rate": 0.95}}, params)
-    assert passing["passed"] and passing["perplexity_improvement"]["value"] == pytest.approx(0.5)
-    failing = quality_gate({"base": {"perplexity": 20.0}, "finetuned": {"perplexity": 18.0, "stop_rate": 0.95}}, params)
-    assert not failing["passed"] and not failing["perplexity_improvement"]["passed"] and failing["stop_rate"]["passed"]
-
-
-def test_depth_buckets_must_ascend_from_one():
-    with pytest.raises(ValueError, match="depth_buckets"):
-        EvaluateParams(depth_buckets=[3, 1])
-
-
-def test_within_budget_counts_the_end_of_turn_token():
     tokenizer = train_tokenizer("chatml")
-    replies = ["blue", "blue is calm and it reminds me of the sea"]
-    short = len(tokenizer("blue", add_special_tokens=False)["input_ids"]) + 1
-    assert within_budget(replies, tokenizer, short) == pytest.approx(0.5)
-    assert within_budget(replies, tokenizer, short - 1) == 0.0
-    assert within_budget(replies, tokenizer, 1000) == 1.0
+    model = tiny_model("llama", len(tokenizer))
+    prepare_tokenizer(model, tokenizer)
+    return tokenizer, model.eval()

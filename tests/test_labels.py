@@ -179,3 +179,31 @@ def test_7_dynamic_padding_does_not_change_logits(tokenizer):
         for i, row in enumerate(rows):
             alone = model(input_ids=torch.tensor([row.input_ids])).logits[0]
             assert torch.allclose(padded[i, : len(row.input_ids)], alone, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "cohere"])
+def test_11_loss_equals_the_models_own_for_heads_that_do_more_than_a_linear_layer(arch):
+    """Gemma-2 soft-caps its final logits and Cohere scales them: the head must run inside the model's forward."""
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    tok = train_tokenizer("chatml")
+    torch.manual_seed(0)
+    shape = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(**shape, head_dim=8, final_logit_softcapping=0.1))
+    else:
+        model = CohereForCausalLM(CohereConfig(**shape, logit_scale=0.0625))
+    model.eval()
+    rows = [encode(tok, CONVERSATION), encode(tok, CONVERSATION[:3])]
+    batch = collator(tok)([{"input_ids": r.input_ids, "labels": r.labels} for r in rows])
+    with torch.no_grad():
+        reference = model(**batch).loss
+        ours, _ = trained_position_loss(model, batch)
+        # What applying the output head to the final hidden states outside the forward gives: not the model's loss.
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True).hidden_states[-1]
+        targets = batch["labels"][:, 1:]
+        keep = targets != IGNORE_INDEX
+        outside = torch.nn.functional.cross_entropy(model.get_output_embeddings()(hidden[:, :-1][keep]).float(), targets[keep])
+    assert torch.allclose(reference, ours, atol=1e-5)
+    assert not torch.allclose(reference, outside, atol=1e-3)

@@ -38,7 +38,9 @@ def test_finetuned_model_carries_its_chat_format(llama_repo):
 def test_dvclive_curves_and_plots(llama_repo):
     loss = (llama_repo / "dvclive" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
     assert loss[0].split("\t")[:2] == ["step", "loss"] and len(loss) > 3
-    assert (llama_repo / "dvclive" / "plots" / "metrics" / "tokens_per_s.tsv").exists()
+    series = {p.relative_to(llama_repo / "dvclive" / "plots" / "metrics").as_posix() for p in (llama_repo / "dvclive").rglob("*.tsv")}
+    assert {"loss.tsv", "eval/loss.tsv", "learning_rate.tsv"} <= series
+    assert not [name for name in series if any(w in name for w in ("runtime", "per_second", "tokens_per_s", "flos"))], series
     shown = dvc(llama_repo, "plots", "show", "--json")
     assert "Training loss" in shown.stdout
 
@@ -82,18 +84,26 @@ def test_gpt2_with_plain_template_trains_through_dvc(tmp_path):
 
 def test_evaluation_compares_base_and_finetuned(llama_repo):
     results = read_json(llama_repo / "metrics" / "eval.json")
-    base, tuned = results["base"], results["finetuned"]
+    base, tuned, change = results["base"], results["finetuned"], results["change"]
     assert tuned["perplexity"] < base["perplexity"] and tuned["bits_per_byte"] < base["bits_per_byte"]
     assert tuned["stop_rate"] > base["stop_rate"]
-    for key in ("bleu", "chrf", "rouge_l", "distinct_1", "distinct_2", "repetition_rate", "mean_reply_words", "context_relevance"):
-        assert key in tuned and key in base
+    for key in ("perplexity", "bits_per_byte", "token_accuracy", "bleu", "chrf", "rouge_l", "stop_rate", "distinct_1", "distinct_2",
+                "repetition_rate", "mean_reply_words", "empty_reply_rate", "context_relevance"):
+        for model in (base, tuned):  # every headline number carries its interval
+            assert model[f"{key}_low"] <= model[key] <= model[f"{key}_high"], key
+        assert change["perplexity_improvement" if key == "perplexity" else key]["verdict"] in (
+            "better", "worse", "within noise", "higher", "lower")
+    assert change["perplexity_improvement"]["verdict"] == "better" and change["perplexity_improvement"]["low"] > 0
     assert "distinct_1" in results["human"] and "passed" in results["gate"]
+    assert results["precision"] == {"base": "fp32", "finetuned": "fp32"} or "bf16" in results["precision"].values()
     depth = read_json(llama_repo / "metrics" / "eval_by_depth.json")
-    assert depth and {"depth", "base_perplexity", "finetuned_perplexity"} <= set(depth[0])
+    assert depth and {"depth", "replies", "tokens", "base_perplexity", "finetuned_perplexity"} <= set(depth[0])
+    per_conversation = read_json(llama_repo / "metrics" / "eval_conversations.json")
+    assert len(per_conversation) == results["test_conversations"] and {"id", "base", "finetuned"} <= set(per_conversation[0])
     transcripts = (llama_repo / "metrics" / "transcripts.md").read_text()
     assert transcripts.count("- **human**:") >= 1 and "- **finetuned**:" in transcripts
     shown = dvc(llama_repo, "metrics", "show", "--json").stdout
-    assert "finetuned" in shown and "perplexity" in shown
+    assert "finetuned" in shown and "perplexity_low" in shown
 
 
 def test_evaluation_only_change_does_not_retrain_and_gate_can_fail(llama_repo):
@@ -101,15 +111,15 @@ def test_evaluation_only_change_does_not_retrain_and_gate_can_fail(llama_repo):
     original = params_file.read_text()
     params = yaml.safe_load(original)
     try:
-        params["evaluate"]["gate"] = {"min_perplexity_improvement": 1.0, "min_stop_rate": 0.0, "fail_on_gate": True}
+        params["evaluate"]["gate"].update({"min_perplexity_improvement": 1.0, "min_stop_rate": 0.0, "fail_on_gate": True})
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
         result = dvc(llama_repo, "repro", check=False)
-        assert result.returncode != 0 and stages_ran(result.stdout) == {"evaluate"}
+        assert result.returncode != 0 and stages_ran(result.stdout) == {"evaluate"}  # neither model is scored again
         assert "quality gate failed" in result.stderr + result.stdout
     finally:
         params_file.write_text(original)
     restored = dvc(llama_repo, "repro").stdout
-    assert stages_ran(restored) == set() and "Stage 'evaluate' is cached - skipping run" in restored
+    assert stages_ran(restored) == {"evaluate"}  # transcripts read the scores, which did not change
 
 
 def test_review_report_shows_what_a_change_did(llama_repo):
@@ -124,12 +134,17 @@ def test_review_report_shows_what_a_change_did(llama_repo):
     params["train"]["learning_rate"] = 2.0e-3
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
-        assert stages_ran(dvc(llama_repo, "repro").stdout) == {"train", "evaluate", "transcripts"}
+        # A training experiment re-scores the fine-tuned model only: the base model's scores come from the cache.
+        assert stages_ran(dvc(llama_repo, "repro").stdout) == {"train", "score@finetuned", "evaluate", "transcripts"}
         result = sh(llama_repo, sys.executable, "-m", "stages.tools.review", "--base", "HEAD", "--out", "review/review.md")
         report = (llama_repo / "review" / "review.md").read_text()
         assert "train.learning_rate" in report and "0.005" in report and "0.002" in report
-        assert "finetuned.perplexity" in report and "metrics/eval.json" in report
-        assert "![Training loss](training-loss.png)" in report and (llama_repo / "review" / "training-loss.png").stat().st_size > 1000
+        assert report.index("## Significance") < report.index("## Parameters")  # the table opens the report
+        assert "| perplexity |" in report and "| stop_rate |" in report and "[" in report
+        assert any(word in report for word in ("| better |", "| worse |", "| within noise |"))
+        assert "| **gate** |" in report and "metrics/train.json" in report
+        image = llama_repo / "review" / "review-training-loss.png"  # named after the report, not generically
+        assert "![Training loss](review-training-loss.png)" in report and image.stat().st_size > 1000
         assert "## Transcripts" in report
         assert "review/review.md" in result.stdout
     finally:

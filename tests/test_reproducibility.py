@@ -14,7 +14,7 @@ import yaml
 from conftest import REPO
 from pipeline_repo import dvc, make_repo, read_json, stages_ran, tool_env
 
-DVC_OUTPUTS = ["data/raw/conversations.jsonl", "data/processed", "data/tokenized", "models/base", "models/finetuned", "data/eval_samples.json"]
+DVC_OUTPUTS = ["data/raw/conversations.jsonl", "data/processed", "data/tokenized", "models/base", "models/finetuned", "data/scores"]
 
 
 # The README's comparison: the columns that matter, out of ~200 (every metric and param).
@@ -82,12 +82,13 @@ def test_preprocess_change_reruns_downstream_and_going_back_restores_from_run_ca
     model = digest(llama_repo / "models" / "finetuned")
     original = set_params(llama_repo, "preprocess", val_fraction=0.2)  # a different split
     try:
-        assert stages_ran(dvc(llama_repo, "repro").stdout) == {"preprocess", "tokenize", "train", "evaluate", "transcripts"}
+        assert stages_ran(dvc(llama_repo, "repro").stdout) == {"preprocess", "tokenize", "train", "score@base", "score@finetuned",
+                                                               "evaluate", "transcripts"}
     finally:
         (llama_repo / "params.yaml").write_text(original)
     back = dvc(llama_repo, "repro")
-    assert stages_ran(back.stdout) == {"transcripts"}, back.stdout  # nothing recomputed but a 1 s rendering
-    for stage in ("preprocess", "tokenize", "train", "evaluate"):
+    assert stages_ran(back.stdout) == {"evaluate", "transcripts"}, back.stdout  # nothing recomputed but the seconds-long summaries
+    for stage in ("preprocess", "tokenize", "train", "score@base", "score@finetuned"):
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in back.stdout
     assert metrics_snapshot(llama_repo) == before and digest(llama_repo / "models" / "finetuned") == model
     assert "Data and pipelines are up to date" in dvc(llama_repo, "status").stdout

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
 
 from conftest import FIXTURES, REPO, run_stage, write_params
 from pipeline_repo import TINY_TRAIN, read_json, tool_env
@@ -21,7 +22,8 @@ def tiny_params(train: dict | None = None, **sections: dict) -> dict:
     """The fixture pipeline's params: tiny Llama, fixture chats, TINY_TRAIN updated with `train`."""
     return {"data": {"source": "data/external/chats.jsonl"}, "model": {"base": "tiny-model"},
             "preprocess": {"val_fraction": 0.1, "test_fraction": 0.1},
-            "tokenize": {"max_length": 128, "max_val_examples": None}, "train": {**TINY_TRAIN, **(train or {})}, **sections}
+            "tokenize": {"max_length": 128, "max_val_examples": None}, "train": {**TINY_TRAIN, **(train or {})},
+            "evaluate": {"max_new_tokens": 24}, **sections}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def workspace(prepared: Path, tmp_path: Path, train: dict | None = None) -> Path
     return work
 
 
-def one_step_weights(prepared: Path, tmp_path: Path, batch: int, accumulation: int) -> dict[str, torch.Tensor]:
+def one_step_weights(prepared: Path, tmp_path: Path, batch: int, accumulation: int, model_class: type | None = None) -> dict[str, torch.Tensor]:
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,7 +58,7 @@ def one_step_weights(prepared: Path, tmp_path: Path, batch: int, accumulation: i
     params = params.model_copy(update={"train": params.train.model_copy(update={
         "batch_size": batch, "gradient_accumulation": accumulation, "max_steps": 1, "warmup_ratio": 0.0,
         "lr_scheduler": "constant", "learning_rate": 0.5, "max_grad_norm": 1e9})})
-    model = AutoModelForCausalLM.from_pretrained(prepared / "models" / "base", use_safetensors=True)
+    model = (model_class or AutoModelForCausalLM).from_pretrained(prepared / "models" / "base", use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(prepared / "models" / "base")
     data = datasets.load_from_disk(str(prepared / "data" / "tokenized"))
     data["val"] = data["val"].select([])
@@ -75,6 +77,40 @@ def test_6_gradient_accumulation_matches_one_big_batch(prepared, tmp_path):
     for name in big:
         assert torch.allclose(big[name], small[name], atol=2e-5, rtol=1e-4), name
     assert any(not torch.allclose(big[name], base[name], atol=1e-4) for name in big)
+
+
+class LlamaWithoutLossKwargs(LlamaForCausalLM):
+    """A causal LM whose forward takes no **kwargs: the Trainer then does not pass num_items_in_batch to it."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, use_cache=None):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                               logits_to_keep=logits_to_keep, use_cache=use_cache)
+
+
+def test_6_accumulation_is_exact_for_a_model_whose_forward_takes_no_loss_kwargs(prepared, tmp_path):
+    big, _ = one_step_weights(prepared, tmp_path / "a", batch=8, accumulation=1, model_class=LlamaWithoutLossKwargs)
+    small, _ = one_step_weights(prepared, tmp_path / "b", batch=2, accumulation=4, model_class=LlamaWithoutLossKwargs)
+    for name in big:
+        assert torch.allclose(big[name], small[name], atol=2e-5, rtol=1e-4), name
+
+
+def ddp_step(work: Path, out: Path, processes: int, batch: int) -> dict[str, torch.Tensor]:
+    env = {**tool_env(), "PYTHONPATH": str(REPO)}
+    result = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", str(processes), str(REPO / "tests" / "ddp_step.py"),
+                             str(out), str(batch)], cwd=work, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return load_file(out)
+
+
+def test_6_two_ddp_processes_of_4_equal_one_process_of_8(prepared, tmp_path):
+    """Gradients averaged by DDP, losses normalised by the global trained-token count: one SGD step of 2 × 4
+    gives the weights of 1 × 8 (a wrong scale, e.g. a mean of per-process means, would not)."""
+    one = ddp_step(prepared, tmp_path / "one.safetensors", 1, 8)
+    two = ddp_step(prepared, tmp_path / "two.safetensors", 2, 4)
+    control = ddp_step(prepared, tmp_path / "control.safetensors", 1, 4)  # half the batch: a different step
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=2e-6, rtol=1e-5), name
+    assert any(not torch.allclose(one[name], control[name], atol=1e-4) for name in one)
 
 
 def run_train(work: Path, *launcher: str) -> subprocess.CompletedProcess:
@@ -106,8 +142,9 @@ def test_lora_adapter_only_records_its_base_and_evaluates(prepared, tmp_path):
     assert read_json(out / "base_model.json")["base_model"] == "models/base"
     write_params(work, tiny_params({"method": "lora", "max_steps": 4, "lora": {"r": 4, "alpha": 8, "merge": False}},
                                    evaluate={"max_conversations": 3, "max_new_tokens": 8}))
-    evaluated = run_stage("evaluate", work)  # base model + adapter on top, the way evaluate loads it
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    for args in (("score", "--model", "base"), ("score", "--model", "finetuned"), ("evaluate",)):
+        evaluated = run_stage(args[0], work, *args[1:])  # base model + adapter on top, the way score loads it
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert read_json(work / "metrics" / "eval.json")["finetuned"]["scored_tokens"] > 0
 
 

@@ -13,6 +13,14 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# SmolLM2's template: a conversation without a system message gets a persona injected.
+PERSONA = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+PERSONA_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\n" + PERSONA + "<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 # A Llama-3-like template that writes the BOS itself: tokenizing its output with special tokens would double it.
 BOS_TEMPLATE = "{{ bos_token }}" + CHATML_TEMPLATE
 

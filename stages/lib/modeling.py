@@ -26,7 +26,7 @@ def collator(tokenizer: Any, side: str = "right") -> Any:
         kept = [{key: feature[key] for key in ("input_ids", "attention_mask", "labels") if key in feature} for feature in features]
         previous, tokenizer.padding_side = tokenizer.padding_side, side
         try:
-            return dict(pad(kept))
+            return {key: value for key, value in pad(kept).items() if value is not None}
         finally:
             tokenizer.padding_side = previous
 

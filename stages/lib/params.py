@@ -121,19 +121,28 @@ class TrainParams(Section):
 class GateParams(Section):
     min_perplexity_improvement: float = Field(..., ge=-1.0, le=1.0)  # relative: 1 - ppl_finetuned / ppl_base
     min_stop_rate: float = Field(..., ge=0.0, le=1.0)
+    use_lower_bound: bool
     fail_on_gate: bool
 
 
+class BootstrapParams(Section):
+    resamples: int = Field(..., ge=100, le=100000)
+    confidence: float = Field(..., gt=0.5, lt=1.0)
+
+
 class EvaluateParams(Section):
-    max_conversations: int = Field(..., ge=1)
+    max_conversations: Optional[int] = Field(..., ge=1)
     turns_per_conversation: int = Field(..., ge=1)
     max_new_tokens: int = Field(..., ge=1)
     batch_size: int = Field(..., ge=1)
+    precision: Literal["auto", "bf16", "fp32"]
     do_sample: bool
     temperature: float = Field(..., gt=0.0)
     top_p: float = Field(..., gt=0.0, le=1.0)
     repetition_penalty: float = Field(..., ge=1.0)
     depth_buckets: list[int] = Field(..., min_length=1)
+    min_slice_replies: int = Field(..., ge=1)
+    bootstrap: BootstrapParams
     transcripts: int = Field(..., ge=0)
     gate: GateParams
 
@@ -153,16 +162,23 @@ class Params(Section):
     train: TrainParams
     evaluate: EvaluateParams
 
+    @model_validator(mode="after")
+    def _generation_fits_the_context(self) -> "Params":
+        if self.evaluate.max_new_tokens >= self.tokenize.max_length // 2:
+            raise ValueError(f"evaluate.max_new_tokens ({self.evaluate.max_new_tokens}) must be below half of tokenize.max_length "
+                             f"({self.tokenize.max_length}): the rest of the window holds the prompt")
+        return self
+
 
 def _describe(error: dict[str, Any]) -> str:
-    path = ".".join(str(part) for part in error["loc"]) or "<top level>"
+    path = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         return f"{path}: unknown key (value {error['input']!r}); check the spelling against params.yaml's documented keys"
     if error["type"] == "missing":
         return f"{path}: missing; every key must be set in params.yaml (the repository's params.yaml documents each one)"
     message = error["msg"].removeprefix("Value error, ")
     if isinstance(error["input"], dict):  # a cross-field check: the message names the fields, the section is noise
-        return f"{path}: {message}"
+        return f"{path}: {message}" if path else message
     return f"{path}: {message} (got {error['input']!r})"
 
 

@@ -7,5 +7,5 @@ TEST = PROCESSED / "test.jsonl"
 BASE_MODEL = Path("models/base")
 TOKENIZED = Path("data/tokenized")
 FINETUNED = Path("models/finetuned")
-EVAL_SAMPLES = Path("data/eval_samples.json")
+SCORES = Path("data/scores")  # <model>.json: per-turn scores and generated replies of each model
 MODELS = {"base": BASE_MODEL, "finetuned": FINETUNED}  # the names evaluate and chat accept

@@ -6,6 +6,7 @@ renders conversations identically without being told about the choice (DESIGN §
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 from stages.lib.errors import TemplateError
@@ -53,25 +54,27 @@ def stop_token_ids(tokenizer: Any, generation_eos: int | list[int] | None) -> li
 def injected_system_block(tokenizer: Any) -> str:
     """The text the template writes for a conversation without a system message ('' when it adds none).
 
-    Found by rendering one user turn with and without an explicit system message: whatever precedes the
-    user's block in the first rendering, beyond the empty-conversation prefix (a BOS), was injected.
+    One user turn is rendered with and without an explicit system message: whatever precedes the user's block
+    in the first rendering, beyond the template's fixed prefix (a BOS), was injected. The fixed prefix is what
+    precedes the system block's header, the header every message block starts with (the common prefix of a
+    user block and an assistant block: ChatML's `<|im_start|>`).
     """
-    user = [{"role": "user", "content": _PROBE_USER}]
     system = [{"role": "system", "content": _PROBE_SYSTEM}]
+    user = [{"role": "user", "content": _PROBE_USER}]
+    assistant = [{"role": "assistant", "content": _PROBE_USER}]
     plain = render(tokenizer, user)
     with_system = render(tokenizer, system + user)
     system_only = render(tokenizer, system)
-    if not with_system.startswith(system_only):
+    exchange = render(tokenizer, system + user + assistant)
+    if not (with_system.startswith(system_only) and exchange.startswith(with_system)):
         raise TemplateError("the chat template does not render conversations as stable prefixes")
     user_block = with_system[len(system_only):]
     if not plain.endswith(user_block):
         raise TemplateError("the chat template renders a user turn differently after a system message")
-    try:
-        empty = render(tokenizer, [])
-    except Exception:  # some templates refuse an empty conversation
-        empty = ""
+    header = os.path.commonprefix([user_block, exchange[len(with_system):]])
+    fixed = system_only[: system_only.find(header)] if header and header in system_only else ""
     head = plain[: len(plain) - len(user_block)]
-    return head[len(empty):] if head.startswith(empty) else head
+    return head[len(fixed):] if head.startswith(fixed) else head
 
 
 def with_system_prompt(tokenizer: Any, setting: str) -> Any:
