@@ -92,7 +92,34 @@ def test_missing_data_source_names_the_key_and_path(workdir):
 
 def test_max_length_below_one_template_turn_is_rejected_before_work(workdir):
     save_tiny(workdir / "models" / "base", "llama")
-    write_params(workdir, {"tokenize": {"max_length": 16}})
+    write_params(workdir, {"tokenize": {"max_length": 16}, "evaluate": {"max_new_tokens": 4}})
     message = stage_error(run_stage("tokenize", workdir))
     assert "tokenize.max_length: 16 is smaller than one exchange" in message
     assert not (workdir / "data" / "tokenized").exists()  # rejected before reading data or writing anything
+
+
+def test_generation_budget_must_leave_room_for_the_prompt():
+    raw = repo_params()
+    raw["evaluate"]["max_new_tokens"] = raw["tokenize"]["max_length"]
+    with pytest.raises(ParamsError, match=r"evaluate\.max_new_tokens \(256\) must be below half of tokenize\.max_length \(256\)"):
+        parse_params(raw)
+
+
+def test_every_key_lives_in_params_yaml_and_deleting_one_is_an_error():
+    raw = repo_params()
+    del raw["train"]["learning_rate"]
+    with pytest.raises(ParamsError, match=r"train\.learning_rate: missing"):
+        parse_params(raw)
+    from stages.lib.params import Params
+
+    def defaults(model) -> list[str]:
+        found = []
+        for name, field in model.model_fields.items():
+            if not field.is_required():
+                found.append(f"{model.__name__}.{name}")
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, Params.__mro__[1]):
+                found += defaults(annotation)
+        return found
+
+    assert defaults(Params) == []  # values live in params.yaml only; the schema holds types and ranges
