@@ -152,7 +152,7 @@ def run_variant(name: str, steps: int) -> dict:
             model, tokenizer = load_model(params.train)
             overrides = dict(report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10_000, disable_tqdm=True, **args)
             trainer, _ = build_trainer(params, model, tokenizer, {"train": train_set, "val": data["val"]}, Path(output_dir), **overrides)
-            precision = resolve_precision(params.train.precision)
+            precision = resolve_precision(params.train.precision, model.config).precision
             trained_tokens = sum(sum(1 for label in row[1:] if label != IGNORE_INDEX) for row in train_set["labels"])
         trainer.add_callback(clock.callback)
         started = time.perf_counter()

@@ -31,6 +31,7 @@ from stages.lib.labels import IGNORE_INDEX
 from stages.lib.modeling import collator, load_causal_lm, trained_logits
 from stages.lib.params import Params, TrainParams, load_params
 from stages.lib.paths import BASE_MODEL, FINETUNED as OUTPUT, TOKENIZED
+from stages.lib.precision import PrecisionChoice, choose
 
 CHECKPOINTS = Path("models/checkpoints")  # scratch for resuming, outside DVC: a persist out would disable the run-cache
 FINGERPRINT = CHECKPOINTS / "fingerprint.json"
@@ -40,17 +41,10 @@ DVCLIVE_DIR = Path("dvclive")
 WALL_CLOCK = re.compile(r"runtime|per_second|tokens_per_s|flos|preparation_time")
 
 
-def resolve_precision(requested: str) -> str:
-    """`auto`: bf16 on a GPU that supports it (else fp16); on a CPU, bf16 autocast only with AMX tiles.
-
-    Measured on a 2-core Xeon with AVX512-BF16 but no AMX: bf16 matmuls ran at 158 GFLOP/s against 272 in
-    float32, so autocast there is a slowdown, not a speedup.
-    """
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if torch.cpu._is_amx_tile_supported() else "fp32"
+def resolve_precision(requested: str, config: Any) -> PrecisionChoice:
+    """`auto`: bf16 on a GPU that supports it; on a CPU, bf16 autocast only where bf16 GEMMs at this model's
+    shapes measure clearly faster than float32 (stages/lib/precision.py). fp16 on a CPU runs float32, and says so."""
+    return choose(requested, config)
 
 
 def fingerprint(params: Params) -> str:
@@ -169,11 +163,12 @@ class TokenCounter:
         self.trained += int((inputs["labels"] != IGNORE_INDEX).sum())
 
 
-def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, output_dir: Path, **overrides: Any) -> tuple[Any, TokenCounter]:
+def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, output_dir: Path,
+                  precision: PrecisionChoice | None = None, **overrides: Any) -> tuple[Any, TokenCounter]:
     from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
     train = params.train
-    precision = resolve_precision(train.precision)
+    precision = (precision or resolve_precision(train.precision, model.config)).precision
     counter = TokenCounter()
     has_val = len(datasets["val"]) > 0
     early = train.early_stopping_patience is not None and has_val
@@ -369,7 +364,8 @@ def main() -> int:
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if resume is None and rank0:
         reset_checkpoints(identity, "running")
-    trainer, counter = build_trainer(params, model, tokenizer, data, CHECKPOINTS)
+    precision = resolve_precision(params.train.precision, model.config)
+    trainer, counter = build_trainer(params, model, tokenizer, data, CHECKPOINTS, precision)
     before = loss_before_training(trainer, len(data["val"]) > 0, resume, rank0)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
@@ -390,7 +386,7 @@ def main() -> int:
     # Only what the same params and data reproduce, resumed or not: byte-identical across runs on one machine.
     metrics = {
         "method": saved,
-        "precision": resolve_precision(params.train.precision),
+        "precision": precision.precision,  # what ran (the review warns when two revisions differ)
         "processes": world,
         "steps": trainer.state.global_step,
         "train_loss": mean_logged_loss(history),
@@ -404,6 +400,7 @@ def main() -> int:
     }
     runtime = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
+        "precision": precision.as_dict(),  # the choice and why (measured GFLOP/s where `auto` measured)
         "resumed_from_step": int(Path(resume).name.split("-")[-1]) if resume else 0,
         "tokens_seen": counter.tokens * world,  # by this process since it started (after the resume point)
         "trained_tokens": counter.trained * world,

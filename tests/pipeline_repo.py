@@ -14,6 +14,7 @@ from tiny import save_tiny
 TINY_TRAIN = {
     "max_steps": 150, "batch_size": 8, "learning_rate": 5.0e-3, "warmup_ratio": 0.1, "eval_steps": 75,
     "save_steps": 75, "logging_steps": 15, "lr_scheduler": "linear",
+    "precision": "fp32",  # tests assert exact equalities; `auto` (measured per machine) has its own test
 }
 
 
@@ -53,7 +54,8 @@ def make_repo(root: Path, arch: str = "llama", overrides: dict | None = None) ->
         "model": {"base": "tiny-model"},
         "tokenize": {"max_length": 128, "max_val_examples": None},
         "train": dict(TINY_TRAIN),
-        "evaluate": {"max_conversations": 5, "max_new_tokens": 24, "batch_size": 8},
+        "evaluate": {"max_conversations": 5, "max_new_tokens": 24, "batch_size": 8, "precision": "fp32", "min_slice_replies": 3,
+                     "bootstrap": {"resamples": 200, "confidence": 0.95}},
     }
     for section, values in (overrides or {}).items():
         params.setdefault(section, {}).update(values)

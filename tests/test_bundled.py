@@ -18,6 +18,7 @@ def bundled_run(tmp_path_factory):
         "preprocess": {"val_fraction": 0.1, "test_fraction": 0.1},
         "tokenize": {"max_length": 128, "max_val_examples": 4},
         "train": {"max_steps": 3, "batch_size": 2, "eval_steps": 3, "save_steps": 3, "logging_steps": 1, "learning_rate": 1.0e-4},
+        "evaluate": {"max_new_tokens": 32},
     })
     for stage in ("ingest", "preprocess", "base_model", "tokenize", "train"):
         result = run_stage(stage, work)
@@ -52,3 +53,15 @@ def test_finetuned_model_answers_and_stops(bundled_run):
     reply = output[0, prompt["input_ids"].shape[1]:]
     assert len(reply) > 1
     assert tokenizer.decode(reply[-1:]) == "<|im_end|>"
+
+
+def test_smollm2_persona_is_found_and_system_prompt_none_removes_it(bundled_run):
+    from transformers import AutoTokenizer
+
+    from stages.lib.template import injected_system_block, render
+
+    base = AutoTokenizer.from_pretrained(bundled_run / "models" / "base")
+    assert injected_system_block(base) == "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    tuned = AutoTokenizer.from_pretrained(bundled_run / "models" / "finetuned")  # params.yaml: system_prompt none
+    chat = [{"role": "user", "content": "Hi!"}]
+    assert render(tuned, chat, add_generation_prompt=True) == "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"

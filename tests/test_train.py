@@ -23,7 +23,7 @@ def tiny_params(train: dict | None = None, **sections: dict) -> dict:
     return {"data": {"source": "data/external/chats.jsonl"}, "model": {"base": "tiny-model"},
             "preprocess": {"val_fraction": 0.1, "test_fraction": 0.1},
             "tokenize": {"max_length": 128, "max_val_examples": None}, "train": {**TINY_TRAIN, **(train or {})},
-            "evaluate": {"max_new_tokens": 24}, **sections}
+            "evaluate": {"max_new_tokens": 24, "precision": "fp32", "bootstrap": {"resamples": 200, "confidence": 0.95}}, **sections}
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +189,17 @@ def test_two_cpu_processes_train_with_ddp_and_save_once(prepared, tmp_path):
     assert metrics["val_loss_after"] < metrics["val_loss_before"]
     assert result.stdout.count("train: 6 steps") == 1  # only rank 0 reports and saves
     assert (work / "models" / "finetuned" / "model.safetensors").exists()
+
+
+def test_auto_precision_is_measured_and_explained():
+    from transformers import LlamaConfig
+
+    from stages.lib.precision import BF16_MARGIN, choose
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128)
+    choice = choose("auto", config, tokens=256)
+    assert choice.fp32_gflops > 0 and choice.bf16_gflops > 0 and "measured" in choice.reason
+    assert choice.precision == ("bf16" if choice.bf16_gflops >= BF16_MARGIN * choice.fp32_gflops else "fp32")
+    fp16 = choose("fp16", config)
+    if not torch.cuda.is_available():  # recorded as what runs, not as what was asked for
+        assert fp16.precision == "fp32" and "fp16 needs a GPU" in fp16.reason
