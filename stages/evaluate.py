@@ -22,7 +22,7 @@ from stages.lib.cli import run
 from stages.lib.conversations import InputError, read_conversations
 from stages.lib.params import EvaluateParams, load_params
 from stages.lib.paths import MODELS, SCORES, TEST
-from stages.lib.stats import (FLUENCY, HEADLINE, REPLY, ConversationScores, Interval, MetricSet, Reply, bootstrap,
+from stages.lib.stats import (HEADLINE, ConversationScores, Interval, MetricSet, Reply, bootstrap,
                               change_verdict, paired_change)
 
 EVAL_METRICS = Path("metrics/eval.json")

@@ -66,12 +66,11 @@ def test_every_stage_declares_exactly_the_code_it_imports():
 def test_stages_folder_holds_one_module_per_dvc_stage():
     stage_modules = {re.search(r"-m stages\.(\w+)", s["cmd"]).group(1) for s in stage_definitions().values()}
     files = {p.stem for p in (REPO / "stages").glob("*.py") if p.name != "__init__.py"}
-    assert files == stage_modules, f"stages/ should hold the stage modules only; the library is stages/lib, tools stages/tools"
+    assert files == stage_modules, "stages/ should hold the stage modules only; the library is stages/lib, tools stages/tools"
 
 
 def test_the_closure_follows_imports_inside_functions(tmp_path):
-    # train imports evaluate's neighbours lazily nowhere, but the closure must include lazy imports in general:
-    # tools/review imports nothing of the project at the top, chat imports the modeling library inside a module.
+    # Imports inside functions count too: a stage that imports a module lazily still runs its code.
     assert "stages/lib/template.py" in code_closure("stages.tokenize")
     assert code_closure("stages.lib.template") == {"stages/lib/template.py", "stages/lib/errors.py"}
     module = tmp_path / "lazy.py"

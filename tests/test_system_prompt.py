@@ -3,7 +3,7 @@ import pytest
 
 from stages.lib.labels import IGNORE_INDEX, encode
 from stages.lib.template import fit_prompt, injected_system_block, render, with_system_prompt
-from tiny import BOS_TEMPLATE, CHATML_TEMPLATE, PERSONA, PERSONA_TEMPLATE, train_tokenizer
+from tiny import CHATML_TEMPLATE, PERSONA, PERSONA_TEMPLATE, train_tokenizer
 
 CHAT = [{"role": "user", "content": "hi, how was your day?"}, {"role": "assistant", "content": "great, i went hiking."},
         {"role": "user", "content": "where?"}, {"role": "assistant", "content": "up the hill."}]

@@ -5,7 +5,6 @@ conversations, never by averaging per-slice results.
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
 from typing import Sequence
 
@@ -46,12 +45,3 @@ class Relevance:
             return []
         return [float(1.0 - d) for d in paired_cosine_distances(self.vectorizer.transform(contexts), self.vectorizer.transform(replies))]
 
-
-def perplexity(nll_sum: float, tokens: int) -> float:
-    """exp(total NLL / total tokens): token-weighted, never a mean of per-example perplexities."""
-    return math.exp(nll_sum / tokens) if tokens else float("nan")
-
-
-def bits_per_byte(nll_sum: float, n_bytes: int) -> float:
-    """Total NLL in bits over the UTF-8 bytes of the scored text: comparable across tokenizers."""
-    return nll_sum / math.log(2) / n_bytes if n_bytes else float("nan")
