@@ -20,11 +20,10 @@ from stages.lib.conversations import InputError, read_conversations
 from stages.lib.modeling import load_causal_lm
 from stages.lib.ollama import TurnFormat, modelfile
 from stages.lib.params import Params, load_params
-from stages.lib.paths import BASE_MODEL, FINETUNED, PROCESSED, TEST, TOKENIZED
+from stages.lib.paths import BASE_MODEL, EXPORT as OUTPUT, EXPORT_GGUF, FINETUNED, PROCESSED, TEST, TOKENIZED
 from stages.lib.template import stop_token_ids
 
-OUTPUT = Path("models/export")
-GGUF = "model.gguf"
+GGUF = EXPORT_GGUF.name
 METRICS = Path("metrics/export.json")
 RUNTIME = Path("metrics/runtime/export.json")
 EVAL, DATA, LOCK = Path("metrics/eval.json"), Path("metrics/data.json"), Path("dvc.lock")
@@ -106,14 +105,14 @@ def export(params: Params) -> tuple[dict, dict]:
             raise InputError(f"round trip failed ({settings.precision}): {json.dumps(failed)}"
                              + (f"; {replies.first_difference}" if replies.first_difference else "") + "; nothing exported")
         summary = {
-            "precision": settings.precision, "file": str(OUTPUT / GGUF), "size_bytes": (staged / GGUF).stat().st_size,
+            "precision": settings.precision, "file": str(EXPORT_GGUF), "size_bytes": (staged / GGUF).stat().st_size,
             "tensors": counts, "architecture": merged.config.model_type, "tokenizer_pre": vocab.pre,
             "template_prompts_checked": template_checked, "stop": stops,
             "round_trip": checked,
         }
         (staged / "Modelfile").write_text(modelfile(GGUF, turns, stops, ollama_parameters(params)), encoding="utf-8")
-        commands = (f"```sh\ncd {OUTPUT}   # the folder holding model.gguf and Modelfile\nollama create {settings.name} -f Modelfile\n"
-                    f"ollama run {settings.name}\n```")
+        commands = (f"From the repository root (the Modelfile's `FROM ./{GGUF}` is resolved beside the Modelfile):\n\n"
+                    f"```sh\nollama create {settings.name} -f {OUTPUT}/Modelfile\nollama run {settings.name}\n```")
         meta = model_card.front_matter(settings.name, HUB_IDS.get(base_card.get("source")) if base_card.get("kind") == "bundled-gguf"
                                        else base_card.get("source") if base_card.get("kind") == "hub" else None,
                                        settings.license, DATASETS.get(params.data.source, params.data.source), read_json(EVAL))
@@ -133,7 +132,7 @@ def main() -> int:
     write_json(METRICS, summary)
     write_json(RUNTIME, timings)
     checked = summary["round_trip"]
-    print(f"export: {summary['architecture']} {summary['precision']} {summary['size_bytes'] / 1e6:.1f} MB -> {OUTPUT / GGUF} "
+    print(f"export: {summary['architecture']} {summary['precision']} {summary['size_bytes'] / 1e6:.1f} MB -> {EXPORT_GGUF} "
           f"(write {timings['write_s']} s, verify {timings['verify_s']} s); round trip max |dlogit| {checked['max_abs_logit_diff']:.2g}, "
           f"perplexity {checked['finetuned_perplexity']} -> {checked['gguf_perplexity']}, greedy replies identical {checked['greedy_replies_identical']}")
     return 0
