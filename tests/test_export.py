@@ -161,7 +161,7 @@ def test_q8_0_perplexity_within_one_percent(tmp_path):
     assert GGMLQuantizationType.Q8_0 in types
 
 
-def test_lora_adapter_is_merged(tmp_path):
+def test_lora_adapter_is_merged(tmp_path, monkeypatch):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -179,11 +179,13 @@ def test_lora_adapter_is_merged(tmp_path):
     (work / "models" / "finetuned" / "base_model.json").write_text(json.dumps({"base_model": "models/base"}))
     result = run_stage("export", work)
     assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.chdir(work)  # base_model.json names the base relative to the repository root
     ids = AutoTokenizer.from_pretrained(work / "models" / "base")("hello there", add_special_tokens=False)["input_ids"]
     exported = gguf_logits(work / "models" / "export", ids)
     assert torch.allclose(exported, finetuned_logits(work, ids), atol=1e-4)  # the adapter, applied
+    plain = AutoModelForCausalLM.from_pretrained(work / "models" / "base").eval()  # get_peft_model changed `base` in place
     with torch.no_grad():
-        assert not torch.allclose(exported, base.eval()(torch.tensor([ids])).logits, atol=1e-2)
+        assert not torch.allclose(exported, plain(torch.tensor([ids])).logits, atol=1e-2)
 
 
 @pytest.fixture(scope="module")
