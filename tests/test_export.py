@@ -193,6 +193,13 @@ def bad_workdir(tmp_path_factory) -> Path:
     return make_workdir(tmp_path_factory.mktemp("export-bad"))
 
 
+def copy_of(workdir: Path, target: Path, export: dict | None = None) -> Path:
+    shutil.copytree(workdir, target)
+    if export is not None:
+        write_params(target, {"model": {"base": "tiny-model"}, "export": export})
+    return target
+
+
 def assert_nothing_exported(work: Path) -> None:
     assert not (work / "models" / "export").exists()
     assert not list((work / "models").glob(".export.*"))
@@ -209,8 +216,7 @@ def test_missing_finetuned_model_is_one_line(bad_workdir, tmp_path):
 def test_unsupported_architecture_is_one_line_naming_it(tmp_path, bad_workdir):
     from transformers import OPTConfig, OPTForCausalLM
 
-    work = tmp_path / "opt"
-    shutil.copytree(bad_workdir, work, ignore=shutil.ignore_patterns("export"))
+    work = copy_of(bad_workdir, tmp_path / "opt")
     shutil.rmtree(work / "models" / "finetuned")
     tokenizer = train_tokenizer("chatml")
     OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
@@ -221,9 +227,7 @@ def test_unsupported_architecture_is_one_line_naming_it(tmp_path, bad_workdir):
 
 
 def test_unsupported_precision_is_rejected(tmp_path, bad_workdir):
-    work = tmp_path / "q4"
-    shutil.copytree(bad_workdir, work)
-    write_params(work, {"model": {"base": "tiny-model"}, "export": {"precision": "q4_k"}})
+    work = copy_of(bad_workdir, tmp_path / "q4", {"precision": "q4_k"})
     result = run_stage("export", work)
     assert result.returncode == 1 and "export.precision" in result.stderr and "'q4_k'" in result.stderr
     assert_nothing_exported(work)
@@ -233,8 +237,7 @@ def test_tokenizer_the_writer_cannot_represent_is_one_line(tmp_path, bad_workdir
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    work = tmp_path / "wordpiece"
-    shutil.copytree(bad_workdir, work)
+    work = copy_of(bad_workdir, tmp_path / "wordpiece")
     backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.train_from_iterator(["hello there how are you"] * 4, trainers.WordPieceTrainer(vocab_size=60, special_tokens=["[UNK]", "<|im_end|>", "<|im_start|>"]))
@@ -248,9 +251,7 @@ def test_tokenizer_the_writer_cannot_represent_is_one_line(tmp_path, bad_workdir
 
 
 def test_round_trip_mismatch_fails_and_leaves_no_export(tmp_path, bad_workdir):
-    work = tmp_path / "strict"
-    shutil.copytree(bad_workdir, work)
-    write_params(work, {"model": {"base": "tiny-model"}, "export": {"precision": "f16", "round_trip": {**ROUND_TRIP, "logit_tolerance": {"f32": 1e-3, "f16": 1e-9}}}})
+    work = copy_of(bad_workdir, tmp_path / "strict", {"precision": "f16", "round_trip": {**ROUND_TRIP, "logit_tolerance": {"f32": 1e-3, "f16": 1e-9}}})
     assert "round trip failed (f16)" in error_line(run_stage("export", work))
     assert_nothing_exported(work)
     assert not (work / "metrics" / "export.json").exists()
