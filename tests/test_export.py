@@ -281,7 +281,7 @@ def test_a_template_that_depends_on_more_than_the_role_is_refused():
     tokenizer.chat_template = ("{% for message in messages %}{{ loop.index }}:{{ message['role'] }}:{{ message['content'] }}\n{% endfor %}"
                                "{% if add_generation_prompt %}assistant:{% endif %}")
     chats = [json.loads(line)["messages"] for line in (FIXTURES / "conversations.jsonl").read_text().splitlines()]
-    with pytest.raises(TemplateError, match="per-role Ollama template"):
+    with pytest.raises(TemplateError):  # refused at the probe or at the check, never shipped
         TurnFormat.probe(tokenizer).check(tokenizer, chats)
 
 
