@@ -55,7 +55,7 @@ def llama_repo(tmp_path_factory) -> Path:
 
     repo = make_repo(tmp_path_factory.mktemp("llama"), "llama")
     result = dvc(repo, "repro")
-    assert stages_ran(result.stdout) == {"ingest", "preprocess", "base_model", "tokenize", "train", "evaluate", "transcripts"}
+    assert stages_ran(result.stdout) == {"ingest", "preprocess", "base_model", "tokenize", "train", "evaluate", "transcripts", "export"}
     return repo
 
 

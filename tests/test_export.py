@@ -290,3 +290,17 @@ def test_intervals_are_read_in_any_of_the_shapes_evaluate_may_write():
                "c": 3.0, "c_ci": [2.0, 4.0], "d": 4.0, "e": {"mean": 5.0, "ci": [4.0, 6.0]}, "note": "text"}
     assert model_card.metric_keys(section) == ["a", "b", "c", "d", "e"]
     assert [model_card.metric(section, k) for k in "abcde"] == [(1.0, (0.5, 1.5)), (2.0, (1.0, 3.0)), (3.0, (2.0, 4.0)), (4.0, None), (5.0, (4.0, 6.0))]
+
+
+def test_export_runs_in_the_pipeline_with_dvc_lineage(llama_repo):
+    """Under `dvc repro` the stage runs after train and evaluate, and the card carries dvc.lock's hashes."""
+    from pipeline_repo import dvc
+
+    lock = yaml.safe_load((llama_repo / "dvc.lock").read_text())
+    hashes = model_card.dvc_hashes(lock, ("data/processed", "data/tokenized", "models/finetuned"))
+    card = (llama_repo / "models" / "export" / "README.md").read_text()
+    assert all(md5.endswith(".dir") and md5 in card for md5 in hashes.values()), hashes
+    assert "export.json" in dvc(llama_repo, "metrics", "show", "--json").stdout
+    front = yaml.safe_load(card.split("---\n")[1])
+    tuned = json.loads((llama_repo / "metrics" / "eval.json").read_text())["finetuned"]
+    assert {m["type"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}["perplexity"] == tuned["perplexity"]

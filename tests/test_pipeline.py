@@ -124,7 +124,7 @@ def test_review_report_shows_what_a_change_did(llama_repo):
     params["train"]["learning_rate"] = 2.0e-3
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
-        assert stages_ran(dvc(llama_repo, "repro").stdout) == {"train", "evaluate", "transcripts"}
+        assert stages_ran(dvc(llama_repo, "repro").stdout) == {"train", "evaluate", "transcripts", "export"}
         result = sh(llama_repo, sys.executable, "-m", "stages.tools.review", "--base", "HEAD", "--out", "review/review.md")
         report = (llama_repo / "review" / "review.md").read_text()
         assert "train.learning_rate" in report and "0.005" in report and "0.002" in report

@@ -82,12 +82,12 @@ def test_preprocess_change_reruns_downstream_and_going_back_restores_from_run_ca
     model = digest(llama_repo / "models" / "finetuned")
     original = set_params(llama_repo, "preprocess", val_fraction=0.2)  # a different split
     try:
-        assert stages_ran(dvc(llama_repo, "repro").stdout) == {"preprocess", "tokenize", "train", "evaluate", "transcripts"}
+        assert stages_ran(dvc(llama_repo, "repro").stdout) == {"preprocess", "tokenize", "train", "evaluate", "transcripts", "export"}
     finally:
         (llama_repo / "params.yaml").write_text(original)
     back = dvc(llama_repo, "repro")
     assert stages_ran(back.stdout) == {"transcripts"}, back.stdout  # nothing recomputed but a 1 s rendering
-    for stage in ("preprocess", "tokenize", "train", "evaluate"):
+    for stage in ("preprocess", "tokenize", "train", "evaluate", "export"):
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in back.stdout
     assert metrics_snapshot(llama_repo) == before and digest(llama_repo / "models" / "finetuned") == model
     assert "Data and pipelines are up to date" in dvc(llama_repo, "status").stdout
