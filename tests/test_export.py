@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from conftest import FIXTURES, REPO, run_stage, write_params
-from tiny import BOS_TEMPLATE, train_tokenizer, tiny_model, save_tiny
+from tiny import save_tiny, tiny_model, train_tokenizer
 from stages.lib import model_card
 from stages.lib.errors import TemplateError
 from stages.lib.ollama import TurnFormat
