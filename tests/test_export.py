@@ -120,7 +120,7 @@ def test_card_yaml_lineage_intervals_and_determinism(tmp_path):
     work = make_workdir(tmp_path)
     (work / "metrics").mkdir()
     evaluation = {"base": {"perplexity": 60.0, "perplexity_ci_low": 55.0, "perplexity_ci_high": 65.0},
-                  "finetuned": {"perplexity": 34.0, "perplexity_ci_low": 31.0, "perplexity_ci_high": 37.5, "chrf": {"value": 16.2, "ci_low": 15.0, "ci_high": 17.4}}}
+                  "finetuned": {"scored_tokens": 120, "perplexity": 34.0, "perplexity_ci_low": 31.0, "perplexity_ci_high": 37.5, "chrf": {"value": 16.2, "ci_low": 15.0, "ci_high": 17.4}}}
     (work / "metrics" / "eval.json").write_text(json.dumps(evaluation))
     (work / "metrics" / "data.json").write_text(json.dumps({"output": {"conversations": 48}}))
     hashes = {"data/processed": "aa11.dir", "data/tokenized": "bb22.dir", "models/finetuned": "cc33.dir"}

@@ -101,7 +101,8 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 
 def front_matter(name: str, base_model: str | None, license: str, dataset: str, evaluation: dict) -> dict:
     tuned = evaluation.get("finetuned", {})
-    results = [{"type": key, "name": key.replace("_", " "), "value": metric(tuned, key)[0]} for key in metric_keys(tuned)]
+    results = [{"type": key, "name": key.replace("_", " "), "value": metric(tuned, key)[0]}
+               for key in metric_keys(tuned) if not key.endswith("_tokens")]  # a count (scored_tokens) is no result
     meta: dict[str, Any] = {}
     if base_model:
         meta["base_model"] = base_model
