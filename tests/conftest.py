@@ -56,7 +56,7 @@ def llama_repo(tmp_path_factory) -> Path:
     repo = make_repo(tmp_path_factory.mktemp("llama"), "llama")
     result = dvc(repo, "repro")
     assert stages_ran(result.stdout) == {"ingest", "preprocess", "base_model", "tokenize", "train", "score@base", "score@finetuned",
-                                           "evaluate", "transcripts"}
+                                           "evaluate", "transcripts", "export"}
     return repo
 
 

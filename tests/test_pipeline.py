@@ -135,7 +135,7 @@ def test_review_report_shows_what_a_change_did(llama_repo):
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         # A training experiment re-scores the fine-tuned model only: the base model's scores come from the cache.
-        assert stages_ran(dvc(llama_repo, "repro").stdout) == {"train", "score@finetuned", "evaluate", "transcripts"}
+        assert stages_ran(dvc(llama_repo, "repro").stdout) == {"train", "score@finetuned", "evaluate", "transcripts", "export"}
         result = sh(llama_repo, sys.executable, "-m", "stages.tools.review", "--base", "HEAD", "--out", "review/review.md")
         report = (llama_repo / "review" / "review.md").read_text()
         assert "train.learning_rate" in report and "0.005" in report and "0.002" in report

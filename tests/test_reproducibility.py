@@ -83,12 +83,12 @@ def test_preprocess_change_reruns_downstream_and_going_back_restores_from_run_ca
     original = set_params(llama_repo, "preprocess", val_fraction=0.2)  # a different split
     try:
         assert stages_ran(dvc(llama_repo, "repro").stdout) == {"preprocess", "tokenize", "train", "score@base", "score@finetuned",
-                                                               "evaluate", "transcripts"}
+                                                               "evaluate", "transcripts", "export"}
     finally:
         (llama_repo / "params.yaml").write_text(original)
     back = dvc(llama_repo, "repro")
     assert stages_ran(back.stdout) == {"evaluate", "transcripts"}, back.stdout  # nothing recomputed but the seconds-long summaries
-    for stage in ("preprocess", "tokenize", "train", "score@base", "score@finetuned"):
+    for stage in ("preprocess", "tokenize", "train", "score@base", "score@finetuned", "export"):
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in back.stdout
     assert metrics_snapshot(llama_repo) == before and digest(llama_repo / "models" / "finetuned") == model
     assert "Data and pipelines are up to date" in dvc(llama_repo, "status").stdout

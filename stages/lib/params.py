@@ -153,6 +153,27 @@ class EvaluateParams(Section):
         return self
 
 
+class LogitTolerance(Section):
+    f32: float = Field(..., gt=0.0)
+    f16: float = Field(..., gt=0.0)
+
+
+class RoundTripParams(Section):
+    conversations: int = Field(..., ge=1)
+    prompts: int = Field(..., ge=0)
+    max_new_tokens: int = Field(..., ge=1)
+    batch_size: int = Field(..., ge=1)
+    logit_tolerance: LogitTolerance
+    max_perplexity_increase: float = Field(..., gt=0.0, lt=1.0)
+
+
+class ExportParams(Section):
+    precision: Literal["f16", "q8_0", "f32"]
+    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9._-]*$")  # also the Ollama model name
+    license: str = Field(..., min_length=1)
+    round_trip: RoundTripParams
+
+
 class Params(Section):
     seed: int = Field(..., ge=0)
     data: DataParams
@@ -161,6 +182,7 @@ class Params(Section):
     tokenize: TokenizeParams
     train: TrainParams
     evaluate: EvaluateParams
+    export: ExportParams
 
     @model_validator(mode="after")
     def _generation_fits_the_context(self) -> "Params":

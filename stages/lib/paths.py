@@ -8,4 +8,6 @@ BASE_MODEL = Path("models/base")
 TOKENIZED = Path("data/tokenized")
 FINETUNED = Path("models/finetuned")
 SCORES = Path("data/scores")  # <model>.json: per-turn scores and generated replies of each model
+EXPORT = Path("models/export")
+EXPORT_GGUF = EXPORT / "model.gguf"  # what the export stage writes and `chat --model export` loads
 MODELS = {"base": BASE_MODEL, "finetuned": FINETUNED}  # the names evaluate and chat accept

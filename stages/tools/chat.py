@@ -2,6 +2,7 @@
 
     python -m stages.tools.chat                          interactive; /reset clears the history, /exit quits
     python -m stages.tools.chat --model base             the base model, for comparison
+    python -m stages.tools.chat --model export           the exported GGUF (models/export/model.gguf), as it ships
     python -m stages.tools.chat --prompt "Hi there!"     answer one prompt and exit
     python -m stages.tools.chat --prompts in.jsonl       answer each {"prompt": ...} line, print JSONL replies
 
@@ -20,7 +21,8 @@ import torch
 from stages.lib.cli import run
 from stages.lib.conversations import InputError, iter_jsonl
 from stages.lib.modeling import inference_dtype, load_causal_lm, pick_device
-from stages.lib.paths import MODELS
+from stages.lib.gguf_file import load as load_gguf
+from stages.lib.paths import EXPORT_GGUF, MODELS
 from stages.lib.template import TemplateError, fit_prompt, stop_token_ids
 HELP = "commands: /reset (forget the conversation), /exit (quit), /help"
 
@@ -96,7 +98,7 @@ def interactive(chat: Chat) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="finetuned", help="finetuned, base, or a model directory")
+    parser.add_argument("--model", default="finetuned", help="finetuned, base, export (the GGUF), or a model directory")
     parser.add_argument("--prompt", help="answer this one prompt and exit")
     parser.add_argument("--prompts", type=Path, help="JSONL of {\"prompt\": ...}; each is a new conversation unless --keep-history")
     parser.add_argument("--keep-history", action="store_true", help="with --prompts: one conversation across all lines")
@@ -113,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     device = pick_device()
-    model, tokenizer = load_causal_lm(MODELS.get(args.model, Path(args.model)), inference_dtype(device), device)
+    if args.model == "export":  # read through transformers' GGUF loader, as the export stage verified it
+        model, tokenizer = load_gguf(EXPORT_GGUF, inference_dtype(device))
+        model = model.to(device)
+    else:
+        model, tokenizer = load_causal_lm(MODELS.get(args.model, Path(args.model)), inference_dtype(device), device)
     chat = Chat(model, tokenizer, args)
     if args.prompt is not None:
         print(chat.reply(args.prompt))

@@ -1,0 +1,238 @@
+"""Writing a transformers causal LM as a GGUF file: the format llama.cpp, Ollama and LM Studio run.
+
+Tensor names come from gguf-py's own architecture maps (`gguf.get_tensor_name_map`), the hyperparameters and
+tokenizer keys from its writer, and the layout changes follow llama.cpp's convert_hf_to_gguf.py: Llama's
+query/key rows are permuted into the interleaved rotary order llama.cpp computes with, GPT-2's Conv1D weights
+are transposed to [out, in]. Everything is checked (`plan`) before a byte is written.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from stages.lib.errors import InputError
+from stages.lib.template import end_of_turn_token
+
+PRECISIONS = ("f16", "q8_0", "f32")
+Q8_BLOCK = 32  # q8_0 quantises rows in blocks of 32 values; llama.cpp keeps other rows in f16
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str          # GGUF name (blk.N.attn_q.weight)
+    data: np.ndarray   # float32, GGUF layout
+    kind: str          # the stored type: f32, f16 or q8_0
+
+
+def _llama_permute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """HF's rotate-half query/key rows to llama.cpp's interleaved pairs (convert_hf_to_gguf's `permute`)."""
+    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def _llama_hparams(config: Any) -> dict[str, Any]:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    if rope.get("rope_type", "default") != "default":
+        raise InputError(f"models/finetuned/config.json: rope scaling {rope['rope_type']!r}; the GGUF writer handles unscaled RoPE only")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise InputError("models/finetuned/config.json: attention_bias/mlp_bias; transformers' GGUF loader drops Llama biases, so the round trip could not be verified")
+    return {
+        "context_length": config.max_position_embeddings, "embedding_length": config.hidden_size,
+        "block_count": config.num_hidden_layers, "feed_forward_length": config.intermediate_size,
+        "head_count": heads, "head_count_kv": config.num_key_value_heads, "rope_dimension_count": head_dim,
+        "rope_freq_base": float(theta), "layer_norm_rms_eps": float(config.rms_norm_eps), "vocab_size": config.vocab_size,
+    }
+
+
+def _llama_tensor(name: str, weights: np.ndarray, config: Any) -> np.ndarray | None:
+    if name.endswith("self_attn.q_proj.weight"):
+        return _llama_permute(weights, config.num_attention_heads)
+    if name.endswith("self_attn.k_proj.weight"):
+        return _llama_permute(weights, config.num_key_value_heads)
+    if name == "lm_head.weight" and config.tie_word_embeddings:
+        return None  # no output.weight: readers tie the head to token_embd
+    return weights
+
+
+def _gpt2_hparams(config: Any) -> dict[str, Any]:
+    return {
+        "context_length": config.n_positions, "embedding_length": config.n_embd, "block_count": config.n_layer,
+        "feed_forward_length": config.n_inner or 4 * config.n_embd, "head_count": config.n_head,
+        "layer_norm_eps": float(config.layer_norm_epsilon),
+    }
+
+
+def _gpt2_tensor(name: str, weights: np.ndarray, config: Any) -> np.ndarray | None:
+    if name.endswith((".attn.bias", ".attn.masked_bias")):
+        return None  # causal-mask buffers, not weights
+    if name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
+        return weights.T  # Conv1D stores [in, out]
+    return weights  # lm_head is always written: llama.cpp's GPT-2 graph reads output.weight
+
+
+@dataclass(frozen=True)
+class Architecture:
+    gguf_name: str
+    hparams: Callable[[Any], dict[str, Any]]
+    tensor: Callable[[str, np.ndarray, Any], np.ndarray | None]
+
+
+ARCHITECTURES = {
+    "llama": Architecture("llama", _llama_hparams, _llama_tensor),
+    "gpt2": Architecture("gpt2", _gpt2_hparams, _gpt2_tensor),
+}
+
+
+def architecture(config: Any) -> Architecture:
+    if config.model_type not in ARCHITECTURES:
+        raise InputError(f"models/finetuned: architecture {config.model_type!r} ({', '.join(config.architectures or [])}) "
+                         f"cannot be exported; the GGUF writer supports {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[config.model_type]
+
+
+def stored_kind(weights: np.ndarray, precision: str) -> str:
+    """1-D tensors (norms, biases) stay f32 as llama.cpp keeps them; q8_0 needs rows divisible into blocks."""
+    if weights.ndim < 2 or precision == "f32":
+        return "f32"
+    if precision == "q8_0" and weights.shape[-1] % Q8_BLOCK == 0:
+        return "q8_0"
+    return "f16"
+
+
+def tensors(model: Any, precision: str) -> Iterator[Tensor]:
+    import gguf
+
+    arch = architecture(model.config)
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf_name), model.config.num_hidden_layers)
+    for name, value in model.state_dict().items():
+        weights = arch.tensor(name, value.detach().float().cpu().numpy(), model.config)
+        if weights is None:
+            continue
+        stem, suffix = name.rsplit(".", 1)
+        mapped = names.get_name(stem)
+        if mapped is None:
+            raise InputError(f"models/finetuned: tensor {name!r} has no name in gguf's {arch.gguf_name} map; the GGUF writer cannot place it")
+        weights = np.ascontiguousarray(weights)
+        yield Tensor(f"{mapped}.{suffix}", weights, stored_kind(weights, precision))
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The tokenizer as GGUF metadata (llama.cpp's 'gpt2' byte-level BPE)."""
+
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    pre: str
+    special_ids: dict[str, int]  # bos, eos, unk, pad, eot
+    chat_template: str
+
+
+def _pre_tokenizer(spec: dict | None) -> str:
+    """llama.cpp's pre-tokenizer name for the splitting this tokenizer does."""
+    if spec and spec.get("type") == "ByteLevel" and spec.get("use_regex", True):
+        return "gpt-2"
+    if spec and spec.get("type") == "Sequence":
+        parts = spec.get("pretokenizers", [])
+        if ([p.get("type") for p in parts] == ["Digits", "ByteLevel"] and parts[0].get("individual_digits")
+                and parts[1].get("use_regex", True)):
+            return "smollm"  # GPT-2 splitting with every digit on its own (SmolLM2's tokenizer.json)
+    raise InputError(f"models/finetuned/tokenizer.json: pre-tokenizer {json.dumps(spec)[:160]}; the GGUF writer represents "
+                     "byte-level BPE with GPT-2 splitting (optionally with single digits) only")
+
+
+def vocabulary(tokenizer: Any, vocab_size: int) -> Vocabulary:
+    import gguf
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise InputError("models/finetuned: a slow (Python) tokenizer; the GGUF writer needs tokenizer.json")
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise InputError(f"models/finetuned/tokenizer.json: a {model.get('type')} model with a {(spec.get('decoder') or {}).get('type')} "
+                         "decoder; the GGUF writer represents byte-level BPE (GPT-2, SmolLM2, Llama 3 style) only")
+    pre = _pre_tokenizer(spec.get("pre_tokenizer"))
+    by_id = {index: token for token, index in tokenizer.get_vocab().items()}
+    if len(by_id) > vocab_size or max(by_id) >= vocab_size:
+        raise InputError(f"models/finetuned: the tokenizer has {len(by_id)} tokens, more than the model's {vocab_size} embeddings")
+    added = {a["id"]: a for a in spec.get("added_tokens", [])}
+    tokens, types = [], []
+    for index in range(vocab_size):
+        if index not in by_id:  # embeddings padded past the vocabulary (llama.cpp's [PAD] convention)
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(by_id[index])
+        if index in added:
+            types.append(gguf.TokenType.CONTROL if added[index].get("special") else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if any(isinstance(m, list) and (len(m) != 2 or any(" " in part for part in m)) for m in model.get("merges", [])):
+        raise InputError("models/finetuned/tokenizer.json: a merge with a space in a part; GGUF stores merges space-separated")
+    ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id, "pad": tokenizer.pad_token_id,
+           "eot": tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))}
+    if not tokenizer.chat_template:
+        raise InputError("models/finetuned: the tokenizer has no chat template (train saves one); re-run train")
+    return Vocabulary(tokens, [int(t) for t in types], merges, pre, {k: v for k, v in ids.items() if v is not None}, tokenizer.chat_template)
+
+
+def write(path: Path, model: Any, vocab: Vocabulary, precision: str, metadata: dict[str, str]) -> dict[str, int]:
+    """Write the GGUF; returns the count of tensors stored per type."""
+    import gguf
+    from tqdm import tqdm
+
+    arch = architecture(model.config)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[precision]
+    writer = gguf.GGUFWriter(path, arch.gguf_name)
+    writer.add_type(gguf.GGUFType.MODEL)
+    for key, value in metadata.items():
+        getattr(writer, f"add_{key}")(value)
+    for key, value in arch.hparams(model.config).items():
+        getattr(writer, f"add_{key}")(value)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    writer.add_token_merges(vocab.merges)
+    for name, token_id in vocab.special_ids.items():
+        getattr(writer, f"add_{name}_token_id")(token_id)
+    # Training and evaluation render the template and tokenize without special tokens: the template writes any BOS.
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(vocab.chat_template)
+    counts: dict[str, int] = {}
+    for tensor in tqdm(list(tensors(model, precision)), desc=f"gguf {precision}", unit="tensor", leave=False):
+        if tensor.kind == "q8_0":
+            writer.add_tensor(tensor.name, gguf.quantize(tensor.data, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(tensor.name, tensor.data.astype(np.float16 if tensor.kind == "f16" else np.float32))
+        counts[tensor.kind] = counts.get(tensor.kind, 0) + 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return counts
+
+
+def load(path: Path, dtype: Any = None) -> tuple[Any, Any]:
+    """A GGUF file read back by transformers' own loader (independent of the writer above): model and tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not path.is_file():
+        raise InputError(f"{path}: no exported model; run the pipeline first (dvc repro export)")
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if config.model_type == "gpt2" and getattr(config, "n_ctx", None):
+        config.n_positions = config.n_ctx  # the loader maps gpt2.context_length to n_ctx, which GPT2Config no longer reads
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=dtype or torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model.eval(), tokenizer

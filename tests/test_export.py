@@ -1,0 +1,306 @@
+"""Export: tiny Llama and GPT-2 written as GGUF, read back by transformers' GGUF loader and compared with the
+model they came from; the Modelfile template, the model card, a LoRA merge, and bad inputs."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import FIXTURES, REPO, run_stage, write_params
+from tiny import save_tiny, tiny_model, train_tokenizer
+from stages.lib import model_card
+from stages.lib.errors import TemplateError
+from stages.lib.ollama import TurnFormat
+from stages.lib.template import with_system_prompt
+
+ROUND_TRIP = {"conversations": 4, "prompts": 2, "max_new_tokens": 8, "batch_size": 8}
+SMOLLM_LIKE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+               "{{ '<|im_start|>system\nYou are a helpful assistant<|im_end|>\n' }}{% endif %}"
+               "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def make_workdir(root: Path, arch: str = "llama", export: dict | None = None) -> Path:
+    """models/base from the base_model stage, copied as models/finetuned; the fixture chats as the test split."""
+    save_tiny(root / "tiny-model", arch)
+    write_params(root, {"model": {"base": "tiny-model"}, "tokenize": {"max_length": 128},
+                        "export": {"round_trip": dict(ROUND_TRIP), **(export or {})}})
+    result = run_stage("base_model", root)
+    assert result.returncode == 0, result.stderr
+    shutil.copytree(root / "models" / "base", root / "models" / "finetuned")
+    (root / "data" / "processed").mkdir(parents=True)
+    shutil.copy(FIXTURES / "conversations.jsonl", root / "data" / "processed" / "test.jsonl")
+    return root
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
+    return lines[0]
+
+
+def gguf_logits(directory: Path, ids: list[int]) -> torch.Tensor:
+    """Read back with transformers' own GGUF loader, as a user would (GPT-2's n_ctx quirk aside)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory, gguf_file="model.gguf")
+    if config.model_type == "gpt2":
+        config.n_positions = config.n_ctx
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file="model.gguf", config=config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits
+
+
+def finetuned_logits(work: Path, ids: list[int]) -> torch.Tensor:
+    from stages.lib.modeling import load_causal_lm
+
+    model, _ = load_causal_lm(work / "models" / "finetuned")
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def exported(request, tmp_path_factory) -> Path:
+    work = make_workdir(tmp_path_factory.mktemp(f"export-{request.param}"), request.param, {"precision": "f32"})
+    result = run_stage("export", work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work
+
+
+def test_gguf_reads_back_with_the_same_logits_and_tokenizer(exported):
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    out = exported / "models" / "export"
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "model.gguf"]
+    finetuned = AutoTokenizer.from_pretrained(exported / "models" / "finetuned")
+    loaded = AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")
+    text = finetuned.apply_chat_template([{"role": "user", "content": "do you like blue skies, 42?"}], tokenize=False, add_generation_prompt=True)
+    ids = finetuned(text, add_special_tokens=False)["input_ids"]
+    assert loaded(text, add_special_tokens=False)["input_ids"] == ids
+    assert loaded.chat_template == finetuned.chat_template
+    assert torch.allclose(gguf_logits(out, ids), finetuned_logits(exported, ids), atol=1e-4)
+    reader = GGUFReader(out / "model.gguf")
+    names = {t.name for t in reader.tensors}
+    assert "token_embd.weight" in names and "blk.1.ffn_down.weight" in names  # gguf's own names, not transformers'
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    eot = finetuned.convert_tokens_to_ids("<|im_end|>" if "<|im_end|>" in finetuned.get_vocab() else "<|endoftext|>")
+    assert reader.fields["tokenizer.ggml.eot_token_id"].contents() == eot
+    metrics = json.loads((exported / "metrics" / "export.json").read_text())
+    assert metrics["round_trip"]["passed"] and metrics["size_bytes"] == (out / "model.gguf").stat().st_size
+
+
+def test_modelfile_names_the_file_template_and_stops(exported):
+    text = (exported / "models" / "export" / "Modelfile").read_text()
+    stops = json.loads((exported / "metrics" / "export.json").read_text())["stop"]
+    assert text.startswith("FROM ./model.gguf\n") and 'TEMPLATE """' in text
+    assert all(f"PARAMETER stop {json.dumps(s)}" in text for s in stops)
+    assert "PARAMETER temperature 0" in text  # evaluate.do_sample is false: greedy, as evaluated
+
+
+def test_chat_with_the_exported_file(exported):
+    result = subprocess.run([sys.executable, "-m", "stages.tools.chat", "--model", "export", "--prompt", "hello", "--temperature", "0",
+                             "--max-new-tokens", "4"], cwd=exported, env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": ""},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(result.stdout.splitlines()) == 1
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_card_yaml_lineage_intervals_and_determinism(tmp_path):
+    work = make_workdir(tmp_path)
+    (work / "metrics").mkdir()
+    evaluation = {"base": {"perplexity": 60.0, "perplexity_ci_low": 55.0, "perplexity_ci_high": 65.0},
+                  "finetuned": {"scored_tokens": 120, "perplexity": 34.0, "perplexity_ci_low": 31.0, "perplexity_ci_high": 37.5, "chrf": {"value": 16.2, "ci_low": 15.0, "ci_high": 17.4}}}
+    (work / "metrics" / "eval.json").write_text(json.dumps(evaluation))
+    (work / "metrics" / "data.json").write_text(json.dumps({"output": {"conversations": 48}}))
+    hashes = {"data/processed": "aa11.dir", "data/tokenized": "bb22.dir", "models/finetuned": "cc33.dir"}
+    (work / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        name: {"cmd": "x", "outs": [{"path": path, "md5": md5}]} for name, (path, md5) in zip(("preprocess", "tokenize", "train"), hashes.items())}}))
+    (work / "stages").mkdir()
+    (work / "stages" / "code.py").write_text("x = 1\n")
+    git(work, "init", "-q")
+    git(work, "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qm", "code", "--allow-empty")
+    git(work, "add", "stages")
+    git(work, "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qm", "code")
+    revision = git(work, "rev-parse", "HEAD")
+    assert run_stage("export", work).returncode == 0
+    card = (work / "models" / "export" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["license"] == "apache-2.0" and front["pipeline_tag"] == "text-generation" and front["datasets"]
+    scores = {m["type"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
+    assert scores == {"perplexity": 34.0, "chrf": 16.2}
+    assert "| perplexity | 60 [55, 65] | 34 [31, 37.5] |" in card and "16.2 [15, 17.4]" in card
+    assert all(md5 in card for md5 in hashes.values()) and revision in card
+    (work / "NOTES.md").write_text("an unrelated commit\n")
+    git(work, "add", "NOTES.md")
+    git(work, "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qm", "docs")
+    first = {p.name: p.read_bytes() for p in (work / "models" / "export").iterdir()}
+    assert run_stage("export", work).returncode == 0
+    assert {p.name: p.read_bytes() for p in (work / "models" / "export").iterdir()} == first  # byte-identical
+
+
+def test_q8_0_perplexity_within_one_percent(tmp_path):
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    work = make_workdir(tmp_path, export={"precision": "q8_0"})
+    result = run_stage("export", work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checked = json.loads((work / "metrics" / "export.json").read_text())["round_trip"]
+    assert abs(checked["gguf_perplexity"] / checked["finetuned_perplexity"] - 1) <= 0.01
+    types = {t.tensor_type for t in GGUFReader(work / "models" / "export" / "model.gguf").tensors}
+    assert GGMLQuantizationType.Q8_0 in types
+
+
+def test_lora_adapter_is_merged(tmp_path, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    work = make_workdir(tmp_path, export={"precision": "f32"})
+    shutil.rmtree(work / "models" / "finetuned")
+    base = AutoModelForCausalLM.from_pretrained(work / "models" / "base")
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in peft.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)  # B starts at zero: without this the merge would change nothing
+    peft.save_pretrained(work / "models" / "finetuned")
+    AutoTokenizer.from_pretrained(work / "models" / "base").save_pretrained(work / "models" / "finetuned")
+    (work / "models" / "finetuned" / "base_model.json").write_text(json.dumps({"base_model": "models/base"}))
+    result = run_stage("export", work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.chdir(work)  # base_model.json names the base relative to the repository root
+    ids = AutoTokenizer.from_pretrained(work / "models" / "base")("hello there", add_special_tokens=False)["input_ids"]
+    exported = gguf_logits(work / "models" / "export", ids)
+    assert torch.allclose(exported, finetuned_logits(work, ids), atol=1e-4)  # the adapter, applied
+    plain = AutoModelForCausalLM.from_pretrained(work / "models" / "base").eval()  # get_peft_model changed `base` in place
+    with torch.no_grad():
+        assert not torch.allclose(exported, plain(torch.tensor([ids])).logits, atol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def bad_workdir(tmp_path_factory) -> Path:
+    return make_workdir(tmp_path_factory.mktemp("export-bad"))
+
+
+def copy_of(workdir: Path, target: Path, export: dict | None = None) -> Path:
+    shutil.copytree(workdir, target)
+    if export is not None:
+        write_params(target, {"model": {"base": "tiny-model"}, "export": export})
+    return target
+
+
+def assert_nothing_exported(work: Path) -> None:
+    assert not (work / "models" / "export").exists()
+    assert not list((work / "models").glob(".export.*"))
+
+
+def test_missing_finetuned_model_is_one_line(bad_workdir, tmp_path):
+    work = tmp_path / "empty"
+    work.mkdir()
+    shutil.copy(bad_workdir / "params.yaml", work / "params.yaml")
+    assert "models/finetuned: no model" in error_line(run_stage("export", work))
+    assert not (work / "models" / "export").exists()
+
+
+def test_unsupported_architecture_is_one_line_naming_it(tmp_path, bad_workdir):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    work = copy_of(bad_workdir, tmp_path / "opt")
+    shutil.rmtree(work / "models" / "finetuned")
+    tokenizer = train_tokenizer("chatml")
+    OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                             word_embed_proj_dim=16)).save_pretrained(work / "models" / "finetuned")
+    tokenizer.save_pretrained(work / "models" / "finetuned")
+    assert "architecture 'opt'" in error_line(run_stage("export", work))
+    assert_nothing_exported(work)
+
+
+def test_unsupported_precision_is_rejected(tmp_path, bad_workdir):
+    work = copy_of(bad_workdir, tmp_path / "q4", {"precision": "q4_k"})
+    result = run_stage("export", work)
+    assert result.returncode == 1 and "export.precision" in result.stderr and "'q4_k'" in result.stderr
+    assert_nothing_exported(work)
+
+
+def test_tokenizer_the_writer_cannot_represent_is_one_line(tmp_path, bad_workdir):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    work = copy_of(bad_workdir, tmp_path / "wordpiece")
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(["hello there how are you"] * 4, trainers.WordPieceTrainer(vocab_size=60, special_tokens=["[UNK]", "<|im_end|>", "<|im_start|>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<|im_end|>", pad_token="[UNK]")
+    tokenizer.chat_template = train_tokenizer("chatml").chat_template
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (work / "models" / "finetuned" / name).unlink()
+    tokenizer.save_pretrained(work / "models" / "finetuned")
+    assert "byte-level BPE" in error_line(run_stage("export", work))
+    assert_nothing_exported(work)
+
+
+def test_round_trip_mismatch_fails_and_leaves_no_export(tmp_path, bad_workdir):
+    work = copy_of(bad_workdir, tmp_path / "strict", {"precision": "f16", "round_trip": {**ROUND_TRIP, "logit_tolerance": {"f32": 1e-3, "f16": 1e-9}}})
+    assert "round trip failed (f16)" in error_line(run_stage("export", work))
+    assert_nothing_exported(work)
+    assert not (work / "metrics" / "export.json").exists()
+
+
+@pytest.mark.parametrize("template", ["chatml", "gpt2", "bos", "injected", "none", "custom"])
+def test_ollama_turns_render_like_the_jinja_template(template):
+    from stages.base_model import prepare_tokenizer
+
+    tokenizer = train_tokenizer({"gpt2": "gpt2", "bos": "bos"}.get(template, "chatml"))
+    if template == "gpt2":
+        prepare_tokenizer(tiny_model("gpt2", len(tokenizer)), tokenizer)  # the documented plain template
+    if template in ("injected", "none", "custom"):
+        tokenizer.chat_template = SMOLLM_LIKE
+        with_system_prompt(tokenizer, {"injected": "default", "none": "none", "custom": "Be brief."}[template])
+    chats = [json.loads(line)["messages"] for line in (FIXTURES / "conversations.jsonl").read_text().splitlines()]
+    chats.append([{"role": "system", "content": "Answer in French."}] + chats[0])
+    turns = TurnFormat.probe(tokenizer)
+    assert turns.check(tokenizer, chats) > 0
+    assert ("You are a helpful assistant" in turns.injected) == (template == "injected")
+    assert ("Be brief." in turns.injected) == (template == "custom")
+    assert "{{ range $i, $_ := .Messages }}" in turns.go_template()
+
+
+def test_a_template_that_depends_on_more_than_the_role_is_refused():
+    tokenizer = train_tokenizer("chatml")
+    tokenizer.chat_template = ("{% for message in messages %}{{ loop.index }}:{{ message['role'] }}:{{ message['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    chats = [json.loads(line)["messages"] for line in (FIXTURES / "conversations.jsonl").read_text().splitlines()]
+    with pytest.raises(TemplateError):  # refused at the probe or at the check, never shipped
+        TurnFormat.probe(tokenizer).check(tokenizer, chats)
+
+
+def test_intervals_are_read_in_any_of_the_shapes_evaluate_may_write():
+    section = {"a": 1.0, "a_ci_low": 0.5, "a_ci_high": 1.5, "b": {"value": 2.0, "low": 1.0, "high": 3.0},
+               "c": 3.0, "c_ci": [2.0, 4.0], "d": 4.0, "e": {"mean": 5.0, "ci": [4.0, 6.0]}, "note": "text"}
+    assert model_card.metric_keys(section) == ["a", "b", "c", "d", "e"]
+    assert [model_card.metric(section, k) for k in "abcde"] == [(1.0, (0.5, 1.5)), (2.0, (1.0, 3.0)), (3.0, (2.0, 4.0)), (4.0, None), (5.0, (4.0, 6.0))]
+
+
+def test_export_runs_in_the_pipeline_with_dvc_lineage(llama_repo):
+    """Under `dvc repro` the stage runs after train and evaluate, and the card carries dvc.lock's hashes."""
+    from pipeline_repo import dvc
+
+    lock = yaml.safe_load((llama_repo / "dvc.lock").read_text())
+    hashes = model_card.dvc_hashes(lock, ("data/processed", "data/tokenized", "models/finetuned"))
+    card = (llama_repo / "models" / "export" / "README.md").read_text()
+    assert all(md5.endswith(".dir") and md5 in card for md5 in hashes.values()), hashes
+    assert "export.json" in dvc(llama_repo, "metrics", "show", "--json").stdout
+    front = yaml.safe_load(card.split("---\n")[1])
+    tuned = json.loads((llama_repo / "metrics" / "eval.json").read_text())["finetuned"]
+    assert {m["type"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}["perplexity"] == tuned["perplexity"]
