@@ -2,7 +2,8 @@
 
 Run it through a launcher so the same code runs on one CPU, one GPU or many:
     torchrun --standalone --nproc_per_node N -m stages.train   (what dvc.yaml runs, N = train.processes;
-                                                                N > 1 on CPU uses gloo DDP)
+                                                                N > 1 on CPU uses gloo DDP; after
+    python -m stages.train --check                              which checks params and inputs in one process)
     accelerate launch -m stages.train                          (with your accelerate config: DDP/FSDP/DeepSpeed)
 dvc.yaml uses torchrun because `accelerate launch` without a config pins CPU runs to one thread.
 
@@ -27,7 +28,7 @@ from stages.lib.atomic import atomic_path, write_json
 from stages.lib.cli import run
 from stages.lib.conversations import InputError
 from stages.lib.labels import IGNORE_INDEX
-from stages.lib.modeling import collator, load_causal_lm, trained_logits
+from stages.lib.modeling import collator, load_causal_lm, read_config, trained_logits
 from stages.lib.params import Params, TrainParams, load_params
 from stages.lib.paths import BASE_MODEL, FINETUNED as OUTPUT, TOKENIZED
 
@@ -44,6 +45,10 @@ def resolve_precision(requested: str) -> str:
     Measured on a 2-core Xeon with AVX512-BF16 but no AMX: bf16 matmuls ran at 158 GFLOP/s against 272 in
     float32, so autocast there is a slowdown, not a speedup.
     """
+    if requested == "fp16" and not torch.cuda.is_available():  # the Trainer would silently run it in float32
+        raise InputError("train.precision: fp16 needs a CUDA GPU and this machine has none; use auto, bf16 or fp32")
+    if requested == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise InputError(f"train.precision: bf16 is not supported by {torch.cuda.get_device_name(0)}; use auto, fp16 or fp32")
     if requested != "auto":
         return requested
     if torch.cuda.is_available():
@@ -95,6 +100,46 @@ def loss_before_training(trainer: Any, has_val: bool, resume: str | None, rank0:
     if rank0:
         write_json(FINGERPRINT, {**json.loads(FINGERPRINT.read_text()), "eval_loss_before": before})
     return before
+
+
+def lora_target_problem(targets: str | list[str], model: Any) -> str | None:
+    """Why peft could not adapt `targets` in `model` (None when it can): an unknown name, or a name of a block
+    rather than of a layer. 'all-linear' fits every architecture."""
+    from transformers.pytorch_utils import Conv1D
+
+    if targets == "all-linear":
+        return None
+    adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
+    modules = dict(model.named_modules())
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in modules.items() if isinstance(module, (torch.nn.Linear, Conv1D))})
+    for target in targets:
+        matched = [module for name, module in modules.items() if name == target or name.endswith(f".{target}")]
+        if not any(isinstance(module, adaptable) for module in matched):
+            kind = f"names a {type(matched[0]).__name__}, not a layer" if matched else "matches no module"
+            return (f"train.lora.target_modules: {target!r} {kind} in {type(model).__name__}; its linear layers are "
+                    f"{', '.join(linear)} (or set all-linear)")
+    return None
+
+
+def preflight(params: Params) -> str:
+    """Checks of params and inputs that need no weights, before any work: `python -m stages.train --check` runs
+    them before torchrun starts its workers (so an error is one line, not a launcher report), and each worker
+    runs them again. Returns the precision training runs in."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for path, stage in ((BASE_MODEL / "config.json", "base_model"), (TOKENIZED / "dataset_dict.json", "tokenize"),
+                        (TOKENIZED / "tokenizer" / "tokenizer_config.json", "tokenize")):
+        if not path.exists():
+            raise InputError(f"{path}: missing; run the {stage} stage first (dvc repro {stage})")
+    precision = resolve_precision(params.train.precision)
+    if params.train.method == "lora":
+        read_config(BASE_MODEL)
+        with torch.device("meta"):  # the architecture without its weights: instant, no memory
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(BASE_MODEL))
+        problem = lora_target_problem(params.train.lora.target_modules, skeleton)
+        if problem:
+            raise InputError(problem)
+    return precision
 
 
 def load_model(params: TrainParams) -> tuple[Any, Any]:
@@ -343,13 +388,19 @@ def peak_memory_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     import datasets as hf_datasets
     from transformers import set_seed
 
+    parser = argparse.ArgumentParser(description="Fine-tune models/base (run it through torchrun; see the module doc).")
+    parser.add_argument("--check", action="store_true", help="only check params and inputs (dvc.yaml runs it before torchrun)")
+    args = parser.parse_args(argv)
     params = load_params()
-    if not (TOKENIZED / "dataset_dict.json").exists():
-        raise InputError(f"{TOKENIZED}: no tokenized data; run the tokenize stage first (dvc repro tokenize)")
+    precision = preflight(params)
+    if args.check:
+        return 0
     set_seed(params.seed)
     data = hf_datasets.load_from_disk(str(TOKENIZED))
     model, tokenizer = load_model(params.train)
@@ -379,7 +430,7 @@ def main() -> int:
     # Only what the same params and data reproduce, resumed or not: byte-identical across runs on one machine.
     metrics = {
         "method": saved,
-        "precision": resolve_precision(params.train.precision),
+        "precision": precision,
         "processes": world,
         "steps": trainer.state.global_step,
         "train_loss": mean_logged_loss(history),

@@ -19,6 +19,7 @@ def run(entry: Callable[[], int]) -> None:
     try:
         code = entry()
     except (InputError, ParamsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # several invalid params: one line each
+            print(f"error: {line}", file=sys.stderr)
         sys.exit(1)
     sys.exit(code)
