@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from stages.lib.atomic import atomic_path, write_json
-from stages.lib.cli import run
+from stages.lib.cli import ArgumentParser, run
 from stages.lib.conversations import InputError
 from stages.lib.labels import IGNORE_INDEX
 from stages.lib.modeling import collator, load_causal_lm, read_config, trained_logits
@@ -389,12 +389,10 @@ def peak_memory_mb() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     import datasets as hf_datasets
     from transformers import set_seed
 
-    parser = argparse.ArgumentParser(description="Fine-tune models/base (run it through torchrun; see the module doc).")
+    parser = ArgumentParser(description="Fine-tune models/base (run it through torchrun; see the module doc).")
     parser.add_argument("--check", action="store_true", help="only check params and inputs (dvc.yaml runs it before torchrun)")
     args = parser.parse_args(argv)
     params = load_params()

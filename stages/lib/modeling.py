@@ -109,8 +109,9 @@ def load_weights(source: Path | str, dtype: torch.dtype = torch.float32, **kwarg
 
     if Path(source).is_dir():
         read_config(Path(source))
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
+    verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()  # the load report: summarised below in one line
+    transformers.logging.disable_progress_bar()  # a second's bar that would precede an error line
     try:
         model, info = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, dtype=dtype, output_loading_info=True,
                                                            ignore_mismatched_sizes=True, **kwargs)
@@ -120,6 +121,8 @@ def load_weights(source: Path | str, dtype: torch.dtype = torch.float32, **kwarg
         raise InputError(f"{source}: cannot load the model: {first_line(exc)}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.logging.enable_progress_bar()
     if info["mismatched_keys"]:
         key, stored, expected = next(iter(sorted(info["mismatched_keys"], key=str)))
         raise InputError(f"{source}: config.json does not match the weights: {key} is {list(stored)} in the safetensors "
