@@ -9,23 +9,13 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, run_stage, write_params
+from test_chat import chat_dir  # noqa: F401  (a work directory whose models/base came from a good tiny Llama)
 from test_params import stage_error
 from tiny import save_tiny, tiny_model, train_tokenizer
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def model_work(tmp_path_factory) -> Path:
-    """A work directory whose models/base was made from a good tiny Llama; cases break copies of that source."""
-    work = tmp_path_factory.mktemp("models")
-    save_tiny(work / "good", "llama")
-    write_params(work, {"model": {"base": "good"}})
-    result = run_stage("base_model", work)
-    assert result.returncode == 0, result.stderr
-    return work
 
 
 def edit_config(directory: Path, **changes) -> None:
@@ -73,37 +63,37 @@ def drop_a_layer(directory: Path) -> None:
     (lambda d: edit_config(d, model_type="llamaa"), r"cannot load the model: .*model type `llamaa`"),
 ], ids=["no-tokenizer", "truncated-safetensors", "garbage-safetensors", "invalid-config-json", "config-hidden-size",
         "config-vocab-size", "missing-tensors", "no-model-type", "unknown-model-type"])
-def test_broken_model_directory_is_one_line_and_keeps_models_base(model_work, tmp_path, case, expected):
+def test_broken_model_directory_is_one_line_and_keeps_models_base(chat_dir, tmp_path, case, expected):
     import re
 
     broken = tmp_path / "broken"
-    shutil.copytree(model_work / "good", broken)
+    shutil.copytree(chat_dir / "tiny-model", broken)
     case(broken)
-    before = snapshot(model_work / "models" / "base")
-    write_params(model_work, {"model": {"base": str(broken)}})
-    message = stage_error(run_stage("base_model", model_work))
+    before = snapshot(chat_dir / "models" / "base")
+    write_params(chat_dir, {"model": {"base": str(broken)}})
+    message = stage_error(run_stage("base_model", chat_dir))
     assert re.search(expected, message), message
-    assert snapshot(model_work / "models" / "base") == before
-    assert sorted(p.name for p in (model_work / "models").iterdir()) == ["base"]  # no staging directory left behind
+    assert snapshot(chat_dir / "models" / "base") == before
+    assert sorted(p.name for p in (chat_dir / "models").iterdir()) == ["base"]  # no staging directory left behind
 
 
-def test_tokenizer_much_smaller_than_the_embeddings_is_refused(model_work, tmp_path):
+def test_tokenizer_much_smaller_than_the_embeddings_is_refused(chat_dir, tmp_path):
     """A tokenizer that does not belong to the weights (here 4x smaller) would leave most embeddings unused."""
     tokenizer = train_tokenizer("chatml")
     other = tmp_path / "other"
     tiny_model("llama", 4 * len(tokenizer)).save_pretrained(other, safe_serialization=True)
     tokenizer.save_pretrained(other)
-    write_params(model_work, {"model": {"base": str(other)}})
-    message = stage_error(run_stage("base_model", model_work))
+    write_params(chat_dir, {"model": {"base": str(other)}})
+    message = stage_error(run_stage("base_model", chat_dir))
     assert f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings have {4 * len(tokenizer)} rows" in message
 
 
-def test_gpt2_directory_without_tokenizer_is_refused_not_given_an_empty_one(model_work, tmp_path):
+def test_gpt2_directory_without_tokenizer_is_refused_not_given_an_empty_one(chat_dir, tmp_path):
     """transformers builds an empty GPT-2 tokenizer here; base_model used to resize the embeddings to 2 rows."""
     directory = save_tiny(tmp_path / "gpt2", "gpt2")
     drop_tokenizer(directory)
-    write_params(model_work, {"model": {"base": str(directory)}})
-    assert "directory has no tokenizer" in stage_error(run_stage("base_model", model_work))
+    write_params(chat_dir, {"model": {"base": str(directory)}})
+    assert "directory has no tokenizer" in stage_error(run_stage("base_model", chat_dir))
 
 
 def chat(work: Path, *args: str) -> subprocess.CompletedProcess:
@@ -137,11 +127,10 @@ def test_chat_arguments_out_of_range_are_rejected(args, expected):
     (["--model", "base", "--top-p", "1.5"], "error: --top-p 1.5: expected a value in (0, 1]"),
     (["--model", "finetuned"], "error: models/finetuned: no model; run the pipeline first (dvc repro)"),
 ])
-def test_chat_bad_arguments_exit_with_one_line(model_work, args, expected):
-    assert stage_error(chat(model_work, "--prompt", "hi", *args)) == expected
+def test_chat_bad_arguments_exit_with_one_line(chat_dir, args, expected):
+    assert stage_error(chat(chat_dir, "--prompt", "hi", *args)) == expected
 
 
-def test_chat_context_too_small_for_the_prompt_is_one_line(model_work):
-    write_params(model_work, {"model": {"base": "good"}})
-    message = stage_error(chat(model_work, "--model", "base", "--prompt", "tell me about colors " * 5, "--context-tokens", "20", "--max-new-tokens", "16"))
+def test_chat_context_too_small_for_the_prompt_is_one_line(chat_dir):
+    message = stage_error(chat(chat_dir, "--model", "base", "--prompt", "tell me about colors " * 5, "--context-tokens", "20", "--max-new-tokens", "16"))
     assert "--context-tokens 20 minus --max-new-tokens 16:" in message

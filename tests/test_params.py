@@ -116,21 +116,15 @@ def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
     assert message.startswith(f"{path}:") and f"(while parsing a flow sequence started at line {line})" in message
 
 
-def test_tab_indentation_names_line_and_column(tmp_path):
-    path, line = edited(tmp_path, "  min_turns: 2", "\tmin_turns: 2")
-    with pytest.raises(ParamsError, match=rf"^{path}:{line}:1: not valid YAML: found character '\\t'"):
-        load_params(path)
-
-
-def test_duplicate_key_is_an_error_naming_the_key_and_both_lines(tmp_path):
-    path, line = edited(tmp_path, "  batch_size: 8 ", "  batch_size: 8\n  batch_size: 4 ")
-    with pytest.raises(ParamsError, match=rf"^{path}:{line + 1}: duplicate key 'train\.batch_size' \(first set at line {line}\)"):
-        load_params(path)
-
-
-def test_duplicate_section_is_an_error(tmp_path):
-    path, _ = edited(tmp_path, "seed: 42", "seed: 42\nseed: 7")
-    with pytest.raises(ParamsError, match=r"duplicate key 'seed'"):
+@pytest.mark.parametrize("old,new,expected", [
+    ("  min_turns: 2", "\tmin_turns: 2", r"^{path}:{line}:1: not valid YAML: found character '\\t'"),
+    ("  batch_size: 8 ", "  batch_size: 8\n  batch_size: 4 ", r"^{path}:{next}: duplicate key 'train\.batch_size' \(first set at line {line}\)"),
+    ("seed: 42", "seed: 42\nseed: 7", r"^{path}:{next}: duplicate key 'seed' \(first set at line {line}\)"),
+], ids=["tab", "duplicate-key", "duplicate-section"])
+def test_yaml_problem_names_file_line_and_what(tmp_path, old, new, expected):
+    """A tab, or a key given twice (YAML loaders silently keep the last), is one line naming where."""
+    path, line = edited(tmp_path, old, new)
+    with pytest.raises(ParamsError, match=expected.format(path=path, line=line, next=line + 1)):
         load_params(path)
 
 

@@ -166,7 +166,10 @@ def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: torch
     if (path / "adapter_config.json").exists():
         from peft import PeftModel
 
-        base = Path(json.loads((path / "base_model.json").read_text())["base_model"])
+        try:
+            base = Path(json.loads((path / "base_model.json").read_text())["base_model"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise InputError(f"{path}: a LoRA adapter without a readable base_model.json naming its base model") from None
         model = PeftModel.from_pretrained(load_weights(base, dtype), path)
     else:
         model = load_weights(path, dtype)
