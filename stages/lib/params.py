@@ -219,14 +219,15 @@ def _key_lines(node: yaml.Node, source: Path, path: tuple = (), lines: Lines | N
     return lines
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
+def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
+    """`file:line:column: not valid YAML: problem (context)`, not PyYAML's multi-line report naming <unicode string>."""
     if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
-        return f"not valid YAML ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        return f"{path}: not valid YAML ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
     mark = exc.problem_mark
-    context = f" {exc.context}" if exc.context else ""
+    context = exc.context or ""
     if exc.context_mark is not None and exc.context_mark.line != mark.line:
         context += f" started at line {exc.context_mark.line + 1}"
-    return f"{mark.line + 1}:{mark.column + 1}: not valid YAML: {exc.problem}{f' ({context.strip()})' if context else ''}"
+    return f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {exc.problem}{f' ({context.strip()})' if context else ''}"
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
@@ -245,8 +246,7 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
         lines = _key_lines(node, path) if node is not None else {}
         raw = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
-        problem = _yaml_problem(exc)
-        raise ParamsError(f"{path}:{problem}" if problem[0].isdigit() else f"{path}: {problem}") from None
+        raise ParamsError(_yaml_problem(path, exc)) from None
     finally:
         loader.dispose()
     return parse_params(raw, str(path), lines)

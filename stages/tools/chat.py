@@ -117,7 +117,7 @@ def argument_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the arguments, checked before a model is loaded."""
     if args.max_new_tokens < 1:
         return f"--max-new-tokens {args.max_new_tokens}: expected at least 1"
-    if args.temperature < 0:
+    if not args.temperature >= 0:  # NaN too
         return f"--temperature {args.temperature}: expected 0 (greedy) or more"
     if not 0 < args.top_p <= 1:
         return f"--top-p {args.top_p}: expected a value in (0, 1]"
