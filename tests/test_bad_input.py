@@ -134,3 +134,14 @@ def test_chat_bad_arguments_exit_with_one_line(chat_dir, args, expected):
 def test_chat_context_too_small_for_the_prompt_is_one_line(chat_dir):
     message = stage_error(chat(chat_dir, "--model", "base", "--prompt", "tell me about colors " * 5, "--context-tokens", "20", "--max-new-tokens", "16"))
     assert "--context-tokens 20 minus --max-new-tokens 16:" in message
+
+
+def test_tokenizer_larger_than_the_embeddings_is_refused():
+    """Token ids past the embedding rows would crash training with an IndexError."""
+    from stages.lib.errors import InputError
+    from stages.lib.modeling import check_vocabulary
+
+    tokenizer = train_tokenizer("chatml")
+    with pytest.raises(InputError, match=rf"the tokenizer has {len(tokenizer)} tokens but the model's embeddings have {len(tokenizer) - 8} rows"):
+        check_vocabulary(tiny_model("llama", len(tokenizer) - 8), tokenizer, "model.base 'x'")
+    check_vocabulary(tiny_model("llama", len(tokenizer) + 8), tokenizer, "model.base 'x'")  # padded embeddings are common
