@@ -389,9 +389,6 @@ def peak_memory_mb() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import datasets as hf_datasets
-    from transformers import set_seed
-
     parser = ArgumentParser(description="Fine-tune models/base (run it through torchrun; see the module doc).")
     parser.add_argument("--check", action="store_true", help="only check params and inputs (dvc.yaml runs it before torchrun)")
     args = parser.parse_args(argv)
@@ -399,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     precision = preflight(params)
     if args.check:
         return 0
+    import datasets as hf_datasets
+    from transformers import set_seed
+
     set_seed(params.seed)
     data = hf_datasets.load_from_disk(str(TOKENIZED))
     model, tokenizer = load_model(params.train)
