@@ -15,6 +15,7 @@ from stages.lib.atomic import atomic_path, write_json
 from stages.lib.template import PLAIN_CHAT_TEMPLATE, end_of_turn_token
 from stages.lib.cli import run
 from stages.lib.conversations import InputError
+from stages.lib.modeling import VOCABULARY_FILES, check_vocabulary, load_tokenizer, load_weights
 from stages.lib.params import ModelParams, load_params
 from stages.lib.paths import BASE_MODEL as OUTPUT
 
@@ -70,8 +71,12 @@ def load_source(params: ModelParams) -> tuple[Any, Any, dict]:
             raise InputError(f"model.base {base!r}: directory has no config.json (expected a transformers model directory)")
         if not any(local.glob("*.safetensors")):
             raise InputError(f"model.base {base!r}: no *.safetensors weights; other weight formats are refused (they can run code when loaded)")
-        model = AutoModelForCausalLM.from_pretrained(local, use_safetensors=True, dtype=torch.float32, **common)
-        tokenizer = AutoTokenizer.from_pretrained(local, **common)
+        if not any((local / name).exists() for name in VOCABULARY_FILES):
+            raise InputError(f"model.base {base!r}: directory has no tokenizer (none of {', '.join(VOCABULARY_FILES)}); "
+                             f"copy the tokenizer files that belong to these weights next to them")
+        model = load_weights(local, **common)
+        tokenizer = load_tokenizer(local, **common)
+        check_vocabulary(model, tokenizer, f"model.base {base!r}")
         weights = sorted(local.glob("*.safetensors"))
         return model, tokenizer, {"source": str(local), "kind": "local", "sha256": sha256_file(weights[0]) if len(weights) == 1 else None}
     if local.exists() or base.startswith((".", "/", "~")):
@@ -87,8 +92,9 @@ def load_source(params: ModelParams) -> tuple[Any, Any, dict]:
             f"model.base {base!r}: not a bundled name ({sorted(BUNDLED)}), not a local directory, and the hub could not "
             f"be reached or has no such model ({type(exc).__name__}: {str(exc)[:160]})"
         ) from None
-    model = AutoModelForCausalLM.from_pretrained(base, revision=params.revision, use_safetensors=True, dtype=torch.float32, **common)
-    tokenizer = AutoTokenizer.from_pretrained(base, revision=params.revision, **common)
+    model = load_weights(base, revision=params.revision, **common)
+    tokenizer = load_tokenizer(base, revision=params.revision, **common)
+    check_vocabulary(model, tokenizer, f"model.base {base!r}")
     return model, tokenizer, {"source": base, "kind": "hub", "revision": info.sha}
 
 

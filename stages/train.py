@@ -2,7 +2,8 @@
 
 Run it through a launcher so the same code runs on one CPU, one GPU or many:
     torchrun --standalone --nproc_per_node N -m stages.train   (what dvc.yaml runs, N = train.processes;
-                                                                N > 1 on CPU uses gloo DDP)
+                                                                N > 1 on CPU uses gloo DDP; after
+    python -m stages.train --check                              which checks params and inputs in one process)
     accelerate launch -m stages.train                          (with your accelerate config: DDP/FSDP/DeepSpeed)
 dvc.yaml uses torchrun because `accelerate launch` without a config pins CPU runs to one thread.
 
@@ -25,16 +26,17 @@ from typing import Any
 import torch
 
 from stages.lib.atomic import atomic_path, write_json
-from stages.lib.cli import run
+from stages.lib.cli import ArgumentParser, run
 from stages.lib.conversations import InputError
 from stages.lib.labels import IGNORE_INDEX
-from stages.lib.modeling import collator, load_causal_lm, trained_logits
+from stages.lib.modeling import collator, load_causal_lm, read_config, trained_logits
 from stages.lib.params import Params, TrainParams, load_params
 from stages.lib.paths import BASE_MODEL, FINETUNED as OUTPUT, TOKENIZED
 from stages.lib.precision import PrecisionChoice, choose
 
 CHECKPOINTS = Path("models/checkpoints")  # scratch for resuming, outside DVC: a persist out would disable the run-cache
 FINGERPRINT = CHECKPOINTS / "fingerprint.json"
+PRECISION_CHOICE = CHECKPOINTS / "precision.json"  # measured by `--check` once, read by every torchrun worker
 TRAIN_METRICS = Path("metrics/train.json")
 TRAIN_RUNTIME = Path("metrics/runtime/train.json")  # wall-clock and this process's history: not reproducible
 DVCLIVE_DIR = Path("dvclive")
@@ -43,7 +45,12 @@ WALL_CLOCK = re.compile(r"runtime|per_second|tokens_per_s|flos|preparation_time"
 
 def resolve_precision(requested: str, config: Any) -> PrecisionChoice:
     """`auto`: bf16 on a GPU that supports it; on a CPU, bf16 autocast only where bf16 GEMMs at this model's
-    shapes measure clearly faster than float32 (stages/lib/precision.py). fp16 on a CPU runs float32, and says so."""
+    shapes measure clearly faster than float32 (stages/lib/precision.py). An explicit precision the machine
+    cannot run is an error, never a silent float32 run recorded under another name."""
+    if requested == "fp16" and not torch.cuda.is_available():  # the Trainer would silently run it in float32
+        raise InputError("train.precision: fp16 needs a CUDA GPU and this machine has none; use auto, bf16 or fp32")
+    if requested == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise InputError(f"train.precision: bf16 is not supported by {torch.cuda.get_device_name(0)}; use auto, fp16 or fp32")
     return choose(requested, config)
 
 
@@ -91,6 +98,54 @@ def loss_before_training(trainer: Any, has_val: bool, resume: str | None, rank0:
     if rank0:
         write_json(FINGERPRINT, {**json.loads(FINGERPRINT.read_text()), "eval_loss_before": before})
     return before
+
+
+def lora_target_problem(targets: str | list[str], model: Any) -> str | None:
+    """Why peft could not adapt `targets` in `model` (None when it can): an unknown name, or a name of a block
+    rather than of a layer. 'all-linear' fits every architecture."""
+    from transformers.pytorch_utils import Conv1D
+
+    if targets == "all-linear":
+        return None
+    adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
+    modules = dict(model.named_modules())
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in modules.items() if isinstance(module, (torch.nn.Linear, Conv1D))})
+    for target in targets:
+        matched = [module for name, module in modules.items() if name == target or name.endswith(f".{target}")]
+        if not any(isinstance(module, adaptable) for module in matched):
+            kind = f"names a {type(matched[0]).__name__}, not a layer" if matched else "matches no module"
+            return (f"train.lora.target_modules: {target!r} {kind} in {type(model).__name__}; its linear layers are "
+                    f"{', '.join(linear)} (or set all-linear)")
+    return None
+
+
+def preflight(params: Params, check_only: bool = False) -> PrecisionChoice:
+    """Checks of params and inputs that need no weights, before any work: `python -m stages.train --check` runs
+    them before torchrun starts its workers (so an error is one line, not a launcher report), and each worker
+    runs them again. Returns the precision training runs in: `--check` measures it once and records it, and
+    the workers reuse that record, so every process of a DDP run trains in the same precision."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for path, stage in ((BASE_MODEL / "config.json", "base_model"), (TOKENIZED / "dataset_dict.json", "tokenize"),
+                        (TOKENIZED / "tokenizer" / "tokenizer_config.json", "tokenize")):
+        if not path.exists():
+            raise InputError(f"{path}: missing; run the {stage} stage first (dvc repro {stage})")
+    recorded = json.loads(PRECISION_CHOICE.read_text()) if PRECISION_CHOICE.exists() and not check_only else {}
+    if recorded.get("requested") == params.train.precision and recorded.get("config") == (BASE_MODEL / "config.json").read_text():
+        precision = PrecisionChoice(**recorded["choice"])
+    else:
+        precision = resolve_precision(params.train.precision, AutoConfig.from_pretrained(BASE_MODEL))
+    if params.train.method == "lora":
+        read_config(BASE_MODEL)
+        with torch.device("meta"):  # the architecture without its weights: instant, no memory
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(BASE_MODEL))
+        problem = lora_target_problem(params.train.lora.target_modules, skeleton)
+        if problem:
+            raise InputError(problem)
+    if check_only:  # every check passed: record the choice for the workers
+        write_json(PRECISION_CHOICE, {"requested": params.train.precision, "config": (BASE_MODEL / "config.json").read_text(),
+                                      "choice": precision.as_dict()})
+    return precision
 
 
 def load_model(params: TrainParams) -> tuple[Any, Any]:
@@ -349,13 +404,17 @@ def peak_memory_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(description="Fine-tune models/base (run it through torchrun; see the module doc).")
+    parser.add_argument("--check", action="store_true", help="only check params and inputs (dvc.yaml runs it before torchrun)")
+    args = parser.parse_args(argv)
+    params = load_params()
+    precision = preflight(params, check_only=args.check)
+    if args.check:
+        return 0
     import datasets as hf_datasets
     from transformers import set_seed
 
-    params = load_params()
-    if not (TOKENIZED / "dataset_dict.json").exists():
-        raise InputError(f"{TOKENIZED}: no tokenized data; run the tokenize stage first (dvc repro tokenize)")
     set_seed(params.seed)
     data = hf_datasets.load_from_disk(str(TOKENIZED))
     model, tokenizer = load_model(params.train)
@@ -364,7 +423,6 @@ def main() -> int:
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if resume is None and rank0:
         reset_checkpoints(identity, "running")
-    precision = resolve_precision(params.train.precision, model.config)
     trainer, counter = build_trainer(params, model, tokenizer, data, CHECKPOINTS, precision)
     before = loss_before_training(trainer, len(data["val"]) > 0, resume, rank0)
     started = time.perf_counter()

@@ -60,7 +60,7 @@ def test_missing_and_malformed_files(tmp_path):
         load_params(tmp_path / "params.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("seed: [1,\n")
-    with pytest.raises(ParamsError, match="not valid YAML"):
+    with pytest.raises(ParamsError, match=r"bad\.yaml:2:1: not valid YAML: expected the node content"):
         load_params(bad)
     listing = tmp_path / "list.yaml"
     listing.write_text("- 1\n- 2\n")
@@ -123,3 +123,74 @@ def test_every_key_lives_in_params_yaml_and_deleting_one_is_an_error():
         return found
 
     assert defaults(Params) == []  # values live in params.yaml only; the schema holds types and ranges
+
+
+def edited(tmp_path, old: str, new: str):
+    """The repository's params.yaml with one text edit, and the 1-based line where the edit starts."""
+    text = (REPO / "params.yaml").read_text()
+    assert text.count(old) == 1, old
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace(old, new))
+    return path, text[: text.index(old)].count("\n") + 1
+
+
+def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
+    path, line = edited(tmp_path, "  batch_size: 8 ", "  batch_size: [8 ")
+    with pytest.raises(ParamsError) as caught:
+        load_params(path)
+    message = str(caught.value)
+    assert "\n" not in message and "<unicode string>" not in message
+    assert message.startswith(f"{path}:") and f"(while parsing a flow sequence started at line {line})" in message
+
+
+@pytest.mark.parametrize("old,new,expected", [
+    ("  min_turns: 2", "\tmin_turns: 2", r"^{path}:{line}:1: not valid YAML: found character '\\t'"),
+    ("  batch_size: 8 ", "  batch_size: 8\n  batch_size: 4 ", r"^{path}:{next}: duplicate key 'train\.batch_size' \(first set at line {line}\)"),
+    ("seed: 42", "seed: 42\nseed: 7", r"^{path}:{next}: duplicate key 'seed' \(first set at line {line}\)"),
+], ids=["tab", "duplicate-key", "duplicate-section"])
+def test_yaml_problem_names_file_line_and_what(tmp_path, old, new, expected):
+    """A tab, or a key given twice (YAML loaders silently keep the last), is one line naming where."""
+    path, line = edited(tmp_path, old, new)
+    with pytest.raises(ParamsError, match=expected.format(path=path, line=line, next=line + 1)):
+        load_params(path)
+
+
+def test_each_invalid_value_is_one_line_with_its_line_and_no_section_dump(tmp_path):
+    path, line = edited(tmp_path, "  save_steps: 20", "  save_steps: 7")
+    text = path.read_text().replace("  batch_size: 8 ", "  batch_size: 0 ")
+    path.write_text(text)
+    with pytest.raises(ParamsError) as caught:
+        load_params(path)
+    problems = str(caught.value).splitlines()
+    batch_line = text[: text.index("  batch_size: 0")].count("\n") + 1
+    train_line = text[: text.index("train:")].count("\n") + 1
+    assert problems == [f"{path}:{batch_line}: train.batch_size: Input should be greater than or equal to 1 (got 0)"]
+    path.write_text(text.replace("  batch_size: 0 ", "  batch_size: 8 "))
+    with pytest.raises(ParamsError) as caught:
+        load_params(path)
+    assert str(caught.value) == f"{path}:{train_line}: train: save_steps (7) must be a multiple of logging_steps (5)"
+
+
+def test_params_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes((REPO / "params.yaml").read_bytes().replace(b"seed: 42", b"seed: 42 # caf\xe9"))
+    with pytest.raises(ParamsError, match=r"params\.yaml: not UTF-8 text"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("value", [5, "q_proj", [], ["q_proj", 3]])
+def test_lora_target_modules_are_all_linear_or_names(value):
+    raw = repo_params()
+    raw["train"]["lora"]["target_modules"] = value
+    with pytest.raises(ParamsError, match=r"train\.lora\.target_modules: expected 'all-linear' or a non-empty list of module names"):
+        parse_params(raw)
+    raw["train"]["lora"]["target_modules"] = ["q_proj"]
+    assert parse_params(raw).train.lora.target_modules == ["q_proj"]
+
+
+def test_a_stage_prints_each_params_problem_as_one_error_line(workdir):
+    write_params(workdir, {"train": {"batch_size": 0, "learning_rate": -1.0}})
+    result = run_stage("train", workdir, "--check")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: params.yaml:") for line in lines), lines

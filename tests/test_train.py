@@ -203,3 +203,94 @@ def test_auto_precision_is_measured_and_explained():
     fp16 = choose("fp16", config)
     if not torch.cuda.is_available():  # recorded as what runs, not as what was asked for
         assert fp16.precision == "fp32" and "fp16 needs a GPU" in fp16.reason
+
+
+def dvc_train(work: Path) -> subprocess.CompletedProcess:
+    """The train stage's command exactly as dvc.yaml runs it (pre-flight check, then the real torchrun)."""
+    import yaml
+
+    command = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["cmd"]
+    command = command.replace("${train.processes}", str(load_params(work / "params.yaml").train.processes))
+    env = {**tool_env(), "PYTHONPATH": str(REPO)}
+    return subprocess.run(command, shell=True, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, (result.returncode, result.stderr[-3000:])
+    return lines[0]
+
+
+def with_previous_outputs(work: Path) -> dict[Path, bytes]:
+    """Outputs of an earlier run, which a rejected run must leave as they were."""
+    (work / "models" / "finetuned").mkdir(parents=True)
+    (work / "models" / "finetuned" / "model.safetensors").write_bytes(b"earlier weights")
+    (work / "metrics").mkdir(exist_ok=True)
+    (work / "metrics" / "train.json").write_text('{"earlier": true}')
+    return {path: path.read_bytes() for path in (work / "models" / "finetuned" / "model.safetensors", work / "metrics" / "train.json")}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs on a GPU")
+def test_fp16_on_a_cpu_is_refused_in_one_line_under_torchrun(prepared, tmp_path):
+    """The Trainer ran fp16 on a CPU in float32 while metrics/train.json recorded fp16."""
+    work = workspace(prepared, tmp_path, {"precision": "fp16"})
+    previous = with_previous_outputs(work)
+    message = one_line_error(dvc_train(work))
+    assert message == "error: train.precision: fp16 needs a CUDA GPU and this machine has none; use auto, bf16 or fp32"
+    assert {path: path.read_bytes() for path in previous} == previous
+    assert not (work / "models" / "checkpoints").exists()  # refused before any work
+
+
+def test_recorded_precision_is_the_one_that_ran(prepared, tmp_path):
+    """`auto` is recorded as what it resolved to on this machine (measured once, by `--check`, for every worker),
+    never as `auto` or a precision that did not run."""
+    work = workspace(prepared, tmp_path, {"precision": "auto", "max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1})
+    assert dvc_train(work).returncode == 0
+    choice = read_json(work / "metrics" / "runtime" / "train.json")["precision"]
+    assert read_json(work / "metrics" / "train.json")["precision"] == choice["precision"] in ("bf16", "fp32")
+    assert choice == read_json(work / "models" / "checkpoints" / "precision.json")["choice"]
+
+
+def test_unknown_lora_target_is_one_line_naming_the_layers_before_training(prepared, tmp_path):
+    work = workspace(prepared, tmp_path, {"method": "lora", "lora": {"target_modules": ["q_proj", "qkv_proj"]}})
+    previous = with_previous_outputs(work)
+    message = one_line_error(dvc_train(work))
+    assert message.startswith("error: train.lora.target_modules: 'qkv_proj' matches no module in LlamaForCausalLM; its linear layers are ")
+    assert "q_proj" in message and "down_proj" in message and "all-linear" in message
+    assert {path: path.read_bytes() for path in previous} == previous
+    assert not (work / "models" / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def gpt2_prepared(prepared, tmp_path_factory) -> Path:
+    """`prepared` with a tiny GPT-2 (Conv1D layers named c_attn, c_proj, c_fc) as models/base."""
+    work = tmp_path_factory.mktemp("gpt2") / "work"
+    shutil.copytree(prepared, work)
+    shutil.rmtree(work / "models" / "base")
+    shutil.rmtree(work / "data" / "tokenized")
+    save_tiny(work / "tiny-model", "gpt2")
+    for stage in ("base_model", "tokenize"):
+        result = run_stage(stage, work)
+        assert result.returncode == 0, result.stderr
+    return work
+
+
+def test_lora_with_default_target_modules_trains_gpt2(gpt2_prepared, tmp_path):
+    """The default used to name Llama's q_proj...down_proj: GPT-2 failed with a 73-line traceback."""
+    assert load_params(REPO / "params.yaml").train.lora.target_modules == "all-linear"
+    work = workspace(gpt2_prepared, tmp_path, {"method": "lora", "max_steps": 4, "eval_steps": 4, "save_steps": 4, "logging_steps": 2})
+    assert load_params(work / "params.yaml").train.lora == load_params(REPO / "params.yaml").train.lora
+    result = dvc_train(work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_json(work / "metrics" / "train.json")["method"] == "lora-merged"
+    base = load_file(work / "models" / "base" / "model.safetensors")
+    merged = load_file(work / "models" / "finetuned" / "model.safetensors")
+    changed = {key for key in base if not torch.equal(base[key], merged[key])}
+    assert changed and all(key.rsplit(".", 2)[-2] in ("c_attn", "c_proj", "c_fc") for key in changed)
+
+
+def test_llama_target_names_on_gpt2_name_gpt2s_layers(gpt2_prepared, tmp_path):
+    work = workspace(gpt2_prepared, tmp_path, {"method": "lora", "lora": {"target_modules": ["q_proj", "v_proj"]}})
+    message = one_line_error(dvc_train(work))
+    assert message == ("error: train.lora.target_modules: 'q_proj' matches no module in GPT2LMHeadModel; "
+                       "its linear layers are c_attn, c_fc, c_proj, lm_head (or set all-linear)")

@@ -1,12 +1,20 @@
 """Entry-point wrapper shared by every stage: known errors become one clear line and exit code 1."""
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 from typing import Callable
 
 from stages.lib.errors import InputError
 from stages.lib.params import ParamsError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (`--max-new-tokens abc`, an unknown option) are one `error:` line like any other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise InputError(message)
 
 
 def _terminated(signum: int, frame: object) -> None:
@@ -19,6 +27,7 @@ def run(entry: Callable[[], int]) -> None:
     try:
         code = entry()
     except (InputError, ParamsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # several invalid params: one line each
+            print(f"error: {line}", file=sys.stderr)
         sys.exit(1)
     sys.exit(code)

@@ -79,20 +79,101 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+# Files that hold a tokenizer's vocabulary (tokenizer_config.json alone describes one but cannot build it).
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def read_config(directory: Path) -> dict:
+    """config.json as a dict with a model_type, or a one-line error naming the file and the place."""
+    file = directory / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{file}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{file}: unreadable ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise InputError(f"{file}: expected a transformers config (a JSON object with a \"model_type\" string)")
+    return config
+
+
+def load_weights(source: Path | str, dtype: torch.dtype = torch.float32, **kwargs: Any) -> Any:
+    """A causal LM from safetensors whose weights cover exactly what its config.json describes.
+
+    transformers would initialise missing tensors randomly with a warning (a silent wrong model) and print a
+    multi-screen report on shape mismatches: both become one line naming the first tensor concerned.
+    """
+    import transformers
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    if Path(source).is_dir():
+        read_config(Path(source))
+    verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()  # the load report: summarised below in one line
+    transformers.logging.disable_progress_bar()  # a second's bar that would precede an error line
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, dtype=dtype, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True, **kwargs)
+    except SafetensorError as exc:
+        raise InputError(f"{source}: the safetensors weights are corrupted or truncated ({exc})") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{source}: cannot load the model: {first_line(exc)}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.logging.enable_progress_bar()
+    if info["mismatched_keys"]:
+        key, stored, expected = next(iter(sorted(info["mismatched_keys"], key=str)))
+        raise InputError(f"{source}: config.json does not match the weights: {key} is {list(stored)} in the safetensors "
+                         f"but {list(expected)} by config.json ({len(info['mismatched_keys'])} tensors differ)")
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise InputError(f"{source}: the weights lack {len(missing)} tensors that config.json describes (first: {missing[0]}); "
+                         f"config.json does not belong to these weights")
+    return model
+
+
+def load_tokenizer(source: Path | str, **kwargs: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{source}: cannot load the tokenizer: {first_line(exc)}") from None
+
+
+def check_vocabulary(model: Any, tokenizer: Any, source: Path | str) -> None:
+    """Refuse a tokenizer that does not belong to the weights: ids past the embeddings crash training, and a
+    tokenizer far smaller than them (an empty one built when its files are missing) makes every example padding."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    tokens = len(tokenizer)
+    if tokens > rows or tokens < rows // 2:
+        raise InputError(f"{source}: the tokenizer has {tokens} tokens but the model's embeddings have {rows} rows; "
+                         f"the tokenizer does not belong to these weights (or its files {', '.join(VOCABULARY_FILES)} are missing)")
+
+
+def first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> tuple[Any, Any]:
     """A saved model directory (full weights, or a LoRA adapter with its base recorded) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
         raise InputError(f"{path}: no model; run the pipeline first (dvc repro)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     if (path / "adapter_config.json").exists():
         from peft import PeftModel
 
-        base = Path(json.loads((path / "base_model.json").read_text())["base_model"])
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, use_safetensors=True, dtype=dtype), path)
+        try:
+            base = Path(json.loads((path / "base_model.json").read_text())["base_model"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise InputError(f"{path}: a LoRA adapter without a readable base_model.json naming its base model") from None
+        model = PeftModel.from_pretrained(load_weights(base, dtype), path)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype)
+        model = load_weights(path, dtype)
+    check_vocabulary(model, tokenizer, path)
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer

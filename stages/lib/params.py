@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = Path(os.environ.get("PARAMS_FILE", "params.yaml"))
 
@@ -83,8 +83,15 @@ class LoraParams(Section):
     r: int = Field(..., ge=1)
     alpha: int = Field(..., ge=1)
     dropout: float = Field(..., ge=0.0, lt=1.0)
-    target_modules: list[str]
+    target_modules: Union[str, list[str]]  # 'all-linear' (peft: every linear layer but the output head) or module names
     merge: bool
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _all_linear_or_names(cls, value: Any) -> Any:
+        if value == "all-linear" or (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
+            return value
+        raise ValueError("expected 'all-linear' or a non-empty list of module names such as [q_proj, v_proj]")
 
 
 class TrainParams(Section):
@@ -192,6 +199,9 @@ class Params(Section):
         return self
 
 
+Lines = dict[tuple, int]  # key path -> 1-based line in params.yaml
+
+
 def _describe(error: dict[str, Any]) -> str:
     path = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
@@ -204,22 +214,77 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{path}: {message} (got {error['input']!r})"
 
 
-def parse_params(raw: Any, source: str = str(PARAMS_FILE)) -> Params:
+def _line_of(loc: tuple, lines: Lines) -> int | None:
+    """The line of the deepest key on `loc` that the file has (a missing key: its section's line)."""
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
+
+
+def parse_params(raw: Any, source: str = str(PARAMS_FILE), lines: Lines | None = None) -> Params:
+    """Validate; each problem is one line `source[:line]: key.path: what is wrong (got value)`."""
     if not isinstance(raw, dict):
-        raise ParamsError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+        found = "nothing (the file is empty)" if raw is None else type(raw).__name__
+        raise ParamsError(f"{source}: expected a mapping of sections at the top level, got {found}")
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        lines = "\n".join(f"  {_describe(e)}" for e in exc.errors())
-        raise ParamsError(f"{source}: invalid parameters:\n{lines}") from None
+        problems = []
+        for error in exc.errors():
+            line = _line_of(tuple(error["loc"]), lines or {})
+            problems.append(f"{source}{f':{line}' if line else ''}: {_describe(error)}")
+        raise ParamsError("\n".join(problems)) from None
+
+
+def _key_lines(node: yaml.Node, source: Path, path: tuple = (), lines: Lines | None = None) -> Lines:
+    """Each key path's line; a key given twice in one mapping is an error (YAML loaders silently keep the last)."""
+    lines = {} if lines is None else lines
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key, line = key_node.value, key_node.start_mark.line + 1
+            if key in seen:
+                dotted = ".".join(str(part) for part in (*path, key))
+                raise ParamsError(f"{source}:{line}: duplicate key {dotted!r} (first set at line {seen[key]}); keep one")
+            seen[key] = line
+            lines[(*path, key)] = line
+            _key_lines(value_node, source, (*path, key), lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[(*path, index)] = item.start_mark.line + 1
+            _key_lines(item, source, (*path, index), lines)
+    return lines
+
+
+def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
+    """`file:line:column: not valid YAML: problem (context)`, not PyYAML's multi-line report naming <unicode string>."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return f"{path}: not valid YAML ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    mark = exc.problem_mark
+    context = exc.context or ""
+    if exc.context_mark is not None and exc.context_mark.line != mark.line:
+        context += f" started at line {exc.context_mark.line + 1}"
+    return f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {exc.problem}{f' ({context.strip()})' if context else ''}"
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found; run from the repository root") from None
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ParamsError(f"{path}: unreadable ({exc.strerror})") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        lines = _key_lines(node, path) if node is not None else {}
+        raw = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
-    return parse_params(raw, str(path))
+        raise ParamsError(_yaml_problem(path, exc)) from None
+    finally:
+        loader.dispose()
+    return parse_params(raw, str(path), lines)

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 import torch
 
-from stages.lib.cli import run
+from stages.lib.cli import ArgumentParser, run
 from stages.lib.conversations import InputError, iter_jsonl
 from stages.lib.modeling import inference_dtype, load_causal_lm, pick_device
 from stages.lib.gguf_file import load as load_gguf
@@ -97,7 +97,7 @@ def interactive(chat: Chat) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="finetuned", help="finetuned, base, export (the GGUF), or a model directory")
     parser.add_argument("--prompt", help="answer this one prompt and exit")
     parser.add_argument("--prompts", type=Path, help="JSONL of {\"prompt\": ...}; each is a new conversation unless --keep-history")
@@ -108,7 +108,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--context-tokens", type=int, help="prompt + reply budget (default: the model's context window)")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    problem = argument_problem(args)
+    if problem:
+        raise InputError(problem)
+    return args
+
+
+def argument_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, checked before a model is loaded."""
+    if args.max_new_tokens < 1:
+        return f"--max-new-tokens {args.max_new_tokens}: expected at least 1"
+    if not args.temperature >= 0:  # NaN too
+        return f"--temperature {args.temperature}: expected 0 (greedy) or more"
+    if not 0 < args.top_p <= 1:
+        return f"--top-p {args.top_p}: expected a value in (0, 1]"
+    if args.context_tokens is not None and args.context_tokens <= args.max_new_tokens:
+        return (f"--context-tokens {args.context_tokens}: must exceed --max-new-tokens {args.max_new_tokens}, "
+                f"leaving room for the prompt")
+    if args.prompt is not None and args.prompts is not None:
+        return "--prompt and --prompts: give one of them"
+    if args.prompts is not None and not args.prompts.is_file():
+        return f"--prompts {args.prompts}: no such file"
+    if args.model not in MODELS and not Path(args.model).is_dir():
+        return f"--model {args.model}: expected {' or '.join(MODELS)}, or a model directory"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
