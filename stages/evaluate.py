@@ -192,10 +192,9 @@ def evaluate(params: EvaluateParams, seed: int) -> dict[str, Any]:
     }
     for name in MODELS:
         results[name] = model_summary(metric_sets[name], HEADLINE, params, seed)
-    human = model_summary(metric_sets["human"], HUMAN_METRICS, params, seed)
-    human.pop("scored_tokens")
-    within = bootstrap(lambda idx: metric_sets["human"].metric("stop_rate", idx), len(metric_sets["human"]), boot.resamples, boot.confidence, seed)
-    results["human"] = {**human, **interval_fields("within_max_new_tokens", within)}
+    everything = list(range(len(metric_sets["human"])))  # the human replies are the reference: values, no intervals
+    results["human"] = {name: round(metric_sets["human"].metric(name, everything), 4) for name in HUMAN_METRICS}
+    results["human"]["within_max_new_tokens"] = round(metric_sets["human"].metric("stop_rate", everything), 4)
     change = {}
     for name in HEADLINE:
         interval = paired_change(name, metric_sets["finetuned"], metric_sets["base"], boot.resamples, boot.confidence, seed)
