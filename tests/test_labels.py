@@ -224,8 +224,8 @@ def test_5_batched_windows_equal_one_conversation_at_a_time(tokenizer, loss_on):
                      [{"role": "assistant", "content": "hello!"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "how?"}]]
     cost = TemplateCost.measure(tokenizer)
     for max_length in (40, len(encode(tokenizer, long_conversation(12)).input_ids) // 3, 512):
-        one, batched = WindowStats(), WindowStats()
-        expected = [windows(tokenizer, c, max_length, loss_on, cost, one) for c in conversations]
+        one, batched = [WindowStats() for _ in conversations], [WindowStats() for _ in conversations]
+        expected = [windows(tokenizer, c, max_length, loss_on, cost, s) for c, s in zip(conversations, one)]
         got = windows_batch(tokenizer, conversations, max_length, loss_on, cost, batched)
         assert [[(e.input_ids, e.labels, e.turns) for e in w] for w in got] == [[(e.input_ids, e.labels, e.turns) for e in w] for w in expected]
         assert batched == one

@@ -28,7 +28,7 @@ class Conversation(TypedDict):
 def read_text_utf8(path: Path) -> str:
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark is accepted, as spreadsheets write one
     except UnicodeDecodeError as exc:
         raise InputError(
             f"{path}: not valid UTF-8 at byte offset {exc.start} (byte 0x{data[exc.start]:02x}); "
@@ -36,15 +36,21 @@ def read_text_utf8(path: Path) -> str:
         ) from None
 
 
+def parse_json_line(line: str, where: str) -> Any:
+    """One JSONL line; every way JSON can fail (syntax, lone surrogates, nesting too deep) is one line naming `where`."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply to read") from None
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """Yield (line number, parsed object) for each non-blank line."""
     for line_no, line in enumerate(read_text_utf8(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield line_no, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        if line.strip():
+            yield line_no, parse_json_line(line, f"{path}:{line_no}")
 
 
 def make_conversation(conv_id: str, messages: list[Message], topic: str | None, source: str) -> Conversation:

@@ -124,14 +124,27 @@ class Example:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
+def token_ids(tokenizer: Any, texts: list[str], offsets: bool = False) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Ids (and character offsets) of each text without special tokens added: one call of the fast tokenizer's
+    batch encoder, which is what `tokenizer(texts, add_special_tokens=False)` runs, without its per-text
+    conversion to Python dicts. A backend set to truncate or pad goes through the tokenizer's own call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not texts:
+        return [], []
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        encoding = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
+        return encoding["input_ids"], encoding["offset_mapping"] if offsets else []
+    encodings = backend.encode_batch(texts, add_special_tokens=False)
+    return [e.ids for e in encodings], [e.offsets for e in encodings] if offsets else []
+
+
 def encode(tokenizer: Any, messages: Sequence[Message], loss_on: str = "assistant") -> Example:
     """Render once with the template, tokenize without adding special tokens (one BOS at most), label spans."""
     text = render(tokenizer, messages)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = encoding["input_ids"]
+    (ids,), (offsets,) = token_ids(tokenizer, [text], offsets=True)
     if loss_on == "all":
         return Example(ids, list(ids))
-    return Example(ids, span_labels(ids, encoding["offset_mapping"], assistant_spans(tokenizer, messages, text)))
+    return Example(ids, span_labels(ids, offsets, assistant_spans(tokenizer, messages, text)))
 
 
 def span_labels(ids: list[int], offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
@@ -259,8 +272,7 @@ def windows(
     tokenizer: Any, messages: Sequence[Message], max_length: int, loss_on: str, cost: TemplateCost, stats: WindowStats
 ) -> list[Example]:
     """Split one conversation into examples of whole turns that fit `max_length` (DESIGN §4.5); see `_walk`."""
-    content_ids = tokenizer([m["content"] for m in messages], add_special_tokens=False)["input_ids"] if messages else []
-    plan = _plan(messages, content_ids, max_length, cost)
+    plan = _plan(messages, token_ids(tokenizer, [m["content"] for m in messages])[0], max_length, cost)
 
     def fit(start: int, end: int) -> Example | None:
         candidate = encode(tokenizer, plan.system + plan.body[start : end + 1], loss_on)
@@ -270,16 +282,16 @@ def windows(
 
 
 def windows_batch(
-    tokenizer: Any, conversations: Sequence[Sequence[Message]], max_length: int, loss_on: str, cost: TemplateCost, stats: WindowStats
+    tokenizer: Any, conversations: Sequence[Sequence[Message]], max_length: int, loss_on: str, cost: TemplateCost,
+    stats: Sequence[WindowStats],
 ) -> list[list[Example]]:
-    """`windows` for many conversations with batched encoding, same result.
+    """`windows` for many conversations with batched encoding, same result; `stats` has one per conversation.
 
     Each conversation's windows are first planned on the assumption that every estimated window fits; all
     of them are rendered and encoded in one batch. A conversation where one does not fit (rare: the
     estimate is off at a boundary) is redone by `windows`, whose exact check then decides.
     """
-    flat = [m["content"] for messages in conversations for m in messages]
-    flat_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    flat_ids, _ = token_ids(tokenizer, [m["content"] for messages in conversations for m in messages])
     plans, walks, walk_stats, texts, offset = [], [], [], [], 0
     for messages in conversations:
         plan = _plan(messages, flat_ids[offset : offset + len(messages)], max_length, cost)
@@ -292,21 +304,21 @@ def windows_batch(
         plans.append(plan)
         walks.append(walk)
         walk_stats.append(own)
-    encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {"input_ids": [], "offset_mapping": []}
+    all_ids, all_offsets = token_ids(tokenizer, texts, offsets=True)
     out = []
-    for messages, plan, walk, own in zip(conversations, plans, walks, walk_stats):
-        if any(len(encodings["input_ids"][index]) > max_length for _, _, index in walk):
-            out.append(windows(tokenizer, messages, max_length, loss_on, cost, stats))
+    for messages, plan, walk, own, counts in zip(conversations, plans, walks, walk_stats, stats):
+        if any(len(all_ids[index]) > max_length for _, _, index in walk):
+            out.append(windows(tokenizer, messages, max_length, loss_on, cost, counts))
             continue
         accepted = []
         for start, end, index in walk:
-            ids = encodings["input_ids"][index]
+            ids = all_ids[index]
             if loss_on == "all":
                 accepted.append((start, end, Example(ids, list(ids))))
                 continue
             window = plan.system + plan.body[start : end + 1]
             spans = assistant_spans(tokenizer, window, texts[index])
-            accepted.append((start, end, Example(ids, span_labels(ids, encodings["offset_mapping"][index], spans))))
-        stats.turns_without_context += own.turns_without_context
-        out.append(_collect(plan, accepted, stats))
+            accepted.append((start, end, Example(ids, span_labels(ids, all_offsets[index], spans))))
+        counts.turns_without_context += own.turns_without_context
+        out.append(_collect(plan, accepted, counts))
     return out
