@@ -36,21 +36,35 @@ def read_text_utf8(path: Path) -> str:
         ) from None
 
 
-def parse_json_line(line: str, where: str) -> Any:
-    """One JSONL line; every way JSON can fail (syntax, lone surrogates, nesting too deep) is one line naming `where`."""
+def parse_json_line(text: str, where: str, multiline: bool = False) -> Any:
+    """One JSON document; every way JSON can fail (syntax, nesting too deep) is one line naming `where`
+    (and the line, for a `multiline` document)."""
     try:
-        return json.loads(line)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        at = f"{where}:{exc.lineno}" if multiline else where
+        raise InputError(f"{at}: malformed JSON ({exc.msg} at column {exc.colno})") from None
     except RecursionError:
         raise InputError(f"{where}: JSON nested too deeply to read") from None
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed object) for each non-blank line."""
-    for line_no, line in enumerate(read_text_utf8(path).splitlines(), start=1):
-        if line.strip():
-            yield line_no, parse_json_line(line, f"{path}:{line_no}")
+    """Yield (line number, parsed object) for each non-blank line, reading one line at a time."""
+    offset = 0
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(
+                    f"{path}:{line_no}: not valid UTF-8 at byte offset {offset + exc.start} (byte 0x{raw[exc.start]:02x}); "
+                    "re-encode the file as UTF-8"
+                ) from None
+            if line_no == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark, as some editors write
+            offset += len(raw)
+            if line.strip():
+                yield line_no, parse_json_line(line, f"{path}:{line_no}")
 
 
 def make_conversation(conv_id: str, messages: list[Message], topic: str | None, source: str) -> Conversation:
