@@ -170,3 +170,74 @@ def test_cli_rejects_bad_params_before_work(workdir):
     result = run_stage("ingest", workdir)
     assert result.returncode == 1 and "data.sorce: unknown key" in result.stderr
     assert not (workdir / OUTPUT).exists()
+
+
+# Issue 13: silent wrong results and tracebacks on unusual but valid-looking input.
+
+def test_csv_order_column_sorts_as_numbers(tmp_path):
+    path = tmp_path / "rows.csv"
+    turns = list(range(1, 13))
+    pd.DataFrame({"conversation_id": ["c"] * len(turns), "speaker": ["user", "assistant"] * 6,
+                  "text": [f"turn {n}" for n in turns], "n": turns}).iloc[::-1].to_csv(path, index=False)
+    columns = load_params(REPO / "params.yaml").data.columns.model_copy(update={"order": "n"})
+    (conv,) = load(data_params(path, columns=columns))
+    assert [m["content"] for m in conv["messages"]] == [f"turn {n}" for n in turns]  # not 1, 10, 11, 12, 2, ...
+
+
+def test_jsonl_order_mixing_numbers_and_strings_does_not_crash(tmp_path):
+    path = write_lines(tmp_path / "rows.jsonl", [
+        {"conversation_id": "c", "speaker": "assistant", "text": "second", "n": "2"},
+        {"conversation_id": "c", "speaker": "user", "text": "first", "n": 1},
+        {"conversation_id": "c", "speaker": "user", "text": "tenth", "n": 10}])
+    columns = load_params(REPO / "params.yaml").data.columns.model_copy(update={"order": "n"})
+    (conv,) = load(data_params(path, columns=columns))
+    assert [m["content"] for m in conv["messages"]] == ["first", "second", "tenth"]
+
+
+@pytest.mark.parametrize("record,expected", [
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": {"x": 1}}]}]}, r"c\.jsonl:1 messages\[0\] content\[0\]: 'text' must be a string, got dict"),
+    ({"id": {"a": 1}, "messages": [{"role": "user", "content": "hi"}]}, r"c\.jsonl:1: 'id' must be a string or an integer, got dict"),
+    ({"id": ["x"], "messages": [{"role": "user", "content": "hi"}]}, r"c\.jsonl:1: 'id' must be a string or an integer, got list"),
+])
+def test_non_string_parts_and_object_ids_are_errors_not_repr(tmp_path, record, expected):
+    path = write_lines(tmp_path / "c.jsonl", [record])
+    with pytest.raises(InputError, match=expected):
+        load(data_params(path))
+
+
+@pytest.mark.parametrize("name", ["c.jsonl", "c.json"])
+def test_utf8_byte_order_mark_is_accepted_for_json(tmp_path, name):
+    record = {"id": "a", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    text = json.dumps(record) + "\n" if name.endswith("l") else json.dumps([record])
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (conv,) = load(data_params(path))
+    assert conv["id"] == "a" and conv["messages"][1]["content"] == "hello"
+
+
+def test_semicolon_csv_gets_a_separator_hint_not_a_columns_hint(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("conversation_id;speaker;text\n1;user;hi\n1;assistant;hello\n")
+    with pytest.raises(InputError, match=r"rows\.csv:1: the header .* is semicolon-separated") as error:
+        load(data_params(path))
+    assert "data.columns" not in str(error.value)
+
+
+def test_data_format_is_not_ignored_for_csv(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("conversation_id,speaker,text\n1,user,hi\n")
+    with pytest.raises(InputError, match=r"data\.format: 'openai' does not apply to .*rows\.csv"):
+        load(data_params(path, format="openai"))
+
+
+@pytest.mark.parametrize("content,expected", [
+    ('{"messages": ' + "[" * 100000 + "]" * 100000 + "}\n", r"c\.jsonl:1: JSON nested too deeply"),
+    ('{"messages": [{"role": "user", "content": "a\\uZZZZ"}]}\n', r"c\.jsonl:1: malformed JSON \(Invalid \\uXXXX escape"),
+    ('{"messages": [{"role": "user", "content": "a\\ud800"}]}\n', r"c\.jsonl:1 messages\[0\]: invalid Unicode escape \\ud800"),
+])
+def test_deep_json_and_bad_unicode_escapes_are_one_line_errors(tmp_path, content, expected):
+    path = tmp_path / "c.jsonl"
+    path.write_text(content)
+    with pytest.raises(InputError, match=expected) as error:
+        load(data_params(path))
+    assert "\n" not in str(error.value)
