@@ -102,6 +102,13 @@ def window_rows(lines: list[str], indices: list[int], tokenizer: Any, cost: Temp
     return out
 
 
+def jsonl_lines(path: str) -> Iterator[dict[str, str]]:
+    """One row per line, blank ones included, so that a row's index + 1 is its line number."""
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            yield {"text": line.rstrip("\n")}
+
+
 def first_lines(lines: Any, conversations: int | None) -> Any:
     """The rows of a text dataset up to and including its `conversations`-th non-blank line."""
     if conversations is None:
@@ -233,7 +240,8 @@ def build(params: TokenizeParams, tokenizer_dir: Path, cache: Path) -> tuple[Any
     splits = {}
     report = {"max_length": params.max_length, "loss_on": params.loss_on, "role_swap": params.role_swap, "system_prompt": params.system_prompt}
     for name, path in paths.items():
-        lines = datasets.Dataset.from_text(str(path), cache_dir=str(cache / "text"), keep_linebreaks=False)
+        lines = datasets.Dataset.from_generator(jsonl_lines, features=datasets.Features({"text": datasets.Value("string")}),
+                                                cache_dir=str(cache / "lines"), gen_kwargs={"path": str(path)})
         if name == "val":
             lines = first_lines(lines, params.max_val_examples)  # the split is already shuffled by the seed
         swaps = (False, True) if name == "train" and params.role_swap else (False,)
