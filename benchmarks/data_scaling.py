@@ -136,14 +136,14 @@ def main() -> int:
             if stage == "tokenize" and row["exit"] == 0:
                 row["tokens_per_s"] = tokens_per_second(root, row["seconds"])
             rows[f"x{scale} {stage}"] = {"scale": scale, "conversations": scale * 7168, **row}
-            print(f"x{scale:<4} {stage:<11} {row['seconds']:>8.1f} s {row["peak_memory_mb"]:>7} MB  exit {row['exit']}  {row.get('tokens_per_s') or ''}", flush=True)
+            print(f"x{scale:<4} {stage:<11} {row['seconds']:>8.1f} s {row['peak_memory_mb']:>7} MB  exit {row['exit']}  {row.get('tokens_per_s') or ''}", flush=True)
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
             if row["exit"] != 0:
                 break
     print(f"\n{'scale':<6} {'stage':<11} {'seconds':>8} {'peak mem MB':>12} {'tokens/s':>10}")
     for key, row in rows.items():
-        print(f"x{row['scale']:<5} {row['stage']:<11} {row['seconds']:>8} {row["peak_memory_mb"]:>12} {row.get('tokens_per_s') or '':>10}")
+        print(f"x{row['scale']:<5} {row['stage']:<11} {row['seconds']:>8} {row['peak_memory_mb']:>12} {row.get('tokens_per_s') or '':>10}")
     return 0
 
 
