@@ -6,8 +6,8 @@
 Each corpus is the bundled 7,168 conversations copied `scale` times; every copy after the first is perturbed
 (a few words of each message swapped with a seeded RNG and a copy number added to the first message) so that
 neither exact nor near-duplicate removal collapses the copies. The corpus is an OpenAI-format JSONL under a
-scratch directory (--work) with its own params.yaml (data.source pointing at it) and models/base linked to
-the repository's. Each stage runs as `python -m stages.<stage>` there, as DVC would run it; wall time and the
+scratch directory (--work); each run gets a workspace there with its own params.yaml (data.source pointing
+at the corpus) and models/base linked to --base-model. Each stage runs as `python -m stages.<stage>` there, as DVC would run it; wall time and the
 peak memory of the stage's whole process tree (the sum of proportional set sizes, map workers included,
 sampled every 0.25 s) are written to benchmarks/results/data_scaling.json and printed as a table.
 """
@@ -55,21 +55,24 @@ def perturbed(conversation: dict, copy: int, rng: random.Random) -> dict:
 def build_corpus(path: Path, scale: int, base: list[dict], seed: int = 0) -> int:
     rng = random.Random(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
+    partial = path.with_suffix(".partial")
+    with partial.open("w", encoding="utf-8") as handle:
         for copy in range(scale):
             for conversation in base:
                 handle.write(json.dumps(perturbed(conversation, copy, rng), ensure_ascii=False) + "\n")
+    partial.rename(path)
     return scale * len(base)
 
 
-def workspace(work: Path, scale: int, base_model: Path) -> Path:
+def workspace(work: Path, label: str, scale: int, base_model: Path) -> Path:
     """A scratch repository for one scale: params.yaml pointing at the corpus, models/base linked."""
-    root = work / f"x{scale}"
-    corpus = root / "data" / "external" / "corpus.jsonl"
+    root = work / label / f"x{scale}"
+    corpus = work / "corpora" / f"x{scale}.jsonl"  # shared by the labels (before/after)
     if not corpus.exists():
         build_corpus(corpus, scale, bundled_conversations())
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"]["source"] = str(corpus.relative_to(root))
+    params["data"]["source"] = str(corpus.resolve())
+    root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / "models").mkdir(exist_ok=True)
     link = root / "models" / "base"
@@ -90,8 +93,8 @@ def tree_memory(process: psutil.Process) -> int:
     return total
 
 
-def run_stage(root: Path, stage: str, timeout: float) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_stage(root: Path, stage: str, timeout: float, code: Path = REPO) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(code)}
     start = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=root, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -124,15 +127,16 @@ def main() -> int:
     parser.add_argument("--base-model", type=Path, default=REPO / "models" / "base", help="a base_model stage output")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per stage before it is stopped")
     parser.add_argument("--label", default="after", help="the key the rows are stored under in the results file")
+    parser.add_argument("--code", type=Path, default=REPO, help="a checkout whose stages/ to run (e.g. the code before issue 14)")
     args = parser.parse_args()
     if "tokenize" in args.stages and not (args.base_model / "config.json").exists():
         parser.error(f"--base-model {args.base_model}: no base model; run `dvc repro base_model` or pass a directory")
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     rows = results.setdefault(args.label, {})
     for scale in args.scales:
-        root = workspace(args.work, scale, args.base_model)
+        root = workspace(args.work, args.label, scale, args.base_model)
         for stage in args.stages:
-            row = run_stage(root, stage, args.timeout)
+            row = run_stage(root, stage, args.timeout, args.code.resolve())
             if stage == "tokenize" and row["exit"] == 0:
                 row["tokens_per_s"] = tokens_per_second(root, row["seconds"])
             rows[f"x{scale} {stage}"] = {"scale": scale, "conversations": scale * 7168, **row}

@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 import sys
+import tempfile
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -20,7 +21,8 @@ from tqdm import tqdm
 
 from stages.lib.atomic import atomic_path, write_json
 from stages.lib.cli import run
-from stages.lib.conversations import Conversation, InputError, Message, iter_jsonl, topic_of, validate_conversation
+from stages.lib.conversations import (Conversation, InputError, Message, lines_dataset, map_workers, parse_json_line, topic_of,
+                                      validate_conversation)
 from stages.lib.params import PreprocessParams, load_params
 from stages.lib.paths import PROCESSED, RAW
 
@@ -94,9 +96,8 @@ def drop_reason(messages: list[Message], params: PreprocessParams) -> str | None
     return None
 
 
-def clean_one(conversation: Conversation, params: PreprocessParams, seen: set[bytes], stats: Counter) -> Conversation | None:
-    """Clean, merge and filter one conversation; None when it is dropped (counted in `stats` by reason).
-    `seen` holds the exact-duplicate keys so far, as 16-byte digests: bounded memory at a million conversations."""
+def clean_candidate(conversation: Conversation, params: PreprocessParams, stats: Counter) -> tuple[Conversation, str | None]:
+    """Clean and merge one conversation; returns it and why it is dropped (None: kept, unless a duplicate)."""
     cleaned: list[Message] = []
     for message in conversation["messages"]:
         content = clean_text(message["content"], params.scrub_pii, params.lowercase)
@@ -106,24 +107,63 @@ def clean_one(conversation: Conversation, params: PreprocessParams, seen: set[by
             stats["empty_turns_removed"] += 1
     merged = merge_turns(cleaned)
     stats["turns_merged"] += len(cleaned) - len(merged)
-    reason = drop_reason(merged, params)
     candidate: Conversation = {"id": conversation["id"], "messages": merged, "meta": conversation.get("meta", {})}
+    return candidate, drop_reason(merged, params)
+
+
+def digest(hex_key: str) -> bytes:
+    """16 bytes of a sha256: what the duplicate and leakage sets hold, bounded at a million conversations."""
+    return bytes.fromhex(hex_key)[:16]
+
+
+def not_duplicate(reason: str | None, key: bytes, seen: set[bytes], stats: Counter) -> bool:
+    """Count a drop (a duplicate when `key` was seen before); True when the conversation is kept."""
     if reason is None:
-        key = bytes.fromhex(exact_key(candidate))[:16]
         reason = "duplicate" if key in seen else None
         seen.add(key)
     if reason:
         stats[f"dropped_{reason}"] += 1
-        return None
-    return candidate
+    return reason is None
 
 
 def clean_conversations(raw: Iterable[Conversation], params: PreprocessParams) -> tuple[list[Conversation], Counter]:
     """Clean, merge and filter; returns the kept conversations and a counter of what was dropped or changed."""
     stats: Counter = Counter()
     seen: set[bytes] = set()
-    kept = [c for c in (clean_one(conversation, params, seen, stats) for conversation in raw) if c is not None]
+    kept = []
+    for conversation in raw:
+        candidate, reason = clean_candidate(conversation, params, stats)
+        if not_duplicate(reason, digest(exact_key(candidate)), seen, stats):
+            kept.append(candidate)
     return kept, stats
+
+
+CLEAN_BATCH = 500  # conversations per datasets.map call
+
+
+def clean_rows(lines: list[str], indices: list[int], params: PreprocessParams, path: str) -> dict[str, list]:
+    """datasets.map function: raw JSONL lines -> each cleaned conversation as its output line, with its
+    drop reason, hashes and sizes (the parallel part; duplicates are decided in order afterwards)."""
+    out: dict[str, list] = {name: [] for name in ROW_FIELDS}
+    for line, index in zip(lines, indices):
+        stats: Counter = Counter()
+        if not line.strip():
+            row = {"line": "", "reason": "blank", "exact": b"", "near": b"", "topic": "", "turns": 0, "chars": 0, "raw_turns": 0}
+        else:
+            where = f"{path}:{index + 1}"
+            conversation = validate_conversation(parse_json_line(line, where), where)
+            candidate, reason = clean_candidate(conversation, params, stats)
+            row = {"line": json.dumps(candidate, ensure_ascii=False) + "\n", "reason": reason or "",
+                   "exact": digest(exact_key(candidate)), "near": digest(near_key(candidate)), "topic": topic_of(candidate),
+                   "turns": len(candidate["messages"]), "chars": sum(len(m["content"]) for m in candidate["messages"]),
+                   "raw_turns": len(conversation["messages"])}
+        row.update(empty_turns_removed=stats["empty_turns_removed"], turns_merged=stats["turns_merged"])
+        for name in ROW_FIELDS:
+            out[name].append(row[name])
+    return out
+
+
+ROW_FIELDS = ("line", "reason", "exact", "near", "topic", "turns", "chars", "raw_turns", "empty_turns_removed", "turns_merged")
 
 
 def split_indices(labels: list[str], params: PreprocessParams, seed: int) -> tuple[dict[str, list[int]], str]:
@@ -206,32 +246,41 @@ class Kept:
         self.turns: list[int] = []
         self.chars: list[int] = []
 
-    def add(self, conversation: Conversation) -> None:
-        self.topics.append(sys.intern(topic_of(conversation)))
-        self.near.append(bytes.fromhex(near_key(conversation))[:16])
-        self.turns.append(len(conversation["messages"]))
-        self.chars.append(sum(len(m["content"]) for m in conversation["messages"]))
+    def add(self, row: dict) -> None:
+        self.topics.append(sys.intern(row["topic"]))
+        self.near.append(row["near"])
+        self.turns.append(row["turns"])
+        self.chars.append(row["chars"])
 
 
-def preprocess(raw_path: Path, out_dir: Path, params: PreprocessParams, seed: int) -> tuple[dict, list[dict]]:
+def preprocess(raw_path: Path, out_dir: Path, params: PreprocessParams, seed: int, cache: Path) -> tuple[dict, list[dict]]:
     """Stream `raw_path` into out_dir/{train,val,test}.jsonl; returns the report and the per-topic table.
 
-    Pass 1 cleans each conversation and writes the kept ones to a scratch file, keeping only hashes and
-    sizes in memory; the split is computed on those; pass 2 copies each kept line to its split's file."""
+    Pass 1 cleans the conversations on every core (datasets.map, its Arrow files in `cache`), then drops
+    duplicates in order and writes the kept ones to a scratch file, keeping only hashes and sizes in
+    memory; the split is computed on those; pass 2 copies each kept line to its split's file."""
     stats: Counter = Counter()
     seen: set[bytes] = set()
     kept = Kept()
     raw_conversations = raw_turns = 0
     scratch = out_dir / "kept.jsonl.tmp"
+    lines = lines_dataset(raw_path, cache)
+    cleaned = lines.map(clean_rows, batched=True, batch_size=CLEAN_BATCH, with_indices=True, input_columns="text",
+                        remove_columns=["text"], num_proc=map_workers(len(lines), CLEAN_BATCH), desc="preprocess clean",
+                        fn_kwargs={"params": params, "path": str(raw_path)}, cache_file_name=str(cache / "cleaned.arrow"),
+                        new_fingerprint=hashlib.sha256(f"{raw_path} {params.model_dump_json()}".encode()).hexdigest()[:16])
     with scratch.open("w", encoding="utf-8") as handle:
-        for line_no, obj in tqdm(iter_jsonl(raw_path), desc="preprocess", unit="conv", mininterval=2.0, leave=False):
-            conversation = validate_conversation(obj, f"{raw_path}:{line_no}")
-            raw_conversations += 1
-            raw_turns += len(conversation["messages"])
-            candidate = clean_one(conversation, params, seen, stats)
-            if candidate is not None:
-                kept.add(candidate)
-                handle.write(json.dumps(candidate, ensure_ascii=False) + "\n")
+        for batch in tqdm(cleaned.iter(batch_size=1000), desc="preprocess dedup", unit="batch", mininterval=2.0, leave=False):
+            for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
+                stats["empty_turns_removed"] += row["empty_turns_removed"]
+                stats["turns_merged"] += row["turns_merged"]
+                if row["reason"] == "blank":
+                    continue
+                raw_conversations += 1
+                raw_turns += row["raw_turns"]
+                if not_duplicate(row["reason"] or None, row["exact"], seen, stats):
+                    kept.add(row)
+                    handle.write(row["line"])
     if not kept.topics:
         raise InputError(f"preprocess: every conversation was dropped ({dict(stats)}); check min_turns and the input")
     assignment, method = split_indices(kept.topics, params, seed)
@@ -271,8 +320,8 @@ def main() -> int:
     params = load_params()
     if not RAW.exists():
         raise InputError(f"{RAW}: not found; run the stage that writes it first (dvc repro)")
-    with atomic_path(PROCESSED, is_dir=True) as staged:
-        report, topics = preprocess(RAW, staged, params.preprocess, params.seed)
+    with atomic_path(PROCESSED, is_dir=True) as staged, tempfile.TemporaryDirectory(dir=staged.parent) as cache:
+        report, topics = preprocess(RAW, staged, params.preprocess, params.seed, Path(cache))
     write_json(DATA_METRICS, report)
     write_json(TOPIC_PLOT, topics)
     dropped = sum(report["dropped"].values())

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import tempfile
 from dataclasses import fields
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any, Iterator
 
 from stages.lib.atomic import atomic_path, write_json
 from stages.lib.cli import run
-from stages.lib.conversations import Conversation, InputError, parse_json_line, validate_conversation
+from stages.lib.conversations import Conversation, InputError, lines_dataset, map_workers, parse_json_line, validate_conversation
 from stages.lib.labels import IGNORE_INDEX, TemplateCost, WindowStats, windows_batch
 from stages.lib.params import ParamsError, TokenizeParams, load_params
 from stages.lib.paths import BASE_MODEL, PROCESSED, TOKENIZED as OUTPUT
@@ -102,13 +101,6 @@ def window_rows(lines: list[str], indices: list[int], tokenizer: Any, cost: Temp
     return out
 
 
-def jsonl_lines(path: str) -> Iterator[dict[str, str]]:
-    """One row per line, blank ones included, so that a row's index + 1 is its line number."""
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            yield {"text": line.rstrip("\n")}
-
-
 def first_lines(lines: Any, conversations: int | None) -> Any:
     """The rows of a text dataset up to and including its `conversations`-th non-blank line."""
     if conversations is None:
@@ -178,13 +170,12 @@ def tokenize_split(lines: Any, tokenizer: Any, cost: TemplateCost, params: Token
     totals = {name: 0 for name in STAT_FIELDS}
     trained = tokens = 0
     target = cache / f"{name}.arrow"
-    workers = max(1, min(os.cpu_count() or 1, len(lines) // BATCH_CONVERSATIONS + 1))
     with ArrowWriter(features=example_features(), path=str(target), writer_batch_size=SAVE_BATCH_ROWS) as arrow_writer:
         writer = AlignedWriter(arrow_writer, SAVE_BATCH_ROWS)
         for swap in swaps:
             per_conversation = lines.map(
                 window_rows, batched=True, batch_size=BATCH_CONVERSATIONS, with_indices=True, input_columns="text",
-                remove_columns=["text"], features=window_features(), num_proc=workers if workers > 1 else None,
+                remove_columns=["text"], features=window_features(), num_proc=map_workers(len(lines), BATCH_CONVERSATIONS),
                 fn_kwargs={"tokenizer": tokenizer, "cost": cost, "params": params, "path": path, "swap": swap},
                 cache_file_name=str(cache / f"{name}-{swap}.arrow"), load_from_cache_file=False,
                 new_fingerprint=f"{fingerprint}-{name}-{swap}", desc=f"tokenize {name}{' (role-swapped)' if swap else ''}",
@@ -240,8 +231,7 @@ def build(params: TokenizeParams, tokenizer_dir: Path, cache: Path) -> tuple[Any
     splits = {}
     report = {"max_length": params.max_length, "loss_on": params.loss_on, "role_swap": params.role_swap, "system_prompt": params.system_prompt}
     for name, path in paths.items():
-        lines = datasets.Dataset.from_generator(jsonl_lines, features=datasets.Features({"text": datasets.Value("string")}),
-                                                cache_dir=str(cache / "lines"), gen_kwargs={"path": str(path)})
+        lines = lines_dataset(path, cache)
         if name == "val":
             lines = first_lines(lines, params.max_val_examples)  # the split is already shuffled by the seed
         swaps = (False, True) if name == "train" and params.role_swap else (False,)

@@ -63,14 +63,11 @@ def digests(root: Path) -> dict[str, str]:
     return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
 
 
-def make_workspace(root: Path, corpus_mb: int | None) -> Path:
-    """A repository with a tiny base model and, as its source, a corpus of `corpus_mb` MB (None: the fixture)."""
+def make_workspace(root: Path, corpus_mb: int) -> Path:
+    """A repository with a tiny base model and, as its source, a corpus of `corpus_mb` MB."""
     (root / "data" / "external").mkdir(parents=True)
     corpus = root / "data" / "external" / "chats.jsonl"
-    if corpus_mb is None:
-        corpus.write_text((FIXTURES / "conversations.jsonl").read_text())
-    else:
-        write_corpus(corpus, corpus_mb)
+    write_corpus(corpus, corpus_mb)
     save_tiny(root / "tiny-model", "llama")
     write_params(root, {"data": {"source": "data/external/chats.jsonl"}, "model": {"base": "tiny-model"},
                         "preprocess": {"max_turn_chars": 100000, "val_fraction": 0.1, "test_fraction": 0.1},
@@ -81,12 +78,13 @@ def make_workspace(root: Path, corpus_mb: int | None) -> Path:
 
 
 CORPUS_MB = 32
+SMALL_MB = 2  # enough conversations for tokenize to start its map workers too
 
 
 def test_data_stages_finish_in_a_heap_smaller_than_the_corpus(tmp_path):
-    """The cap is what each stage needs on the 48-conversation fixture plus half the corpus: a stage that
-    held the corpus as Python objects (several times its size on disk) could not fit under it."""
-    small = make_workspace(tmp_path / "small", None)
+    """The cap is what each stage needs on a 2 MB corpus plus half the 32 MB one: a stage that held the
+    corpus as Python objects (several times its size on disk) could not fit under it."""
+    small = make_workspace(tmp_path / "small", SMALL_MB)
     free = make_workspace(tmp_path / "free", CORPUS_MB)
     capped = make_workspace(tmp_path / "capped", CORPUS_MB)
     for stage in STAGES:

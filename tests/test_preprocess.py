@@ -104,7 +104,7 @@ def test_near_duplicates_across_splits_are_removed_from_held_out():
 def run_preprocess(tmp_path, params, raw=FIXTURES / "conversations.jsonl", seed=42):
     out = tmp_path / "processed"
     out.mkdir(exist_ok=True)
-    report, topics = preprocess(raw, out, params, seed)
+    report, topics = preprocess(raw, out, params, seed, tmp_path / "cache")
     return {name: read_conversations(out / f"{name}.jsonl") for name in ("train", "val", "test")}, report, topics
 
 

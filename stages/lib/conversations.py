@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterator, TypedDict
 
@@ -94,3 +95,24 @@ def read_conversations(path: Path | str) -> list[Conversation]:
 def topic_of(conversation: Conversation) -> str:
     """The conversation's topic label ('unknown' when it has none)."""
     return str(conversation.get("meta", {}).get("topic") or "unknown")
+
+
+def _lines(path: str) -> Iterator[dict[str, str]]:
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            yield {"text": line.rstrip("\n")}
+
+
+def lines_dataset(path: Path, cache: Path) -> Any:
+    """A JSONL file as a `datasets.Dataset` of its lines (blank ones included, so a row's index + 1 is its
+    line number), written to Arrow under `cache` in batches: the input of a `map` over all cores."""
+    import datasets
+
+    return datasets.Dataset.from_generator(_lines, features=datasets.Features({"text": datasets.Value("string")}),
+                                           cache_dir=str(cache / "lines"), gen_kwargs={"path": str(path)})
+
+
+def map_workers(rows: int, batch_size: int) -> int | None:
+    """`num_proc` for datasets.map: every core, but no more processes than batches (None: in process)."""
+    workers = max(1, min(os.cpu_count() or 1, rows // batch_size + 1))
+    return workers if workers > 1 else None
