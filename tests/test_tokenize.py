@@ -36,3 +36,20 @@ def test_streamed_arrow_is_byte_identical_to_from_list(tmp_path, count):
     streamed.save_to_disk(str(tmp_path / "streamed"))
     for name in ("data-00000-of-00001.arrow", "dataset_info.json"):
         assert (tmp_path / "list" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes(), name
+
+
+def test_max_length_above_the_models_positions_is_rejected_before_work(tmp_path):
+    """Issue 13: it used to pass until train died with an IndexError inside the embedding."""
+    import json
+
+    from conftest import REPO
+    from stages.lib.labels import TemplateCost
+    from stages.lib.params import ParamsError, load_params
+    from stages.tokenize import check_max_length
+
+    (tmp_path / "model_card.json").write_text(json.dumps({"max_position_embeddings": 512}))
+    params = load_params(REPO / "params.yaml").tokenize
+    cost = TemplateCost(preamble=3, per_message=5)
+    check_max_length(params.model_copy(update={"max_length": 512}), cost, tmp_path)
+    with pytest.raises(ParamsError, match=r"tokenize\.max_length: 513 is more than the 512 positions the base model has \(max_position_embeddings in .*model_card\.json\); expected at most 512"):
+        check_max_length(params.model_copy(update={"max_length": 513}), cost, tmp_path)
