@@ -13,7 +13,7 @@ import tempfile
 import unicodedata
 from collections import Counter
 from pathlib import Path
-from typing import Iterable
+from typing import ContextManager, Iterable
 
 import ftfy
 import numpy as np
@@ -253,8 +253,9 @@ class Kept:
         self.chars.append(row["chars"])
 
 
-def preprocess(raw_path: Path, out_dir: Path, params: PreprocessParams, seed: int, cache: Path) -> tuple[dict, list[dict]]:
-    """Stream `raw_path` into out_dir/{train,val,test}.jsonl; returns the report and the per-topic table.
+def preprocess(raw_path: Path, out_dir: ContextManager[Path], params: PreprocessParams, seed: int, cache: Path) -> tuple[dict, list[dict]]:
+    """Stream `raw_path` into {train,val,test}.jsonl in the directory `out_dir` gets (a context manager
+    yielding it, entered only for the last pass); returns the report and the per-topic table.
 
     Pass 1 cleans the conversations on every core (datasets.map, its Arrow files in `cache`), then drops
     duplicates in order and writes the kept ones to a scratch file, keeping only hashes and sizes in
@@ -263,7 +264,7 @@ def preprocess(raw_path: Path, out_dir: Path, params: PreprocessParams, seed: in
     seen: set[bytes] = set()
     kept = Kept()
     raw_conversations = raw_turns = 0
-    scratch = out_dir / "kept.jsonl.tmp"
+    scratch = cache / "kept.jsonl"
     lines = lines_dataset(raw_path, cache)
     cleaned = lines.map(clean_rows, batched=True, batch_size=CLEAN_BATCH, with_indices=True, input_columns="text",
                         remove_columns=["text"], num_proc=map_workers(len(lines), CLEAN_BATCH), desc="preprocess clean",
@@ -289,16 +290,16 @@ def preprocess(raw_path: Path, out_dir: Path, params: PreprocessParams, seed: in
     split_of = np.full(len(kept.topics), -1, dtype=np.int8)
     for number, name in enumerate(SPLITS):
         split_of[assignment[name]] = number
-    outputs = [(out_dir / f"{name}.jsonl").open("w", encoding="utf-8") for name in SPLITS]
-    try:
-        with scratch.open(encoding="utf-8") as handle:
-            for index, line in enumerate(handle):
-                if split_of[index] >= 0:
-                    outputs[split_of[index]].write(line)
-    finally:
-        for output in outputs:
-            output.close()
-    scratch.unlink()
+    with out_dir as directory:
+        outputs = [(directory / f"{name}.jsonl").open("w", encoding="utf-8") for name in SPLITS]
+        try:
+            with scratch.open(encoding="utf-8") as handle:
+                for index, line in enumerate(handle):
+                    if split_of[index] >= 0:
+                        outputs[split_of[index]].write(line)
+        finally:
+            for output in outputs:
+                output.close()
     turns, chars = np.asarray(kept.turns), np.asarray(kept.chars)
     order = np.concatenate([np.asarray(assignment[name], dtype=np.int64) for name in SPLITS])
     topic_counts = Counter(kept.topics[i] for i in order.tolist())
@@ -320,8 +321,10 @@ def main() -> int:
     params = load_params()
     if not RAW.exists():
         raise InputError(f"{RAW}: not found; run the stage that writes it first (dvc repro)")
-    with atomic_path(PROCESSED, is_dir=True) as staged, tempfile.TemporaryDirectory(dir=staged.parent) as cache:
-        report, topics = preprocess(RAW, staged, params.preprocess, params.seed, Path(cache))
+    # Scratch (the cleaned corpus, datasets' Arrow files) in the system's temporary directory (TMPDIR): a
+    # killed run whose rerun DVC restores from its run-cache leaves nothing beside the outputs.
+    with tempfile.TemporaryDirectory(prefix="preprocess.") as cache:
+        report, topics = preprocess(RAW, atomic_path(PROCESSED, is_dir=True), params.preprocess, params.seed, Path(cache))
     write_json(DATA_METRICS, report)
     write_json(TOPIC_PLOT, topics)
     dropped = sum(report["dropped"].values())

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from conftest import FIXTURES, REPO, run_stage, write_params
+from stages.lib.atomic import atomic_path
 from stages.lib.conversations import InputError, read_conversations
 from stages.lib.params import PreprocessParams, load_params
 from stages.preprocess import (clean_conversations, clean_text, merge_turns, near_key, preprocess, remove_leakage,
@@ -103,8 +104,7 @@ def test_near_duplicates_across_splits_are_removed_from_held_out():
 
 def run_preprocess(tmp_path, params, raw=FIXTURES / "conversations.jsonl", seed=42):
     out = tmp_path / "processed"
-    out.mkdir(exist_ok=True)
-    report, topics = preprocess(raw, out, params, seed, tmp_path / "cache")
+    report, topics = preprocess(raw, atomic_path(out, is_dir=True), params, seed, tmp_path / "cache")
     return {name: read_conversations(out / f"{name}.jsonl") for name in ("train", "val", "test")}, report, topics
 
 
