@@ -7,16 +7,20 @@ flat rows (one message per row) and the chitchat JSON.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import itertools
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
-from stages.lib.atomic import write_jsonl
+from tqdm import tqdm
+
+from stages.lib.atomic import atomic_path, write_jsonl
 from stages.lib.cli import run
-from stages.lib.conversations import Conversation, InputError, Message, iter_jsonl, make_conversation, read_text_utf8
+from stages.lib.conversations import Conversation, InputError, Message, iter_jsonl, make_conversation, parse_json_line, read_text_utf8
 from stages.lib.params import DataParams, RowColumns, load_params
 from stages.lib.paths import RAW as OUTPUT
 
@@ -45,15 +49,42 @@ def to_role(value: Any, where: str) -> str:
     return role
 
 
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def checked_text(value: str, where: str) -> str:
+    """A string that UTF-8 can hold: JSON's \\ud800-style escapes can name half of a character."""
+    match = _SURROGATE.search(value)
+    if match:
+        raise InputError(f"{where}: invalid Unicode escape \\u{ord(match.group()):04x} (half of a surrogate pair); "
+                         "fix the escape in the file")
+    return value
+
+
 def content_text(value: Any, where: str) -> str:
-    """Message content: a string, or OpenAI-style parts [{"type": "text", "text": ...}]."""
+    """Message content: a string, or OpenAI-style parts [{"type": "text", "text": "..."}]."""
     if isinstance(value, str):
-        return value
+        return checked_text(value, where)
     if isinstance(value, list) and all(isinstance(part, dict) for part in value):
-        return "".join(str(part.get("text", "")) for part in value if part.get("type", "text") == "text")
+        texts = []
+        for i, part in enumerate(value):
+            if part.get("type", "text") != "text":
+                continue
+            text = part.get("text", "")
+            if not isinstance(text, str):
+                raise InputError(f"{where} content[{i}]: 'text' must be a string, got {type(text).__name__}")
+            texts.append(checked_text(text, f"{where} content[{i}]"))
+        return "".join(texts)
     if value is None:
         return ""
     raise InputError(f"{where}: message content must be a string, got {type(value).__name__}")
+
+
+def conversation_id(value: Any, where: str) -> str:
+    """Ids are strings or integers; an object or list would be stored as its Python repr."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InputError(f"{where}: 'id' must be a string or an integer, got {type(value).__name__}")
+    return checked_text(str(value), where)
 
 
 def require(obj: dict, key: str, where: str) -> Any:
@@ -81,20 +112,19 @@ def from_message_list(obj: dict, where: str, index: int, source: str, keys: tupl
             raise InputError(f"{at}: expected an object with {role_key!r} and {text_key!r}")
         role = to_role(require(message, role_key, at), at)
         messages.append({"role": role, "content": content_text(require(message, text_key, at), at)})
-    return make_conversation(obj.get("id", f"conv-{index:06d}"), messages, topic_of(obj), source)
+    return make_conversation(conversation_id(obj.get("id", f"conv-{index:06d}"), where), messages, topic_of(obj), source)
 
 
 MESSAGE_LIST_KEYS = {"openai": ("messages", "role", "content"), "sharegpt": ("conversations", "from", "value")}
 
 
-def from_chitchat(data: Any, path: str, source: str) -> list[Conversation]:
+def from_chitchat(data: Any, path: str, source: str) -> Iterator[Conversation]:
     """chitchat JSON: {id: {"messages": [[utterance, ...] per turn], "prompt": topic}}.
 
     Each turn is one speaker's consecutive utterances; the first sender becomes `user`, the other `assistant`.
     """
     if not isinstance(data, dict):
         raise InputError(f"{path}: chitchat format expects an object keyed by conversation id\n{EXPECTED_SHAPES}")
-    conversations = []
     for conv_id, record in data.items():
         where = f"{path} [{conv_id!r}]"
         turns = require(record, "messages", where) if isinstance(record, dict) else None
@@ -110,11 +140,10 @@ def from_chitchat(data: Any, path: str, source: str) -> list[Conversation]:
             text = "\n".join(str(require(u, "text", f"{where} messages[{t}]")) for u in turn)
             messages.append({"role": "user" if sender == first_sender else "assistant", "content": text})
         prompt = record.get("prompt")
-        conversations.append(make_conversation(conv_id, messages, prompt.strip() if prompt else None, source))
-    return conversations
+        yield make_conversation(conv_id, messages, prompt.strip() if prompt else None, source)
 
 
-def from_rows(rows: list[tuple[int, dict]], columns: RowColumns, path: str, source: str) -> list[Conversation]:
+def from_rows(rows: Iterable[tuple[int, dict]], columns: RowColumns, path: str, source: str) -> Iterator[Conversation]:
     """Flat rows (number, row), one message each, grouped by conversation id in order of first appearance."""
     needed = [columns.conversation_id, columns.speaker, columns.text] + ([columns.order] if columns.order else [])
     grouped: dict[str, list[tuple[Any, int, Message]]] = {}
@@ -136,10 +165,27 @@ def from_rows(rows: list[tuple[int, dict]], columns: RowColumns, path: str, sour
         if columns.topic and conv_id not in topics:
             value = row.get(columns.topic)
             topics[conv_id] = None if value in (None, "") or value != value else str(value)
-    return [
-        make_conversation(conv_id, [m for _, _, m in sorted(items, key=lambda x: (x[0], x[1]))], topics.get(conv_id), source)
-        for conv_id, items in grouped.items()
-    ]
+    for conv_id, items in grouped.items():
+        keys = order_keys([order for order, _, _ in items])
+        ordered = sorted(zip(keys, items), key=lambda pair: (pair[0], pair[1][1]))  # ties keep file order
+        yield make_conversation(conv_id, [message for _, (_, _, message) in ordered], topics.get(conv_id), source)
+
+
+def order_keys(values: list[Any]) -> list[Any]:
+    """Sort keys for an `order` column: numbers when every value is one (CSV gives '10' as text, and JSONL
+    may mix 1 and "2"), the text otherwise; never a comparison of a number with a string."""
+    numbers = []
+    for value in values:
+        if isinstance(value, bool):
+            break
+        try:
+            numbers.append(float(value))
+        except (TypeError, ValueError):
+            break
+    else:
+        if not any(n != n for n in numbers):  # NaN: an empty cell
+            return numbers
+    return [str(value) for value in values]
 
 
 def detect_format(sample: Any, columns: RowColumns) -> str:
@@ -153,58 +199,75 @@ def detect_format(sample: Any, columns: RowColumns) -> str:
     return "unknown"
 
 
-def convert_records(records: list[tuple[int, Any]], fmt: str, columns: RowColumns, path: str, source: str) -> list[Conversation]:
+def convert_records(records: Iterable[tuple[int, Any]], fmt: str, columns: RowColumns, path: str, source: str) -> Iterator[Conversation]:
     """Records are (number, JSON object) pairs: JSONL lines, items of a JSON list, or hub rows."""
-    if not records:
-        return []
+    records = iter(records)
+    first = next(records, None)
+    if first is None:
+        return
+    records = itertools.chain([first], records)
     if fmt == "auto":
-        fmt = detect_format(records[0][1], columns)
+        fmt = detect_format(first[1], columns)
     if fmt == "rows":
-        return from_rows(records, columns, path, source)
+        yield from from_rows(records, columns, path, source)
+        return
     if fmt not in MESSAGE_LIST_KEYS:
-        first = records[0][1]
-        keys = sorted(first) if isinstance(first, dict) else type(first).__name__
+        keys = sorted(first[1]) if isinstance(first[1], dict) else type(first[1]).__name__
         raise InputError(f"{path}: unrecognised record shape (first record: {keys}); set data.format or convert the file\n{EXPECTED_SHAPES}")
-    out = []
     for index, (number, record) in enumerate(records):
         where = f"{path}:{number}"
         if not isinstance(record, dict):
             raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}\n{EXPECTED_SHAPES}")
-        out.append(from_message_list(record, where, index, source, MESSAGE_LIST_KEYS[fmt]))
-    return out
+        yield from_message_list(record, where, index, source, MESSAGE_LIST_KEYS[fmt])
 
 
-def read_file(path: Path, params: DataParams) -> list[Conversation]:
+def csv_separator_hint(path: Path) -> None:
+    """A header with no comma but a semicolon or tab: the file is not comma-separated, whatever data.columns says."""
+    with path.open(encoding="utf-8-sig") as handle:
+        header = handle.readline()
+    for name, separator in (("semicolon", ";"), ("tab", "\t")):
+        if "," not in header and separator in header:
+            raise InputError(f"{path}:1: the header {header.strip()[:80]!r} is {name}-separated; "
+                             "save the file with commas between columns (CSV), or as .parquet or .jsonl")
+
+
+def read_rows(path: Path, params: DataParams) -> Iterator[Conversation]:
+    import pandas as pd
+
+    suffix = path.suffix.lower()
+    if params.format not in ("auto", "rows"):
+        raise InputError(f"data.format: {params.format!r} does not apply to {path}: {suffix} files are read as rows "
+                         "(one message per row, columns named in data.columns); set data.format to auto or rows")
+    if suffix == ".csv":
+        read_text_utf8(path)  # a clear error with the byte offset for non-UTF-8 files
+        csv_separator_hint(path)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig") if suffix == ".csv" else pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{path}: the file is empty") from None
+    except Exception as exc:  # parser errors carry their own detail
+        raise InputError(f"{path}: cannot be read as {suffix[1:]}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    # CSV rows are numbered as in a text editor: the header is line 1.
+    first = 2 if suffix == ".csv" else 0
+    rows = enumerate(frame.to_dict("records"), start=first)
+    yield from convert_records(rows, "rows", params.columns, str(path) + ("" if suffix == ".csv" else " row"), path.name)
+
+
+def read_file(path: Path, params: DataParams) -> Iterator[Conversation]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         if params.format == "chitchat":
             raise InputError(f"{path}: the chitchat format is a single .json object, not JSONL")
-        return convert_records(list(iter_jsonl(path)), params.format, params.columns, str(path), path.name)
+        return convert_records(iter_jsonl(path), params.format, params.columns, str(path), path.name)
     if suffix == ".json":
-        try:
-            data = json.loads(read_text_utf8(path))
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        data = parse_json_line(read_text_utf8(path), str(path), multiline=True)
         if params.format == "chitchat" or (params.format == "auto" and isinstance(data, dict)):
             return from_chitchat(data, str(path), path.name)
         if not isinstance(data, list):
             raise InputError(f"{path}: expected a JSON list of conversations\n{EXPECTED_SHAPES}")
-        return convert_records(list(enumerate(data)), params.format, params.columns, f"{path} item", path.name)
+        return convert_records(enumerate(data), params.format, params.columns, f"{path} item", path.name)
     if suffix in (".csv", ".parquet"):
-        import pandas as pd
-
-        if suffix == ".csv":
-            read_text_utf8(path)  # a clear error with the byte offset for non-UTF-8 files
-        try:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False) if suffix == ".csv" else pd.read_parquet(path)
-        except pd.errors.EmptyDataError:
-            raise InputError(f"{path}: the file is empty") from None
-        except Exception as exc:  # parser errors carry their own detail
-            raise InputError(f"{path}: cannot be read as {suffix[1:]}: {exc}") from None
-        # CSV rows are numbered as in a text editor: the header is line 1.
-        first = 2 if suffix == ".csv" else 0
-        rows = list(enumerate(frame.to_dict("records"), start=first))
-        return convert_records(rows, "rows", params.columns, str(path) + ("" if suffix == ".csv" else " row"), path.name)
+        return read_rows(path, params)
     raise InputError(f"{path}: unsupported extension {suffix!r}; expected one of {list(FILE_EXTENSIONS)}")
 
 
@@ -220,7 +283,7 @@ def bundled_file(distribution: str, suffix: str) -> Path:
     raise InputError(f"the package {distribution!r} holds no file ending in {suffix!r}")
 
 
-def read_hub(dataset_id: str, params: DataParams) -> list[Conversation]:
+def read_hub(dataset_id: str, params: DataParams) -> Iterator[Conversation]:
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         raise InputError(f"data.source {dataset_id!r} looks like a hub dataset id, but HF_HUB_OFFLINE=1; use a local file")
     from huggingface_hub import HfApi
@@ -234,11 +297,11 @@ def read_hub(dataset_id: str, params: DataParams) -> list[Conversation]:
         ) from None
     import datasets
 
-    rows = list(enumerate(datasets.load_dataset(dataset_id, split=params.hub_split)))
+    rows = enumerate(datasets.load_dataset(dataset_id, split=params.hub_split))
     return convert_records(rows, params.format, params.columns, f"{dataset_id} row", dataset_id)
 
 
-def load_source(params: DataParams) -> list[Conversation]:
+def load_source(params: DataParams) -> Iterator[Conversation]:
     source = params.source
     if source == "chitchat":
         path = bundled_file("chitchat-dataset", "dataset.json")
@@ -260,19 +323,29 @@ def load_source(params: DataParams) -> list[Conversation]:
 
 
 def ingest(params: DataParams, output: Path = OUTPUT) -> dict[str, int]:
-    conversations = load_source(params)
-    if params.max_conversations:
-        conversations = conversations[: params.max_conversations]
-    usable = [c for c in conversations if any(m["content"].strip() for m in c["messages"])]
-    if not usable:
-        raise InputError(f"data.source {params.source!r}: zero usable conversations (none has a non-empty message)")
-    seen: set[str] = set()
-    for conversation in usable:
-        if conversation["id"] in seen:
-            raise InputError(f"data.source {params.source!r}: duplicate conversation id {conversation['id']!r}")
-        seen.add(conversation["id"])
-    written = write_jsonl(output, usable)
-    return {"conversations": written, "messages": sum(len(c["messages"]) for c in usable), "skipped_empty": len(conversations) - len(usable)}
+    """Stream the source into the canonical JSONL; ids are checked for duplicates by their hashes."""
+    counts = {"conversations": 0, "messages": 0, "skipped_empty": 0}
+    seen: set[bytes] = set()
+
+    def usable() -> Iterator[Conversation]:
+        conversations = itertools.islice(load_source(params), params.max_conversations or None)
+        for conversation in tqdm(conversations, desc="ingest", unit="conv", mininterval=2.0, leave=False):
+            if not any(m["content"].strip() for m in conversation["messages"]):
+                counts["skipped_empty"] += 1
+                continue
+            key = hashlib.blake2b(conversation["id"].encode("utf-8"), digest_size=16).digest()
+            if key in seen:
+                raise InputError(f"data.source {params.source!r}: duplicate conversation id {conversation['id']!r}")
+            seen.add(key)
+            counts["conversations"] += 1
+            counts["messages"] += len(conversation["messages"])
+            yield conversation
+
+    with atomic_path(output) as staged:
+        write_jsonl(staged, usable())
+        if not counts["conversations"]:
+            raise InputError(f"data.source {params.source!r}: zero usable conversations (none has a non-empty message)")
+    return counts
 
 
 def main() -> int:

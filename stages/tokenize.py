@@ -7,21 +7,24 @@ split with the trained tokens marked, so you can see exactly what the model lear
 from __future__ import annotations
 
 import argparse
-import os
+import hashlib
+import json
+import tempfile
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
-
-from tqdm import tqdm
+from typing import Any, Iterator
 
 from stages.lib.atomic import atomic_path, write_json
 from stages.lib.cli import run
-from stages.lib.conversations import Conversation, InputError, read_conversations
-from stages.lib.labels import IGNORE_INDEX, TemplateCost, WindowStats, windows
+from stages.lib.conversations import Conversation, InputError, lines_dataset, map_workers, parse_json_line, validate_conversation
+from stages.lib.labels import IGNORE_INDEX, TemplateCost, WindowStats, windows_batch
 from stages.lib.params import ParamsError, TokenizeParams, load_params
 from stages.lib.paths import BASE_MODEL, PROCESSED, TOKENIZED as OUTPUT
 from stages.lib.template import with_system_prompt
+
 TOKEN_METRICS = Path("metrics/tokenize.json")
+BATCH_CONVERSATIONS = 256  # per datasets.map call: bounds each worker's memory
+SAVE_BATCH_ROWS = 1000  # datasets' DEFAULT_MAX_BATCH_SIZE, the record batch save_to_disk writes
 SWAP = {"user": "assistant", "assistant": "user", "system": "system"}
 
 
@@ -43,83 +46,198 @@ def load_tokenizer(system_prompt: str, path: Path = BASE_MODEL) -> Any:
     return with_system_prompt(AutoTokenizer.from_pretrained(path), system_prompt)
 
 
-_WORKER: dict[str, Any] = {}
+def check_max_length(params: TokenizeParams, cost: TemplateCost, model_dir: Path = BASE_MODEL) -> None:
+    """Before any work: a window must fit one exchange of the template and the model's positions."""
+    smallest = cost.preamble + 2 * cost.per_message + 2  # one user word and one assistant word
+    if params.max_length < smallest:
+        raise ParamsError(f"tokenize.max_length: {params.max_length} is smaller than one exchange of {model_dir}'s chat "
+                          f"template ({smallest} tokens with one word per turn); expected a value well above it, e.g. 256")
+    card = model_dir / "model_card.json"
+    positions = json.loads(card.read_text()).get("max_position_embeddings") if card.exists() else None
+    if isinstance(positions, int) and params.max_length > positions:
+        raise ParamsError(f"tokenize.max_length: {params.max_length} is more than the {positions} positions the base model "
+                          f"has (max_position_embeddings in {card}); expected at most {positions}")
 
 
-def _init_worker(tokenizer_path: str) -> None:
-    from transformers import AutoTokenizer
+def window_features() -> Any:
+    """The per-conversation output of the map: its windows as lists of lists, and its window counts."""
+    from datasets import Features, List, Value
 
-    _WORKER["tokenizer"] = AutoTokenizer.from_pretrained(tokenizer_path)
-    _WORKER["cost"] = TemplateCost.measure(_WORKER["tokenizer"])
-
-
-def _tokenize_chunk(task: tuple[list[Conversation], TokenizeParams]) -> tuple[list[dict], WindowStats]:
-    conversations, params = task
-    stats = WindowStats()
-    rows = []
-    for conversation in conversations:
-        for example in windows(_WORKER["tokenizer"], conversation["messages"], params.max_length, params.loss_on, _WORKER["cost"], stats):
-            rows.append({"input_ids": example.input_ids, "labels": example.labels,
-                         "attention_mask": [1] * len(example.input_ids), "length": len(example.input_ids)})
-    return rows, stats
+    counts = {name: Value("int64") for name in STAT_FIELDS}
+    return Features({"input_ids": List(List(Value("int32"))), "labels": List(List(Value("int64"))), **counts})
 
 
-def tokenize_split(tokenizer_path: Path, conversations: list[Conversation], params: TokenizeParams, desc: str) -> tuple[list[dict], dict]:
-    """Tokenize conversations in parallel chunks; rows come back in input order, so output is deterministic."""
-    from concurrent.futures import ProcessPoolExecutor
+def example_features() -> Any:
+    """One row per window; the types `Dataset.from_list` gave these columns before (input_ids int32, mask int8)."""
+    from datasets import Features, List, Value
 
-    chunks = [(conversations[i : i + 64], params) for i in range(0, len(conversations), 64)]
-    stats = WindowStats()
-    rows: list[dict] = []
-    workers = max(1, min(os.cpu_count() or 1, 8, len(chunks)))
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool, \
-            tqdm(total=len(conversations), desc=f"tokenize {desc}", unit="conv", mininterval=2.0) as progress:
-        for (chunk, _), (chunk_rows, chunk_stats) in zip(chunks, pool.map(_tokenize_chunk, chunks)):
-            rows += chunk_rows
-            for field in fields(WindowStats):
-                setattr(stats, field.name, getattr(stats, field.name) + getattr(chunk_stats, field.name))
-            progress.update(len(chunk))
-    trained = sum(sum(label != IGNORE_INDEX for label in row["labels"]) for row in rows)
-    tokens = sum(row["length"] for row in rows)
+    return Features({"input_ids": List(Value("int32")), "labels": List(Value("int64")),
+                     "attention_mask": List(Value("int8")), "length": Value("int64")})
+
+
+STAT_FIELDS = ("conversations",) + tuple(field.name for field in fields(WindowStats))
+
+
+def window_rows(lines: list[str], indices: list[int], tokenizer: Any, cost: TemplateCost, params: TokenizeParams,
+                path: str, swap: bool) -> dict[str, list]:
+    """datasets.map function: JSONL lines of one split -> each conversation's windows and counts."""
+    conversations = []
+    for line, index in zip(lines, indices):
+        if line.strip():
+            where = f"{path}:{index + 1}"
+            conversation = validate_conversation(parse_json_line(line, where), where)
+            conversations.append(role_swapped(conversation) if swap else conversation)
+    stats = [WindowStats() for _ in conversations]
+    out: dict[str, list] = {"input_ids": [], "labels": [], **{name: [] for name in STAT_FIELDS}}
+    batch = windows_batch(tokenizer, [c["messages"] for c in conversations], params.max_length, params.loss_on, cost, stats)
+    results = iter(zip(batch, stats))
+    for line in lines:
+        examples, own = next(results) if line.strip() else ([], WindowStats())
+        out["input_ids"].append([e.input_ids for e in examples])
+        out["labels"].append([e.labels for e in examples])
+        out["conversations"].append(int(bool(line.strip())))
+        for field in fields(WindowStats):
+            out[field.name].append(getattr(own, field.name))
+    return out
+
+
+def first_lines(lines: Any, conversations: int | None) -> Any:
+    """The rows of a text dataset up to and including its `conversations`-th non-blank line."""
+    if conversations is None:
+        return lines
+    seen = 0
+    for row, text in enumerate(lines["text"]):
+        seen += bool(text.strip())
+        if seen == conversations:
+            return lines.select(range(row + 1))
+    return lines
+
+
+def flatten(per_conversation: Any) -> Iterator[Any]:
+    """Each window of each conversation as one row: Arrow's own list flattening, no Python ints."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for batch in per_conversation.with_format("arrow").iter(batch_size=1000):
+        ids = pc.list_flatten(batch.column("input_ids").combine_chunks())
+        labels = pc.list_flatten(batch.column("labels").combine_chunks())
+        ones = pa.array(np.ones(ids.offsets[-1].as_py(), dtype=np.int8))
+        yield pa.table({"input_ids": ids, "labels": labels, "attention_mask": pa.ListArray.from_arrays(ids.offsets, ones),
+                        "length": pc.list_value_length(ids).cast(pa.int64())})
+
+
+class AlignedWriter:
+    """Writes record batches of exactly `rows` rows (the last one shorter), as `save_to_disk` slices a table
+    built in memory. Arrow records a slice's buffer with its length padded to 8 bytes when the array goes on
+    past it, and exactly at the array's end: so every batch but the last is written while more rows wait
+    behind it in the same array, and the files are byte-identical to those of `Dataset.from_list`."""
+
+    def __init__(self, writer: Any, rows: int = 1000) -> None:
+        self.writer, self.rows, self.pending = writer, rows, []
+
+    def _flush(self, final: bool) -> None:
+        import pyarrow as pa
+
+        waiting = sum(t.num_rows for t in self.pending)
+        ready = waiting if final else (waiting - 1) // self.rows * self.rows  # at least one row stays behind
+        if not ready:
+            return
+        joined = pa.concat_tables(self.pending).combine_chunks()
+        for start in range(0, ready, self.rows):
+            self.writer.write_table(joined.slice(start, min(self.rows, ready - start)))
+        self.pending = [joined.slice(ready)]
+
+    def write(self, table: Any) -> None:
+        self.pending.append(table)
+        if sum(t.num_rows for t in self.pending) > self.rows:
+            self._flush(final=False)
+
+    def close(self) -> None:
+        if self.pending:
+            self._flush(final=True)
+        self.writer.finalize()
+
+
+def tokenize_split(lines: Any, tokenizer: Any, cost: TemplateCost, params: TokenizeParams, path: str, name: str,
+                   swaps: tuple[bool, ...], cache: Path, fingerprint: str) -> tuple[Any, dict]:
+    """Tokenize a split's JSONL lines with datasets.map over all cores, streamed to Arrow on disk."""
+    import datasets
+    import pyarrow.compute as pc
+    from datasets.arrow_writer import ArrowWriter
+    from datasets.table import MemoryMappedTable
+
+    totals = {name: 0 for name in STAT_FIELDS}
+    trained = tokens = 0
+    target = cache / f"{name}.arrow"
+    with ArrowWriter(features=example_features(), path=str(target), writer_batch_size=SAVE_BATCH_ROWS) as arrow_writer:
+        writer = AlignedWriter(arrow_writer, SAVE_BATCH_ROWS)
+        for swap in swaps:
+            per_conversation = lines.map(
+                window_rows, batched=True, batch_size=BATCH_CONVERSATIONS, with_indices=True, input_columns="text",
+                remove_columns=["text"], features=window_features(), num_proc=map_workers(len(lines), BATCH_CONVERSATIONS),
+                fn_kwargs={"tokenizer": tokenizer, "cost": cost, "params": params, "path": path, "swap": swap},
+                cache_file_name=str(cache / f"{name}-{swap}.arrow"), load_from_cache_file=False,
+                new_fingerprint=f"{fingerprint}-{name}-{swap}", desc=f"tokenize {name}{' (role-swapped)' if swap else ''}",
+            )
+            for field in STAT_FIELDS:
+                totals[field] += int(pc.sum(per_conversation.data.column(field)).as_py() or 0)
+            for table in flatten(per_conversation):
+                writer.write(table)
+        writer.close()
+    table = MemoryMappedTable.from_file(str(target))
+    if table.num_rows:
+        tokens = int(pc.sum(table.column("length")).as_py())
+        trained = int(pc.sum(pc.not_equal(pc.list_flatten(table.column("labels")), IGNORE_INDEX)).as_py())
+    dataset = datasets.Dataset(table, info=datasets.DatasetInfo(features=example_features()), fingerprint=hashlib.sha256(f"{fingerprint} {name}".encode()).hexdigest()[:16])
     report = {
-        "conversations": len(conversations),
-        "examples": len(rows),
+        "conversations": totals["conversations"],
+        "examples": table.num_rows,
         "tokens": tokens,
         "trained_tokens": trained,
         "trained_fraction": round(trained / tokens, 4) if tokens else 0.0,
-        "mean_length": round(tokens / len(rows), 2) if rows else 0.0,
-        "conversations_split_into_windows": stats.conversations_split,
-        "dropped_turns_too_long": stats.turns_too_long,
-        "dropped_turns_without_context": stats.turns_without_context,
-        "dropped_rows_without_trained_tokens": stats.rows_without_trained_tokens,
+        "mean_length": round(tokens / table.num_rows, 2) if table.num_rows else 0.0,
+        "conversations_split_into_windows": totals["conversations_split"],
+        "dropped_turns_too_long": totals["turns_too_long"],
+        "dropped_turns_without_context": totals["turns_without_context"],
+        "dropped_rows_without_trained_tokens": totals["rows_without_trained_tokens"],
     }
-    return rows, report
+    return dataset, report
 
 
-def build(params: TokenizeParams, tokenizer_dir: Path) -> tuple[Any, dict]:
-    """Tokenize train and val with the tokenizer saved in `tokenizer_dir` (the workers load it from there)."""
+def data_fingerprint(params: TokenizeParams, tokenizer: Any, inputs: list[Path]) -> str:
+    """A datasets fingerprint from what the output depends on (train.py keys resumable checkpoints on it)."""
+    digest = hashlib.sha256(json.dumps(params.model_dump(), sort_keys=True).encode())
+    digest.update(tokenizer.backend_tokenizer.to_str().encode() + str(tokenizer.chat_template).encode())
+    for path in inputs:
+        with path.open("rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
+def build(params: TokenizeParams, tokenizer_dir: Path, cache: Path) -> tuple[Any, dict]:
+    """Tokenize train and val; the tokenizer with the system-prompt choice is saved in `tokenizer_dir`."""
     import datasets
 
     tokenizer = load_tokenizer(params.system_prompt)  # fails early, with a clear message, if the base model is missing
-    tokenizer.save_pretrained(tokenizer_dir)
     cost = TemplateCost.measure(tokenizer)
-    smallest = cost.preamble + 2 * cost.per_message + 2  # one user word and one assistant word
-    if params.max_length < smallest:
-        raise ParamsError(f"tokenize.max_length: {params.max_length} is smaller than one exchange of {BASE_MODEL}'s chat "
-                          f"template ({smallest} tokens with one word per turn); expected a value well above it, e.g. 256")
-    train = read_conversations(PROCESSED / "train.jsonl")
-    val = read_conversations(PROCESSED / "val.jsonl")
-    if params.role_swap:
-        train = train + [role_swapped(c) for c in train]
-    if params.max_val_examples is not None:
-        val = val[: params.max_val_examples]  # the split is already shuffled by the seed
+    check_max_length(params, cost)
+    tokenizer.save_pretrained(tokenizer_dir)
+    paths = {name: PROCESSED / f"{name}.jsonl" for name in ("train", "val")}
+    for path in paths.values():
+        if not path.exists():
+            raise InputError(f"{path}: not found; run the stage that writes it first (dvc repro)")
+    fingerprint = data_fingerprint(params, tokenizer, list(paths.values()))
     splits = {}
     report = {"max_length": params.max_length, "loss_on": params.loss_on, "role_swap": params.role_swap, "system_prompt": params.system_prompt}
-    for name, conversations in (("train", train), ("val", val)):
-        rows, report[name] = tokenize_split(tokenizer_dir, conversations, params, name)
-        if name == "train" and not rows:
+    for name, path in paths.items():
+        lines = lines_dataset(path, cache)
+        if name == "val":
+            lines = first_lines(lines, params.max_val_examples)  # the split is already shuffled by the seed
+        swaps = (False, True) if name == "train" and params.role_swap else (False,)
+        splits[name], report[name] = tokenize_split(lines, tokenizer, cost, params, str(path), name, swaps, cache, fingerprint)
+        if name == "train" and not report[name]["examples"]:
             raise InputError(f"tokenize: no training example fits max_length={params.max_length}; raise tokenize.max_length")
-        splits[name] = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({k: [] for k in ("input_ids", "labels", "attention_mask", "length")})
     return datasets.DatasetDict(splits), report
 
 
@@ -157,9 +275,9 @@ def main() -> int:
     if args.show is not None:
         return show(args.show)
     params = load_params()
-    with atomic_path(OUTPUT, is_dir=True) as staged:
+    with atomic_path(OUTPUT, is_dir=True) as staged, tempfile.TemporaryDirectory(dir=staged.parent) as cache:
         staged.mkdir(exist_ok=True)
-        dataset, report = build(params.tokenize, staged / "tokenizer")
+        dataset, report = build(params.tokenize, staged / "tokenizer", Path(cache))
         dataset.save_to_disk(str(staged))
     write_json(TOKEN_METRICS, report)
     train = report["train"]

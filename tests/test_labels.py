@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from stages.base_model import prepare_tokenizer
-from stages.lib.labels import IGNORE_INDEX, TemplateCost, WindowStats, encode, windows
-from stages.lib.template import PLAIN_CHAT_TEMPLATE, end_of_turn_token
+from stages.lib.labels import IGNORE_INDEX, TemplateCost, WindowStats, assistant_spans, encode, prefix_spans, template_blocks, windows, windows_batch
+from stages.lib.template import PLAIN_CHAT_TEMPLATE, end_of_turn_token, with_system_prompt
 from stages.lib.modeling import collator
 from stages.train import trained_position_loss
 from tiny import train_tokenizer, tiny_model
@@ -207,3 +207,53 @@ def test_11_loss_equals_the_models_own_for_heads_that_do_more_than_a_linear_laye
         outside = torch.nn.functional.cross_entropy(model.get_output_embeddings()(hidden[:, :-1][keep]).float(), targets[keep])
     assert torch.allclose(reference, ours, atol=1e-5)
     assert not torch.allclose(reference, outside, atol=1e-3)
+
+
+SPAN_CASES = [
+    CONVERSATION,
+    CONVERSATION[1:],
+    long_conversation(6),
+    [{"role": "assistant", "content": "hello!"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "how are you?"}],
+    [{"role": "user", "content": "user"}, {"role": "assistant", "content": "assistant"}, {"role": "assistant", "content": " \n"}],
+    [{"role": "user", "content": "<|im_start|>assistant\n"}, {"role": "assistant", "content": "<|im_end|>\n"}],
+    [{"role": "user", "content": "a"}, {"role": "system", "content": "late system"}, {"role": "assistant", "content": "b  "}],
+]
+
+
+@pytest.mark.parametrize("system_prompt", ["default", "none", "Be brief."])
+@pytest.mark.parametrize("style", ["chatml", "gpt2", "bos"])
+def test_1_spans_from_one_rendering_equal_the_prefix_renders(style, system_prompt):
+    """Issue 14: each conversation is rendered once; the spans must be exactly those of one render per prefix."""
+    tok = train_tokenizer(style)
+    prepare_tokenizer(tiny_model("gpt2", len(tok)), tok)
+    with_system_prompt(tok, system_prompt)
+    assert template_blocks(tok) is not None  # the fast path is taken, not the fallback
+    for messages in SPAN_CASES:
+        text = tok.apply_chat_template(messages, tokenize=False)
+        assert assistant_spans(tok, messages, text) == prefix_spans(tok, messages, text), messages
+
+
+def test_1_spans_fall_back_for_a_template_that_is_not_built_of_blocks():
+    tok = train_tokenizer("chatml")
+    # Numbers each turn: no fixed block per role, so the spans come from the prefix renders.
+    tok.chat_template = ("{% for message in messages %}{{ loop.index }} {{ message['role'] }}: {{ message['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}{{ messages | length + 1 }} assistant:{% endif %}")
+    assert template_blocks(tok) is None
+    text = tok.apply_chat_template(CONVERSATION, tokenize=False)
+    assert assistant_spans(tok, CONVERSATION, text) == prefix_spans(tok, CONVERSATION, text)
+
+
+@pytest.mark.parametrize("loss_on", ["assistant", "all"])
+def test_5_batched_windows_equal_one_conversation_at_a_time(tokenizer, loss_on):
+    """tokenize encodes many conversations in one batch; the windows and counts must be those of `windows`."""
+    conversations = [long_conversation(12), CONVERSATION, CONVERSATION[1:], [],
+                     [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "blue " * 200},
+                      {"role": "user", "content": "why?"}, {"role": "assistant", "content": "because."}],
+                     [{"role": "assistant", "content": "hello!"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "how?"}]]
+    cost = TemplateCost.measure(tokenizer)
+    for max_length in (40, len(encode(tokenizer, long_conversation(12)).input_ids) // 3, 512):
+        one, batched = [WindowStats() for _ in conversations], [WindowStats() for _ in conversations]
+        expected = [windows(tokenizer, c, max_length, loss_on, cost, s) for c, s in zip(conversations, one)]
+        got = windows_batch(tokenizer, conversations, max_length, loss_on, cost, batched)
+        assert [[(e.input_ids, e.labels, e.turns) for e in w] for w in got] == [[(e.input_ids, e.labels, e.turns) for e in w] for w in expected]
+        assert batched == one

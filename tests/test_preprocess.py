@@ -2,11 +2,17 @@ import json
 
 import pytest
 
-from conftest import FIXTURES, run_stage, write_params
-from stages.lib.conversations import read_conversations
-from stages.lib.params import PreprocessParams
+from conftest import FIXTURES, REPO, run_stage, write_params
+from stages.lib.atomic import atomic_path
+from stages.lib.conversations import InputError, read_conversations
+from stages.lib.params import PreprocessParams, load_params
 from stages.preprocess import (clean_conversations, clean_text, merge_turns, near_key, preprocess, remove_leakage,
                                scrub_pii, split_indices)
+
+
+def preprocess_params(**changes) -> PreprocessParams:
+    """The repository's preprocess section (every key is required) with `changes`."""
+    return PreprocessParams(**{**load_params(REPO / "params.yaml").preprocess.model_dump(), **changes})
 
 
 def conv(cid, *pairs, topic=None):
@@ -47,7 +53,7 @@ def test_merge_consecutive_same_role():
 
 
 def test_filters_count_each_drop_reason():
-    params = PreprocessParams(min_turns=2, max_turn_chars=50)
+    params = preprocess_params(min_turns=2, max_turn_chars=50)
     raw = [
         conv("ok", ("user", "hi"), ("assistant", "hello")),
         conv("dup", ("user", "hi"), ("assistant", "hello")),
@@ -69,7 +75,7 @@ def test_filters_count_each_drop_reason():
 
 def test_split_is_by_conversation_seeded_and_complete():
     labels = ["a", "b", "c", "d"] * 25
-    params = PreprocessParams(val_fraction=0.1, test_fraction=0.1)
+    params = preprocess_params(val_fraction=0.1, test_fraction=0.1)
     first, method = split_indices(labels, params, seed=1)
     again, _ = split_indices(labels, params, seed=1)
     other, _ = split_indices(labels, params, seed=2)
@@ -81,29 +87,63 @@ def test_split_is_by_conversation_seeded_and_complete():
 
 def test_group_split_keeps_topics_apart():
     labels = [f"t{i % 10}" for i in range(200)]
-    splits, _ = split_indices(labels, PreprocessParams(split_by="group_topic", val_fraction=0.2, test_fraction=0.2), seed=0)
+    splits, _ = split_indices(labels, preprocess_params(split_by="group_topic", val_fraction=0.2, test_fraction=0.2), seed=0)
     train_topics = {labels[i] for i in splits["train"]}
     assert train_topics.isdisjoint({labels[i] for i in splits["val"] + splits["test"]})
 
 
 def test_near_duplicates_across_splits_are_removed_from_held_out():
-    train = [conv("t", ("user", "Hello there!"), ("assistant", "Hi."))]
-    splits = {"train": train, "val": [conv("v", ("user", "hello   there"), ("assistant", "HI")), conv("v2", ("user", "other"), ("assistant", "x"))],
-              "test": [conv("w", ("user", "other!"), ("assistant", "X"))]}
-    assert near_key(train[0]) == near_key(splits["val"][0])
-    removed = remove_leakage(splits)
+    conversations = [conv("t", ("user", "Hello there!"), ("assistant", "Hi.")), conv("v", ("user", "hello   there"), ("assistant", "HI")),
+                     conv("v2", ("user", "other"), ("assistant", "x")), conv("w", ("user", "other!"), ("assistant", "X"))]
+    assert near_key(conversations[0]) == near_key(conversations[1])
+    assignment = {"train": [0], "val": [1, 2], "test": [3]}
+    removed = remove_leakage(assignment, [near_key(c) for c in conversations])
     assert removed == {"val": 1, "test": 1}
-    assert [c["id"] for c in splits["val"]] == ["v2"] and splits["test"] == []
+    assert assignment == {"train": [0], "val": [2], "test": []}
 
 
-def test_report_counts_are_consistent():
-    raw = read_conversations(FIXTURES / "conversations.jsonl")
-    splits, report = preprocess(raw, PreprocessParams(val_fraction=0.1, test_fraction=0.1), seed=42)
+def run_preprocess(tmp_path, params, raw=FIXTURES / "conversations.jsonl", seed=42):
+    out = tmp_path / "processed"
+    report, topics = preprocess(raw, atomic_path(out, is_dir=True), params, seed, tmp_path / "cache")
+    return {name: read_conversations(out / f"{name}.jsonl") for name in ("train", "val", "test")}, report, topics
+
+
+def test_report_counts_are_consistent(tmp_path):
+    splits, report, topics = run_preprocess(tmp_path, preprocess_params(val_fraction=0.1, test_fraction=0.1))
     assert report["input"]["conversations"] == 48
     assert sum(report["splits"][s]["conversations"] for s in ("train", "val", "test")) == report["output"]["conversations"]
     assert report["output"]["conversations"] + sum(report["dropped"].values()) + sum(report["leakage_removed"].values()) == 48
-    assert set(report["topics"]) == {"colors", "food", "travel", "pets"}
+    assert {row["topic"] for row in topics} == {"colors", "food", "travel", "pets"} and report["topics"] == 4
+    assert sum(row["conversations"] for row in topics) == report["output"]["conversations"]
     assert report["splits"]["train"]["turns_per_conversation"]["p50"] > 0
+    assert all(len(splits[name]) == report["splits"][name]["conversations"] for name in splits)
+
+
+def test_metrics_hold_no_column_per_topic(tmp_path):
+    """Issue 13: one metric per topic made `dvc exp show` print 272 columns; the table is a plot file now."""
+    raw = tmp_path / "many_topics.jsonl"
+    raw.write_text("".join(json.dumps(conv(f"c{i}", ("user", f"question {i}"), ("assistant", f"answer {i}"), topic=f"topic {i}")) + "\n"
+                           for i in range(60)))
+    _, report, topics = run_preprocess(tmp_path, preprocess_params(val_fraction=0.1, test_fraction=0.1), raw)
+    flat = json.dumps(report)
+    assert len(topics) == 60 and report["topics"] == 60 and "topic 1" not in flat
+
+
+def test_group_split_never_shares_a_topic_between_val_and_test():
+    labels = [f"t{i % 10}" for i in range(200)]
+    for seed in range(5):
+        splits, _ = split_indices(labels, preprocess_params(split_by="group_topic", val_fraction=0.2, test_fraction=0.2), seed=seed)
+        topics = {name: {labels[i] for i in splits[name]} for name in splits}
+        assert topics["val"] and topics["test"]
+        assert topics["val"].isdisjoint(topics["test"]) and topics["train"].isdisjoint(topics["val"] | topics["test"])
+
+
+def test_empty_test_split_is_an_error_naming_the_param(tmp_path):
+    raw = tmp_path / "small.jsonl"
+    raw.write_text("".join(json.dumps(conv(f"c{i}", ("user", f"q {i}"), ("assistant", f"a {i}"))) + "\n" for i in range(8)))
+    params = preprocess_params(val_fraction=0.05, test_fraction=0.05)  # one held-out conversation of 8: it goes to val
+    with pytest.raises(InputError, match=rf"the test split is empty \(8 conversations kept, test_fraction={params.test_fraction}\); raise preprocess\.test_fraction"):
+        run_preprocess(tmp_path, params, raw)
 
 
 def test_cli_is_deterministic(workdir):

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterator, TypedDict
 
@@ -28,7 +29,7 @@ class Conversation(TypedDict):
 def read_text_utf8(path: Path) -> str:
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark is accepted, as spreadsheets write one
     except UnicodeDecodeError as exc:
         raise InputError(
             f"{path}: not valid UTF-8 at byte offset {exc.start} (byte 0x{data[exc.start]:02x}); "
@@ -36,15 +37,35 @@ def read_text_utf8(path: Path) -> str:
         ) from None
 
 
+def parse_json_line(text: str, where: str, multiline: bool = False) -> Any:
+    """One JSON document; every way JSON can fail (syntax, nesting too deep) is one line naming `where`
+    (and the line, for a `multiline` document)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        at = f"{where}:{exc.lineno}" if multiline else where
+        raise InputError(f"{at}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply to read") from None
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed object) for each non-blank line."""
-    for line_no, line in enumerate(read_text_utf8(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield line_no, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    """Yield (line number, parsed object) for each non-blank line, reading one line at a time."""
+    offset = 0
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(
+                    f"{path}:{line_no}: not valid UTF-8 at byte offset {offset + exc.start} (byte 0x{raw[exc.start]:02x}); "
+                    "re-encode the file as UTF-8"
+                ) from None
+            if line_no == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark, as some editors write
+            offset += len(raw)
+            if line.strip():
+                yield line_no, parse_json_line(line, f"{path}:{line_no}")
 
 
 def make_conversation(conv_id: str, messages: list[Message], topic: str | None, source: str) -> Conversation:
@@ -74,3 +95,24 @@ def read_conversations(path: Path | str) -> list[Conversation]:
 def topic_of(conversation: Conversation) -> str:
     """The conversation's topic label ('unknown' when it has none)."""
     return str(conversation.get("meta", {}).get("topic") or "unknown")
+
+
+def _lines(path: str) -> Iterator[dict[str, str]]:
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            yield {"text": line.rstrip("\n")}
+
+
+def lines_dataset(path: Path, cache: Path) -> Any:
+    """A JSONL file as a `datasets.Dataset` of its lines (blank ones included, so a row's index + 1 is its
+    line number), written to Arrow under `cache` in batches: the input of a `map` over all cores."""
+    import datasets
+
+    return datasets.Dataset.from_generator(_lines, features=datasets.Features({"text": datasets.Value("string")}),
+                                           cache_dir=str(cache / "lines"), gen_kwargs={"path": str(path)})
+
+
+def map_workers(rows: int, batch_size: int) -> int | None:
+    """`num_proc` for datasets.map: every core, but no more processes than batches (None: in process)."""
+    workers = max(1, min(os.cpu_count() or 1, rows // batch_size + 1))
+    return workers if workers > 1 else None
