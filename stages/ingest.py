@@ -301,8 +301,21 @@ def read_hub(dataset_id: str, params: DataParams) -> Iterator[Conversation]:
     return convert_records(rows, params.format, params.columns, f"{dataset_id} row", dataset_id)
 
 
+def named_source(path: Path) -> str:
+    """The dataset a `.source` file names: its first line that is not blank or a comment."""
+    names = [line.strip() for line in read_text_utf8(path).splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not names:
+        raise InputError(f"{path}: names no dataset; its first line should be 'chitchat' or a hub id such as owner/name")
+    return names[0]
+
+
 def load_source(params: DataParams) -> Iterator[Conversation]:
     source = params.source
+    if source.endswith(".source") and Path(source).is_file():  # a dataset that is not a file: named by a file DVC hashes
+        source = named_source(Path(source))
+        if source.endswith(".source"):
+            raise InputError(f"{params.source}: names another .source file; name the dataset itself")
+        params = params.model_copy(update={"source": source})
     if source == "chitchat":
         path = bundled_file("chitchat-dataset", "dataset.json")
         return from_chitchat(json.loads(path.read_text(encoding="utf-8")), "chitchat_dataset/dataset.json", "chitchat")

@@ -78,6 +78,18 @@ def test_bundled_chitchat_loads_every_conversation():
     assert all(m["role"] in ("user", "assistant") for c in conversations[:200] for m in c["messages"])
 
 
+def test_a_source_file_names_the_bundled_dataset_and_is_what_dvc_hashes(tmp_path):
+    """params.yaml's default data.source is data/chitchat.source: a file DVC can depend on, naming the bundled set."""
+    assert load_params(REPO / "params.yaml").data.source == "data/chitchat.source"
+    named = load(data_params(REPO / "data" / "chitchat.source", max_conversations=50))
+    assert [c["id"] for c in named] == [c["id"] for c in load(data_params("chitchat", max_conversations=50))][: len(named)]
+    assert named[0]["meta"]["source"] == "chitchat"
+    empty = tmp_path / "empty.source"
+    empty.write_text("# nothing named\n")
+    with pytest.raises(InputError, match=r"empty\.source: names no dataset"):
+        load(data_params(empty))
+
+
 @pytest.mark.parametrize("content,expected", [
     ('{"messages": []}\n{"messages": [oops\n', r"c\.jsonl:2: malformed JSON"),
     ('{"messages": [{"role": "wizard", "content": "x"}]}\n', r"c\.jsonl:1 messages\[0\]: unknown role 'wizard'"),

@@ -150,3 +150,21 @@ def test_review_report_shows_what_a_change_did(llama_repo):
     finally:
         params_file.write_text(original)
         dvc(llama_repo, "repro")
+
+
+def test_ingest_depends_on_the_file_data_source_names_and_nothing_else(llama_repo):
+    source = llama_repo / "data" / "external" / "chats.jsonl"
+    original = source.read_bytes()
+    unrelated = llama_repo / "data" / "external" / "notes.txt"
+    dangling = llama_repo / "data" / "external" / "gone.jsonl"
+    try:
+        unrelated.write_text("not a dataset")
+        dangling.symlink_to(llama_repo / "no-such-file")  # once broke every dvc command when the folder was a dependency
+        assert "Data and pipelines are up to date" in dvc(llama_repo, "status").stdout
+        source.write_bytes(original.replace(b"hello", b"hullo", 1))
+        assert "ingest" in json.loads(dvc(llama_repo, "status", "--json").stdout)
+    finally:
+        source.write_bytes(original)
+        unrelated.unlink(missing_ok=True)
+        dangling.unlink(missing_ok=True)
+    assert "Data and pipelines are up to date" in dvc(llama_repo, "status").stdout
