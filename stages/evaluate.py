@@ -22,7 +22,7 @@ from stages.lib.cli import run
 from stages.lib.conversations import InputError, read_conversations
 from stages.lib.params import EvaluateParams, load_params
 from stages.lib.paths import MODELS, SCORES, TEST
-from stages.lib.stats import (HEADLINE, ConversationScores, Interval, MetricSet, Reply, bootstrap,
+from stages.lib.stats import (SET_BASED, HEADLINE, ConversationScores, Interval, MetricSet, Reply, bootstrap,
                               change_verdict, paired_change)
 
 EVAL_METRICS = Path("metrics/eval.json")
@@ -111,7 +111,8 @@ def model_summary(metrics: MetricSet, names: tuple[str, ...], params: EvaluatePa
     summary: dict[str, float] = {}
     for name in names:
         summary.update(interval_fields(name, bootstrap(lambda idx, n=name: metrics.metric(n, idx), len(metrics),
-                                                       params.bootstrap.resamples, params.bootstrap.confidence, seed)))
+                                                       params.bootstrap.resamples, params.bootstrap.confidence, seed,
+                                                       recenter=name in SET_BASED)))
     summary["scored_tokens"] = int(metrics.tokens.sum())
     return summary
 

@@ -111,6 +111,19 @@ def test_paired_change_tells_a_real_change_from_noise():
     assert verdict("bleu", Interval(-3.0, -5.0, -1.0)) == "worse"
 
 
+def test_distinct_n_interval_contains_its_estimate_despite_resampling_repeats():
+    """A resample repeats conversations and so lowers distinct-n on every resample: the interval is re-centred."""
+    rng = np.random.default_rng(3)
+    vocabulary = [f"w{i}" for i in range(60)]
+    conversations = [conversation(str(i), [(" ".join(rng.choice(vocabulary, 8)), "h")]) for i in range(80)]
+    metrics = MetricSet(conversations)
+    for name in ("distinct_1", "distinct_2"):
+        interval = bootstrap(lambda idx, n=name: metrics.metric(n, idx), 80, 500, 0.95, seed=0, recenter=True)
+        assert interval.low < interval.value < interval.high, name
+        biased = bootstrap(lambda idx, n=name: metrics.metric(n, idx), 80, 500, 0.95, seed=0)  # BCa falls back too
+        assert biased.low <= biased.value <= biased.high, name
+
+
 def test_paired_change_needs_the_same_conversations():
     with pytest.raises(ValueError, match="same conversations"):
         paired_change("stop_rate", MetricSet([conversation("a", [("x", "y")])]), MetricSet([conversation("b", [("x", "y")])]), 100, 0.95, 0)

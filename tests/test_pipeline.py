@@ -91,8 +91,9 @@ def test_evaluation_compares_base_and_finetuned(llama_repo):
                 "repetition_rate", "mean_reply_words", "empty_reply_rate", "context_relevance"):
         for model in (base, tuned):  # every headline number carries its interval
             assert model[f"{key}_low"] <= model[key] <= model[f"{key}_high"], key
-        assert change["perplexity_improvement" if key == "perplexity" else key]["verdict"] in (
-            "better", "worse", "within noise", "higher", "lower")
+        paired = change["perplexity_improvement" if key == "perplexity" else key]
+        assert paired["low"] <= paired["value"] <= paired["high"], key
+        assert paired["verdict"] in ("better", "worse", "within noise", "higher", "lower")
     assert change["perplexity_improvement"]["verdict"] == "better" and change["perplexity_improvement"]["low"] > 0
     assert "distinct_1" in results["human"] and "passed" in results["gate"]
     assert results["precision"] == {"base": "fp32", "finetuned": "fp32"} or "bf16" in results["precision"].values()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -23,6 +23,7 @@ FLUENCY = ("perplexity", "bits_per_byte", "token_accuracy")
 REPLY = ("bleu", "chrf", "rouge_l", "stop_rate", "distinct_1", "distinct_2", "repetition_rate", "mean_reply_words",
          "empty_reply_rate", "context_relevance")
 HEADLINE = FLUENCY + REPLY
+SET_BASED = {"distinct_1", "distinct_2"}  # not sums over conversations: resampling with repeats biases them
 
 
 @dataclass
@@ -143,8 +144,16 @@ class Interval:
         return {"value": round(self.value, digits), "low": round(self.low, digits), "high": round(self.high, digits)}
 
 
-def bootstrap(statistic: Callable[[np.ndarray], float], n: int, resamples: int, confidence: float, seed: int) -> Interval:
-    """Seeded BCa bootstrap over `n` conversations of `statistic(indices)`; percentile when BCa is undefined."""
+def bootstrap(statistic: Callable[[np.ndarray], float], n: int, resamples: int, confidence: float, seed: int,
+              recenter: bool = False) -> Interval:
+    """Seeded BCa bootstrap over `n` conversations of `statistic(indices)`.
+
+    `recenter` (set-based metrics such as distinct-n): a resample repeats conversations, and a repeated reply
+    adds n-grams but no new unique ones, so every resample is biased low; the percentile spread is then
+    re-centred on the estimate. The same is done whenever BCa is undefined or misses its own estimate.
+    """
+    import warnings
+
     from scipy.stats import bootstrap as scipy_bootstrap
 
     everything = np.arange(n)
@@ -152,20 +161,26 @@ def bootstrap(statistic: Callable[[np.ndarray], float], n: int, resamples: int, 
     if n < 2:
         return Interval(value, float("nan"), float("nan"))
 
-    def stat(sample: np.ndarray) -> float:
-        return statistic(sample.astype(np.int64))
-
-    for method in ("BCa", "percentile"):
-        import warnings
-
+    def run(method: str) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = scipy_bootstrap((everything,), stat, vectorized=False, n_resamples=resamples, confidence_level=confidence,
-                                     method=method, random_state=np.random.default_rng(seed))
+            return scipy_bootstrap((everything,), lambda sample: statistic(sample.astype(np.int64)), vectorized=False,
+                                   n_resamples=resamples, confidence_level=confidence, method=method,
+                                   random_state=np.random.default_rng(seed))
+
+    if not recenter:
+        result = run("BCa")
         low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
-        if math.isfinite(low) and math.isfinite(high):
+        if math.isfinite(low) and math.isfinite(high) and low <= value <= high:
             return Interval(value, low, high)
-    return Interval(value, value, value)  # every resample gave the same value (e.g. no empty reply anywhere)
+    distribution = run("percentile").bootstrap_distribution
+    finite = distribution[np.isfinite(distribution)]
+    if finite.size == 0:
+        return Interval(value, value, value)
+    shift = value - float(finite.mean())
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(finite, [tail, 1.0 - tail])
+    return Interval(value, min(value, float(low) + shift), max(value, float(high) + shift))
 
 
 def verdict(name: str, change: Interval) -> str:
@@ -187,7 +202,7 @@ def paired_change(name: str, new: MetricSet, old: MetricSet, resamples: int, con
         statistic = lambda idx: 1.0 - new.metric(name, idx) / old.metric(name, idx)  # noqa: E731
     else:
         statistic = lambda idx: new.metric(name, idx) - old.metric(name, idx)  # noqa: E731
-    return bootstrap(statistic, len(new), resamples, confidence, seed)
+    return bootstrap(statistic, len(new), resamples, confidence, seed, recenter=name in SET_BASED)
 
 
 def change_verdict(name: str, change: Interval) -> str:

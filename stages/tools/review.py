@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from stages.lib.stats import HEADLINE, ConversationScores, MetricSet, bootstrap, verdict
+from stages.lib.stats import HEADLINE, SET_BASED, ConversationScores, MetricSet, bootstrap, verdict
 
 TRANSCRIPTS = "metrics/transcripts.md"
 EVAL = "metrics/eval.json"
@@ -84,7 +84,8 @@ def significance(base: str) -> tuple[list[str], list[str]]:
              f"{CONFIDENCE:.0%} interval (bootstrap over conversations, {RESAMPLES} resamples).", "",
              f"| metric | `{base}` | workspace | change [95% interval] | verdict |", "|---|---|---|---|---|"]
     for name in HEADLINE:
-        interval = bootstrap(lambda idx, n=name: after.metric(n, idx) - before.metric(n, idx), len(shared), RESAMPLES, CONFIDENCE, SEED)
+        interval = bootstrap(lambda idx, n=name: after.metric(n, idx) - before.metric(n, idx), len(shared), RESAMPLES, CONFIDENCE, SEED,
+                             recenter=name in SET_BASED)
         everything = list(range(len(shared)))
         lines.append(f"| {name} | {before.metric(name, everything):.4g} | {after.metric(name, everything):.4g} | "
                      f"{interval.value:+.4g} [{interval.low:+.4g}, {interval.high:+.4g}] | {verdict(name, interval)} |")
