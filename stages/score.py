@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from stages.lib.atomic import write_json
-from stages.lib.cli import run
+from stages.lib.cli import ArgumentParser, run
 from stages.lib.conversations import Conversation, InputError, read_conversations, topic_of
 from stages.lib.labels import TemplateCost, WindowStats, windows
 from stages.lib.modeling import collator, load_causal_lm, pick_device, trained_logits
@@ -197,7 +197,7 @@ def score(name: str, params: Any) -> tuple[dict, dict]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, choices=sorted(MODELS))
     args = parser.parse_args()
     params = load_params()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from stages.lib.atomic import atomic_path, write_json
-from stages.lib.cli import run
+from stages.lib.cli import ArgumentParser, run
 from stages.lib.conversations import Conversation, InputError, lines_dataset, map_workers, parse_json_line, validate_conversation
 from stages.lib.labels import IGNORE_INDEX, TemplateCost, WindowStats, windows_batch
 from stages.lib.params import ParamsError, TokenizeParams, load_params
@@ -269,7 +269,7 @@ def show(index: int) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--show", type=int, metavar="N", help="print train example N with trained tokens marked, then exit")
     args = parser.parse_args()
     if args.show is not None:

@@ -145,3 +145,12 @@ def test_tokenizer_larger_than_the_embeddings_is_refused():
     with pytest.raises(InputError, match=rf"the tokenizer has {len(tokenizer)} tokens but the model's embeddings have {len(tokenizer) - 8} rows"):
         check_vocabulary(tiny_model("llama", len(tokenizer) - 8), tokenizer, "model.base 'x'")
     check_vocabulary(tiny_model("llama", len(tokenizer) + 8), tokenizer, "model.base 'x'")  # padded embeddings are common
+
+
+def test_stage_arguments_that_argparse_rejects_are_one_line(workdir):
+    from conftest import run_stage
+
+    for stage, args in (("tokenize", ("--show", "abc")), ("score", ("--model", "nope"))):
+        result = run_stage(stage, workdir, *args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (stage, result.stderr)
