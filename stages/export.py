@@ -16,7 +16,7 @@ import yaml
 from stages.lib import gguf_file, model_card, round_trip
 from stages.lib.atomic import atomic_path, write_json
 from stages.lib.cli import run
-from stages.lib.conversations import InputError, read_conversations
+from stages.lib.conversations import InputError, dataset_name, read_conversations
 from stages.lib.modeling import load_causal_lm
 from stages.lib.ollama import TurnFormat, modelfile
 from stages.lib.params import Params, load_params
@@ -115,7 +115,7 @@ def export(params: Params) -> tuple[dict, dict]:
                     f"```sh\nollama create {settings.name} -f {OUTPUT}/Modelfile\nollama run {settings.name}\n```")
         meta = model_card.front_matter(settings.name, HUB_IDS.get(base_card.get("source")) if base_card.get("kind") == "bundled-gguf"
                                        else base_card.get("source") if base_card.get("kind") == "hub" else None,
-                                       settings.license, DATASETS.get(params.data.source, params.data.source), read_json(EVAL))
+                                       settings.license, DATASETS.get(dataset_name(params.data.source), dataset_name(params.data.source)), read_json(EVAL))
         lineage = {"git revision (pipeline code)": model_card.code_revision(),
                    **{f"dvc {path}": md5 for path, md5 in model_card.dvc_hashes(
                        yaml.safe_load(LOCK.read_text()) if LOCK.exists() else None, (str(PROCESSED), str(TOKENIZED), str(FINETUNED))).items()},

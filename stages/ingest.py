@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from stages.lib.atomic import atomic_path, write_jsonl
 from stages.lib.cli import run
-from stages.lib.conversations import Conversation, InputError, Message, iter_jsonl, make_conversation, parse_json_line, read_text_utf8
+from stages.lib.conversations import Conversation, InputError, Message, dataset_name, iter_jsonl, make_conversation, parse_json_line, read_text_utf8
 from stages.lib.params import DataParams, RowColumns, load_params
 from stages.lib.paths import RAW as OUTPUT
 
@@ -301,20 +301,10 @@ def read_hub(dataset_id: str, params: DataParams) -> Iterator[Conversation]:
     return convert_records(rows, params.format, params.columns, f"{dataset_id} row", dataset_id)
 
 
-def named_source(path: Path) -> str:
-    """The dataset a `.source` file names: its first line that is not blank or a comment."""
-    names = [line.strip() for line in read_text_utf8(path).splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not names:
-        raise InputError(f"{path}: names no dataset; its first line should be 'chitchat' or a hub id such as owner/name")
-    return names[0]
-
-
 def load_source(params: DataParams) -> Iterator[Conversation]:
     source = params.source
-    if source.endswith(".source") and Path(source).is_file():  # a dataset that is not a file: named by a file DVC hashes
-        source = named_source(Path(source))
-        if source.endswith(".source"):
-            raise InputError(f"{params.source}: names another .source file; name the dataset itself")
+    if source != dataset_name(source):  # a .source file naming a dataset that is not a file (DVC hashes the file)
+        source = dataset_name(source)
         params = params.model_copy(update={"source": source})
     if source == "chitchat":
         path = bundled_file("chitchat-dataset", "dataset.json")

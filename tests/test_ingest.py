@@ -84,6 +84,10 @@ def test_a_source_file_names_the_bundled_dataset_and_is_what_dvc_hashes(tmp_path
     named = load(data_params(REPO / "data" / "chitchat.source", max_conversations=50))
     assert [c["id"] for c in named] == [c["id"] for c in load(data_params("chitchat", max_conversations=50))][: len(named)]
     assert named[0]["meta"]["source"] == "chitchat"
+    from stages.lib.conversations import dataset_name
+
+    assert dataset_name(str(REPO / "data" / "chitchat.source")) == "chitchat"  # what the export's model card names
+    assert dataset_name("data/external/chats.jsonl") == "data/external/chats.jsonl"
     empty = tmp_path / "empty.source"
     empty.write_text("# nothing named\n")
     with pytest.raises(InputError, match=r"empty\.source: names no dataset"):

@@ -116,3 +116,17 @@ def map_workers(rows: int, batch_size: int) -> int | None:
     """`num_proc` for datasets.map: every core, but no more processes than batches (None: in process)."""
     workers = max(1, min(os.cpu_count() or 1, rows // batch_size + 1))
     return workers if workers > 1 else None
+
+
+def dataset_name(source: str) -> str:
+    """What `data.source` names: a `.source` file names a dataset that is not a file ('chitchat', a hub id) on its
+    first line that is not blank or a comment; anything else names itself."""
+    path = Path(source)
+    if not (source.endswith(".source") and path.is_file()):
+        return source
+    names = [line.strip() for line in read_text_utf8(path).splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not names:
+        raise InputError(f"{path}: names no dataset; its first line should be 'chitchat' or a hub id such as owner/name")
+    if names[0].endswith(".source"):
+        raise InputError(f"{path}: names another .source file; name the dataset itself")
+    return names[0]
