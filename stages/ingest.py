@@ -35,11 +35,8 @@ ROLE_ALIASES = {
     "model": "assistant",
     "chatgpt": "assistant",
 }
-EXPECTED_SHAPES = """expected one of:
-  OpenAI    {"messages": [{"role": "user", "content": "..."}, ...]}            (.jsonl or a .json list)
-  ShareGPT  {"conversations": [{"from": "human", "value": "..."}, ...]}        (.jsonl or a .json list)
-  rows      one message per row with columns conversation_id, speaker, text  (.csv, .parquet, .jsonl)
-  chitchat  {"<id>": {"messages": [[{"text", "sender", "timestamp"}, ...], ...], "prompt": ...}}  (.json)"""
+EXPECTED_SHAPES = ("expected one of the shapes in README.md, 'Bring your own conversations': OpenAI messages, "
+                   "ShareGPT conversations, rows (one message per row) or the chitchat JSON")
 
 
 def to_role(value: Any, where: str) -> str:
@@ -124,7 +121,7 @@ def from_chitchat(data: Any, path: str, source: str) -> Iterator[Conversation]:
     Each turn is one speaker's consecutive utterances; the first sender becomes `user`, the other `assistant`.
     """
     if not isinstance(data, dict):
-        raise InputError(f"{path}: chitchat format expects an object keyed by conversation id\n{EXPECTED_SHAPES}")
+        raise InputError(f"{path}: chitchat format expects an object keyed by conversation id; {EXPECTED_SHAPES}")
     for conv_id, record in data.items():
         where = f"{path} [{conv_id!r}]"
         turns = require(record, "messages", where) if isinstance(record, dict) else None
@@ -213,11 +210,11 @@ def convert_records(records: Iterable[tuple[int, Any]], fmt: str, columns: RowCo
         return
     if fmt not in MESSAGE_LIST_KEYS:
         keys = sorted(first[1]) if isinstance(first[1], dict) else type(first[1]).__name__
-        raise InputError(f"{path}: unrecognised record shape (first record: {keys}); set data.format or convert the file\n{EXPECTED_SHAPES}")
+        raise InputError(f"{path}: unrecognised record shape (first record: {keys}); set data.format or convert the file; {EXPECTED_SHAPES}")
     for index, (number, record) in enumerate(records):
         where = f"{path}:{number}"
         if not isinstance(record, dict):
-            raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}\n{EXPECTED_SHAPES}")
+            raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}; {EXPECTED_SHAPES}")
         yield from_message_list(record, where, index, source, MESSAGE_LIST_KEYS[fmt])
 
 
@@ -264,7 +261,7 @@ def read_file(path: Path, params: DataParams) -> Iterator[Conversation]:
         if params.format == "chitchat" or (params.format == "auto" and isinstance(data, dict)):
             return from_chitchat(data, str(path), path.name)
         if not isinstance(data, list):
-            raise InputError(f"{path}: expected a JSON list of conversations\n{EXPECTED_SHAPES}")
+            raise InputError(f"{path}: expected a JSON list of conversations; {EXPECTED_SHAPES}")
         return convert_records(enumerate(data), params.format, params.columns, f"{path} item", path.name)
     if suffix in (".csv", ".parquet"):
         return read_rows(path, params)
