@@ -327,8 +327,10 @@ def ingest(params: DataParams, output: Path = OUTPUT) -> dict[str, int]:
     counts = {"conversations": 0, "messages": 0, "skipped_empty": 0}
     seen: set[bytes] = set()
 
+    source = load_source(params)  # a missing or unusable source fails here, before any output path is touched
+
     def usable() -> Iterator[Conversation]:
-        conversations = itertools.islice(load_source(params), params.max_conversations or None)
+        conversations = itertools.islice(source, params.max_conversations or None)
         for conversation in tqdm(conversations, desc="ingest", unit="conv", mininterval=2.0, leave=False):
             if not any(m["content"].strip() for m in conversation["messages"]):
                 counts["skipped_empty"] += 1

@@ -46,6 +46,7 @@ def make_repo(root: Path, arch: str = "llama", overrides: dict | None = None) ->
         else:
             shutil.copy(source, repo / item)
     (repo / "data" / "external").mkdir(parents=True)
+    shutil.copy(REPO / "data" / "chitchat.source", repo / "data" / "chitchat.source")
     shutil.copy(FIXTURES / "conversations.jsonl", repo / "data" / "external" / "chats.jsonl")
     save_tiny(repo / "tiny-model", arch)
     params = {

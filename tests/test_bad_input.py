@@ -111,7 +111,7 @@ def chat(work: Path, *args: str) -> subprocess.CompletedProcess:
     (["--context-tokens", "5"], "--context-tokens 5: must exceed --max-new-tokens 128"),
     (["--prompts", "missing.jsonl"], "--prompts missing.jsonl: no such file"),
     (["--prompt", "hi", "--prompts", "missing.jsonl"], "--prompt and --prompts: give one of them"),
-    (["--model", "no-such-dir"], "--model no-such-dir: expected base or finetuned, or a model directory"),
+    (["--model", "no-such-dir"], "--model no-such-dir: expected base, finetuned or export, or a model directory"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_chat_arguments_out_of_range_are_rejected(args, expected):

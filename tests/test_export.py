@@ -29,7 +29,7 @@ SMOLLM_LIKE = ("{% for message in messages %}{% if loop.first and messages[0]['r
 def make_workdir(root: Path, arch: str = "llama", export: dict | None = None) -> Path:
     """models/base from the base_model stage, copied as models/finetuned; the fixture chats as the test split."""
     save_tiny(root / "tiny-model", arch)
-    write_params(root, {"model": {"base": "tiny-model"}, "tokenize": {"max_length": 128},
+    write_params(root, {"model": {"base": "tiny-model"}, "tokenize": {"max_length": 128}, "evaluate": {"max_new_tokens": 32},
                         "export": {"round_trip": dict(ROUND_TRIP), **(export or {})}})
     result = run_stage("base_model", root)
     assert result.returncode == 0, result.stderr
@@ -243,6 +243,7 @@ def test_tokenizer_the_writer_cannot_represent_is_one_line(tmp_path, bad_workdir
     backend.train_from_iterator(["hello there how are you"] * 4, trainers.WordPieceTrainer(vocab_size=60, special_tokens=["[UNK]", "<|im_end|>", "<|im_start|>"]))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<|im_end|>", pad_token="[UNK]")
     tokenizer.chat_template = train_tokenizer("chatml").chat_template
+    tokenizer.add_tokens([f"filler{i}" for i in range(300)])  # a size the model's 400 embedding rows can belong to
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (work / "models" / "finetuned" / name).unlink()
     tokenizer.save_pretrained(work / "models" / "finetuned")

@@ -12,7 +12,7 @@ def repo_params() -> dict:
 
 def test_repository_params_are_valid():
     params = load_params(REPO / "params.yaml")
-    assert params.data.source == "chitchat"
+    assert params.data.source == "data/chitchat.source"
     assert params.seed >= 0
 
 

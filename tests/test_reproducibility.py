@@ -154,7 +154,7 @@ def kill_group(process: subprocess.Popen, signum: int) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_repro_killed_during_preprocess_leaves_no_torn_output(tmp_path, signum):
-    repo = make_repo(tmp_path, "llama", {"data": {"source": "chitchat"}})  # 7k conversations: ~10 s of work
+    repo = make_repo(tmp_path, "llama", {"data": {"source": "data/chitchat.source"}})  # 7k conversations: ~10 s of work
     dvc(repo, "repro", "preprocess")
     processed = repo / "data" / "processed"
     complete = digest(processed)
@@ -181,15 +181,17 @@ def test_repro_killed_during_train_resumes_to_the_same_metrics_and_a_second_repr
     refused = second.stderr + second.stdout
     assert second.returncode != 0 and ("Unable to acquire lock" in refused or "is busy, it is being blocked by" in refused), refused
 
-    checkpoint = repo / "models" / "checkpoints" / "checkpoint-75" / "trainer_state.json"
-    wait_for(checkpoint.exists, process)
+    from stages.train import complete
+
+    checkpoint = repo / "models" / "checkpoints" / "checkpoint-75"
+    wait_for(lambda: complete(checkpoint), process)  # fully written: a half-written one is rightly not resumed
     kill_group(process, signal.SIGKILL)
     assert not (repo / "models" / "finetuned").exists(), "half-written models/finetuned"
     assert not (repo / "metrics" / "train.json").exists()
 
     resumed = dvc(repo, "repro", "train")
     assert "train" in stages_ran(resumed.stdout)
-    assert read_json(repo / "metrics" / "runtime" / "train.json")["resumed_from_step"] == 75
+    assert read_json(repo / "metrics" / "runtime" / "train.json")["resumed_from_step"] == 75, (sorted(p.name for p in (repo / "models" / "checkpoints").iterdir()), resumed.stdout[-1500:])
     # the uninterrupted run of the same configuration: llama_repo
     assert (repo / "metrics" / "train.json").read_bytes() == (llama_repo / "metrics" / "train.json").read_bytes()
     assert "Data and pipelines are up to date" in dvc(repo, "status", "train").stdout

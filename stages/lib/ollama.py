@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from stages.lib.errors import TemplateError
-from stages.lib.template import Message, injected_system_block, render
+from stages.lib.template import Message, fixed_prefix, injected_system_block, render
 
 ROLES = ("system", "user", "assistant")
 _PROBE = {"system": "Zq7 probe system", "user": "Zq6 probe user", "assistant": "Zq5 probe reply"}
@@ -29,10 +29,7 @@ class TurnFormat:
     @classmethod
     def probe(cls, tokenizer: Any) -> "TurnFormat":
         messages = [{"role": role, "content": _PROBE[role]} for role in ROLES]
-        try:
-            prefix = render(tokenizer, [])
-        except Exception:  # some templates refuse an empty conversation
-            prefix = ""
+        prefix = fixed_prefix(tokenizer)
         blocks, previous = {}, prefix
         for count, message in enumerate(messages, start=1):
             text = render(tokenizer, messages[:count])

@@ -51,29 +51,39 @@ def stop_token_ids(tokenizer: Any, generation_eos: int | list[int] | None) -> li
     return sorted({i for i in eos if i is not None} | {tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))})
 
 
-def injected_system_block(tokenizer: Any) -> str:
-    """The text the template writes for a conversation without a system message ('' when it adds none).
-
-    One user turn is rendered with and without an explicit system message: whatever precedes the user's block
-    in the first rendering, beyond the template's fixed prefix (a BOS), was injected. The fixed prefix is what
-    precedes the system block's header, the header every message block starts with (the common prefix of a
-    user block and an assistant block: ChatML's `<|im_start|>`).
-    """
+def _probe_renderings(tokenizer: Any) -> dict[str, str]:
     system = [{"role": "system", "content": _PROBE_SYSTEM}]
     user = [{"role": "user", "content": _PROBE_USER}]
     assistant = [{"role": "assistant", "content": _PROBE_USER}]
-    plain = render(tokenizer, user)
-    with_system = render(tokenizer, system + user)
-    system_only = render(tokenizer, system)
-    exchange = render(tokenizer, system + user + assistant)
-    if not (with_system.startswith(system_only) and exchange.startswith(with_system)):
+    out = {"plain": render(tokenizer, user), "with_system": render(tokenizer, system + user),
+           "system_only": render(tokenizer, system), "exchange": render(tokenizer, system + user + assistant)}
+    if not (out["with_system"].startswith(out["system_only"]) and out["exchange"].startswith(out["with_system"])):
         raise TemplateError("the chat template does not render conversations as stable prefixes")
-    user_block = with_system[len(system_only):]
-    if not plain.endswith(user_block):
+    out["user_block"] = out["with_system"][len(out["system_only"]):]
+    if not out["plain"].endswith(out["user_block"]):
         raise TemplateError("the chat template renders a user turn differently after a system message")
-    header = os.path.commonprefix([user_block, exchange[len(with_system):]])
-    fixed = system_only[: system_only.find(header)] if header and header in system_only else ""
-    head = plain[: len(plain) - len(user_block)]
+    return out
+
+
+def fixed_prefix(tokenizer: Any) -> str:
+    """What the template writes before the first message whatever it is (a BOS; '' for most templates).
+
+    It is what precedes the system block's header, the header every message block starts with (the common
+    prefix of a user block and an assistant block: ChatML's `<|im_start|>`). transformers refuses to render an
+    empty conversation, so it cannot be read off directly.
+    """
+    probe = _probe_renderings(tokenizer)
+    header = os.path.commonprefix([probe["user_block"], probe["exchange"][len(probe["with_system"]):]])
+    system_only = probe["system_only"]
+    return system_only[: system_only.find(header)] if header and header in system_only else ""
+
+
+def injected_system_block(tokenizer: Any) -> str:
+    """The text the template writes for a conversation without a system message ('' when it adds none): what
+    precedes the user's block when one user turn is rendered alone, beyond the fixed prefix."""
+    probe = _probe_renderings(tokenizer)
+    head = probe["plain"][: len(probe["plain"]) - len(probe["user_block"])]
+    fixed = fixed_prefix(tokenizer)
     return head[len(fixed):] if head.startswith(fixed) else head
 
 

@@ -130,8 +130,8 @@ def argument_problem(args: argparse.Namespace) -> str | None:
         return "--prompt and --prompts: give one of them"
     if args.prompts is not None and not args.prompts.is_file():
         return f"--prompts {args.prompts}: no such file"
-    if args.model not in MODELS and not Path(args.model).is_dir():
-        return f"--model {args.model}: expected {' or '.join(MODELS)}, or a model directory"
+    if args.model not in (*MODELS, "export") and not Path(args.model).is_dir():
+        return f"--model {args.model}: expected {', '.join(MODELS)} or export, or a model directory"
     return None
 
 
