@@ -1,11 +1,11 @@
-"""Evaluate-stage passes and a no-op `dvc repro`, timed on the current workspace.
+"""Scoring passes (stage `score`) and a no-op `dvc repro`, timed on the current workspace.
 
     python benchmarks/evaluate_and_repro.py                         # params.yaml's evaluate section
     python benchmarks/evaluate_and_repro.py --batch-sizes 16 1 --max-conversations 8
 
 Needs a reproduced pipeline (models/base, models/finetuned, data/processed). For each evaluate batch size it
-runs `stages.evaluate.evaluate` in a subprocess (nothing is written to metrics/) and reports the perplexity
-pass and the generation pass of each model separately, plus the whole call and peak resident memory.
+runs `stages.score.score` for each model in a subprocess (nothing is written to data/ or metrics/) and reports
+the perplexity pass and the generation pass of each model separately, plus the whole call and peak resident memory.
 Then it times `dvc repro` and `dvc status` with nothing changed (median of 3). Prints a table and writes
 benchmarks/results/evaluate_and_repro.json.
 """
@@ -26,25 +26,23 @@ RESULTS = Path("benchmarks/results/evaluate_and_repro.json")
 
 
 def time_evaluate(batch_size: int, max_conversations: int | None) -> dict:
-    from stages.evaluate import evaluate
     from stages.lib.params import load_params
+    from stages.score import score
 
     params = load_params()
     changes = {"batch_size": batch_size}
     if max_conversations:
         changes["max_conversations"] = max_conversations
-    settings = params.evaluate.model_copy(update=changes)
+    params = params.model_copy(update={"evaluate": params.evaluate.model_copy(update=changes)})
     started = time.perf_counter()
-    results, _, _, _, timings = evaluate(settings, params.tokenize.max_length, params.seed)
-    return {
-        "batch_size": batch_size,
-        "conversations": results["test_conversations"],
-        "replies": results["generated_replies"],
-        **timings,
-        "total_s": round(time.perf_counter() - started, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "finetuned_perplexity": results["finetuned"]["perplexity"],
-    }
+    row: dict = {"batch_size": batch_size}
+    for name in ("base", "finetuned"):
+        scores, runtime = score(name, params)
+        row.update({"conversations": len(scores["conversations"]), "replies": runtime["replies"],
+                    f"{name}_perplexity_s": runtime["fluency_s"], f"{name}_generation_s": runtime["generation_s"],
+                    f"{name}_precision": runtime["precision"]["precision"]})
+    return {**row, "total_s": round(time.perf_counter() - started, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 def median_seconds(command: list[str], runs: int = 3) -> tuple[float, str]:
@@ -85,7 +83,7 @@ def main() -> int:
     if "Running stage" in repro_out:
         sys.exit("the workspace is not reproduced: `dvc repro` ran a stage; run it once, then benchmark")
 
-    columns = [c for c in rows[0] if c not in ("finetuned_perplexity",)]
+    columns = list(rows[0])
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join(str(row[c]) for c in columns) + " |")
