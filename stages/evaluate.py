@@ -182,7 +182,8 @@ def evaluate(params: EvaluateParams, seed: int) -> dict[str, Any]:
     check_same_sample(base, tuned)
     test = {c["id"]: c for c in read_conversations(TEST)}
     scored = Scored(base, tuned, test)
-    metric_sets = {name: MetricSet(scored.units(name)[None]) for name in (*MODELS, "human")}
+    whole = {name: scored.units(name)[None] for name in (*MODELS, "human")}  # one unit per conversation
+    metric_sets = {name: MetricSet(units) for name, units in whole.items()}
     boot = params.bootstrap
     results: dict[str, Any] = {
         "test_conversations": len(scored.conversations),
@@ -208,9 +209,11 @@ def evaluate(params: EvaluateParams, seed: int) -> dict[str, Any]:
     topics = sorted({c["topic"] for c in scored.conversations})
     by_topic = slice_table(scored, "topic", lambda conversation, turn: scored.conversations[conversation]["topic"], topics,
                            merge_small_topics(params.min_slice_replies), params.min_slice_replies)
+    by_id = {name: {unit.id: unit for unit in units} for name, units in whole.items()}
     per_conversation = [{"id": meta["id"], "topic": meta["topic"],
-                         **{name: _plain(scored.units(name)[None][index]) for name in (*MODELS, "human")}}
-                        for index, meta in enumerate(scored.conversations)]
+                         **{name: _plain(by_id[name].get(meta["id"], ConversationScores(meta["id"], meta["topic"])))
+                            for name in (*MODELS, "human")}}
+                        for meta in scored.conversations]
     return {"results": results, "by_depth": by_depth, "by_topic": by_topic, "per_conversation": per_conversation}
 
 
