@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from stages.lib.conversations import read_conversations  # noqa: E402
 from stages.lib.labels import TemplateCost  # noqa: E402
-from stages.lib.modeling import load_causal_lm  # noqa: E402
+from stages.lib.modeling import cast_weights, load_causal_lm  # noqa: E402
 from stages.lib.paths import BASE_MODEL, TEST  # noqa: E402
 from stages.lib.precision import choose  # noqa: E402
 from stages.lib.template import with_system_prompt  # noqa: E402
@@ -39,7 +39,7 @@ def main() -> int:
     test = read_conversations(TEST)[: args.conversations]
     model, _ = load_causal_lm(BASE_MODEL)
     precision = choose("auto", model.config)
-    model = model.to(precision.dtype)
+    model = cast_weights(model, precision.dtype)
     rows = []
     for setting in SETTINGS:
         _, tokenizer = load_causal_lm(BASE_MODEL)

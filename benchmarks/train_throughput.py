@@ -1,7 +1,15 @@
-"""Training throughput: the train stage against the standard `run_clm.py`-style recipe, on the same tokens.
+"""Training throughput against the limit measured in the same run, and against peers, on the same data.
 
-    python benchmarks/train_throughput.py                      # baseline and stage, 20 steps each
-    python benchmarks/train_throughput.py --variants stage stage-bf16-autocast --steps 12
+    pip install -r benchmarks/requirements.txt                 # TRL, for the trl-* peer variants
+    python benchmarks/train_throughput.py                      # the default variants, 12 steps each
+    python benchmarks/train_throughput.py --variants stage stage-autocast --steps 20
+
+The ceiling: before the variants run, the GEMMs of one training step at this model's own shapes (every linear
+layer's forward, input gradient and weight gradient over a batch of the subset's mean width; the vocabulary
+head at the trained positions) are timed in float32 and in bf16 (stages/lib/precision.py `gemm_ceiling`).
+Tokens/s at that rate is the most a step could do if nothing but its matrix products ran; every variant is
+reported as a fraction of the ceiling of the precision it ran in. On CUDA the same code measures the GPU's
+GEMMs; `--peak-tflops` adds MFU against the device's dense peak.
 
 Needs the pipeline's data/tokenized and models/base (`dvc repro tokenize`). Every variant trains on the
 same seeded subset of `steps * batch_size` training windows, one pass, same learning-rate schedule, in its
@@ -14,7 +22,12 @@ Variants
   at every position, random batches.
 - stage: `stages.train.build_trainer` with params.yaml's train section (length-grouped dynamic padding,
   loss and vocabulary head at trained positions only, precision `auto`).
-- stage-*: the stage with one lever changed (see VARIANTS), for benchmarks/NOTES.md.
+- stage-*: the stage with one lever changed (see VARIANTS), for benchmarks/NOTES.md. stage-autocast is the
+  bf16 path before master weights (autocast over float32 weights); stage-compile-cold compiles with an
+  empty inductor cache, stage-compile then reuses it.
+- trl-fp32, trl-bf16: TRL's SFTTrainer (benchmarks/requirements.txt) on the same processed conversations,
+  base model, batch size and max_length, with its defaults otherwise (loss on every token, padding to the
+  longest row, truncation instead of windows).
 """
 from __future__ import annotations
 
@@ -41,7 +54,11 @@ from stages.lib.params import Params, load_params  # noqa: E402
 
 RESULTS = Path("benchmarks/results/train.json")
 TOKENIZED = Path("data/tokenized")
+PROCESSED_TRAIN = Path("data/processed/train.jsonl")
 BASE_MODEL = Path("models/base")
+COMPILE_CACHE = Path(tempfile.gettempdir()) / "train_throughput_inductor"
+DEFAULT_VARIANTS = ["baseline", "trl-fp32", "trl-bf16", "stage-fp32", "stage-autocast", "stage", "stage-eager",
+                    "stage-compile-cold", "stage-compile"]
 
 
 def stage_overrides(args: dict | None = None, **train_changes: Any) -> Callable[[Params], tuple[Params, dict]]:
@@ -53,10 +70,14 @@ def stage_overrides(args: dict | None = None, **train_changes: Any) -> Callable[
 
 VARIANTS: dict[str, Callable[[Params], tuple[Params, dict]] | None] = {
     "baseline": None,
+    "trl-fp32": None,
+    "trl-bf16": None,
     "stage": stage_overrides(),
     "stage-fp32": stage_overrides(precision="fp32"),
-    "stage-bf16-autocast": stage_overrides(precision="bf16"),
-    "stage-compile": stage_overrides(args={"torch_compile": True}),
+    "stage-autocast": stage_overrides(precision="bf16"),
+    "stage-eager": stage_overrides(attention="eager"),
+    "stage-compile-cold": stage_overrides(torch_compile=True),
+    "stage-compile": stage_overrides(torch_compile=True),
     "stage-fused-adamw": stage_overrides(args={"optim": "adamw_torch_fused"}),
     "stage-workers2": stage_overrides(args={"dataloader_num_workers": 2}),
     "stage-batch16": stage_overrides(batch_size=16),
@@ -124,29 +145,63 @@ def baseline_trainer(params: Params, model: Any, tokenizer: Any, train_set: Any,
     return Trainer(model=model, args=args, train_dataset=train_set, data_collator=collate, processing_class=tokenizer)
 
 
+def trl_trainer(params: Params, model: Any, tokenizer: Any, steps: int, bf16: bool, output_dir: str) -> tuple[Any, list[int]]:
+    """TRL's SFTTrainer on the same processed training conversations (a seeded subset of steps × batch size)."""
+    import datasets as hf_datasets
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [json.loads(line) for line in PROCESSED_TRAIN.read_text().splitlines() if line.strip()]
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(params.seed))[: steps * params.train.batch_size]
+    dataset = hf_datasets.Dataset.from_list([{"messages": rows[i]["messages"]} for i in sorted(order.tolist())])
+    tokens: list[int] = []
+
+    class CountingSFTTrainer(SFTTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            mask = inputs.get("attention_mask")
+            tokens.append(int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel()))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    config = SFTConfig(
+        output_dir=output_dir, max_length=params.tokenize.max_length, per_device_train_batch_size=params.train.batch_size,
+        max_steps=steps, learning_rate=params.train.learning_rate, lr_scheduler_type=params.train.lr_scheduler,
+        warmup_steps=params.train.warmup_ratio, max_grad_norm=params.train.max_grad_norm, seed=params.seed,
+        data_seed=params.seed, bf16=bf16, use_cpu=not torch.cuda.is_available(), save_strategy="no", eval_strategy="no",
+        logging_steps=10_000, report_to="none", disable_tqdm=True,
+    )
+    return CountingSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer), tokens
+
+
 def run_variant(name: str, steps: int) -> dict:
     import datasets as hf_datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
+    import stages.train as train_stage
     from stages.train import build_trainer, load_model, resolve_precision
 
     params = load_params()
     args: dict = {}
     if VARIANTS[name] is not None:
         params, args = VARIANTS[name](params)
+    if name == "stage-autocast":
+        train_stage.master_weights = lambda *_: False  # the bf16 path as it was: autocast over float32 weights
     set_seed(params.seed)
     data = hf_datasets.load_from_disk(str(TOKENIZED))
     train_set = subset(data["train"], steps * params.train.batch_size, params.seed)  # one pass, no repeats
     if name == "stage-loss-on-all":
         train_set = train_set.map(lambda row: {"labels": row["input_ids"]})
-    tokenizer = AutoTokenizer.from_pretrained(BASE_MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZED / "tokenizer")
     clock = StepClock()
+    trl_tokens: list[int] = []
     with tempfile.TemporaryDirectory() as output_dir:
         if VARIANTS[name] is None:
             model = AutoModelForCausalLM.from_pretrained(BASE_MODEL, use_safetensors=True, dtype=torch.float32)
-            trainer = baseline_trainer(params, model, tokenizer, train_set, output_dir)
-            precision = "fp32"
-            trained_tokens = sum(train_set["length"])
+            if name.startswith("trl-"):
+                precision = name.split("-", 1)[1]
+                trainer, trl_tokens = trl_trainer(params, model, tokenizer, steps, precision == "bf16", output_dir)
+            else:
+                trainer = baseline_trainer(params, model, tokenizer, train_set, output_dir)
+                precision = "fp32"
+            head_fraction = 1.0
         else:
             params = params.model_copy(update={"train": params.train.model_copy(update={"max_steps": steps})})
             model, tokenizer = load_model(params.train)
@@ -154,6 +209,7 @@ def run_variant(name: str, steps: int) -> dict:
             trainer, _ = build_trainer(params, model, tokenizer, {"train": train_set, "val": data["val"]}, Path(output_dir), **overrides)
             precision = resolve_precision(params.train.precision, model.config).precision
             trained_tokens = sum(sum(1 for label in row[1:] if label != IGNORE_INDEX) for row in train_set["labels"])
+            head_fraction = trained_tokens / sum(train_set["length"])
         trainer.add_callback(clock.callback)
         started = time.perf_counter()
         trainer.train()
@@ -161,18 +217,22 @@ def run_variant(name: str, steps: int) -> dict:
     steps_done = len(clock.times) - 1
     step_times = [b - a for a, b in zip(clock.times, clock.times[1:])]
     steady = step_times[2:] or step_times
-    tokens = sum(train_set["length"])
-    flops = model_flops_per_token(unwrap(trainer.model), 1.0 if VARIANTS[name] is None else trained_tokens / tokens)
-    loss = heldout_loss(trainer.model, data["val"], tokenizer, params.train.batch_size)
+    tokens = sum(trl_tokens) if name.startswith("trl-") else sum(train_set["length"])
+    per_step = trl_tokens if name.startswith("trl-") else None
+    steady_tokens = sum(per_step[2:]) if per_step and len(per_step) > 2 else tokens * len(steady) / steps_done
+    flops = model_flops_per_token(unwrap(trainer.model), head_fraction)
+    trained = train_stage.float32_model(trainer) if VARIANTS[name] is not None else trainer.model  # what the stage saves
+    loss = heldout_loss(trained, data["val"], tokenizer, params.train.batch_size)
     return {
         "variant": name,
         "precision": precision,
+        "compute": train_stage.compute_description(precision, params.train) if VARIANTS[name] is not None else
+                   ("bf16 autocast over float32 weights" if precision == "bf16" else "float32"),
         "steps": steps_done,
         "non_pad_tokens": tokens,
-        "loss_tokens": trained_tokens,
         "wall_s": round(wall, 1),
         "tokens_per_s": round(tokens / wall, 1),
-        "steady_tokens_per_s": round(tokens * len(steady) / steps_done / sum(steady), 1),
+        "steady_tokens_per_s": round(steady_tokens / sum(steady), 1),
         "s_per_step": round(sorted(steady)[len(steady) // 2], 2),
         "model_gflops_per_s": round(flops * tokens / wall / 1e9, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -180,6 +240,24 @@ def run_variant(name: str, steps: int) -> dict:
         "heldout_loss": round(loss, 4),
         "heldout_perplexity": round(math.exp(loss), 2),
     }
+
+
+def measure_ceilings(steps: int) -> dict[str, Any]:
+    """The GEMM ceiling of one step, in float32 and bf16, at the width of the stage's batches (this run)."""
+    import datasets as hf_datasets
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from stages.lib.precision import gemm_ceiling
+
+    params = load_params()
+    train_set = subset(hf_datasets.load_from_disk(str(TOKENIZED))["train"], steps * params.train.batch_size, params.seed)
+    tokens = sum(train_set["length"])
+    trained = sum(sum(1 for label in row[1:] if label != IGNORE_INDEX) for row in train_set["labels"])
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(BASE_MODEL))
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return {precision: gemm_ceiling(skeleton, precision, tokens // steps, trained / tokens, device=device, budget=0.2)
+            for precision in ("fp32", "bf16")}
 
 
 def cpu_name() -> str:
@@ -213,11 +291,11 @@ def machine() -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["baseline", "stage"], choices=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="the accelerator's dense peak (e.g. 989 for H100 bf16) to report MFU")
+                        help="the accelerator's dense bf16 peak (e.g. 989 for an H100 SXM) to report MFU")
     parser.add_argument("--one", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -225,30 +303,45 @@ def main() -> int:
         return 0
     if not (TOKENIZED / "dataset_dict.json").exists():
         sys.exit(f"{TOKENIZED}: missing; run `dvc repro tokenize` first")
+    ceilings = measure_ceilings(args.steps)
+    for ceiling in ceilings.values():
+        print(f"ceiling {ceiling.precision}: {ceiling.gflops} GFLOP/s over the step's GEMMs = {ceiling.tokens_per_s} tokens/s", flush=True)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(COMPILE_CACHE)}
     rows = []
     for name in args.variants:
+        if name == "stage-compile-cold":
+            subprocess.run(["rm", "-rf", str(COMPILE_CACHE)], check=True)
         print(f"running {name} ({args.steps} steps) ...", flush=True)
         done = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps)],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env=env)
         if done.returncode != 0:
             sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    base = next((r for r in rows if r["variant"] == "baseline"), None)
-    if args.peak_tflops:
-        for row in rows:
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        ceiling = ceilings[row["precision"] if row["precision"] in ceilings else "fp32"]
+        row["ceiling_tokens_per_s"] = ceiling.tokens_per_s
+        row["fraction_of_ceiling"] = ceiling.fraction(row["tokens_per_s"])
+        row["steady_fraction_of_ceiling"] = ceiling.fraction(row["steady_tokens_per_s"])
+        if args.peak_tflops:
             row["mfu"] = round(row["model_gflops_per_s"] / (args.peak_tflops * 1000), 4)
-    columns = ["variant", "precision", "steps", "non_pad_tokens", "tokens_per_s", "steady_tokens_per_s", "s_per_step", "model_gflops_per_s", "peak_rss_mb", "heldout_loss"]
-    print("| " + " | ".join(columns + (["speedup"] if base else [])) + " |")
-    print("|" + "---|" * (len(columns) + (1 if base else 0)))
+        rows.append(row)
+    trl_best = max((r["tokens_per_s"] for r in rows if r["variant"].startswith("trl-")), default=None)
+    fp32_loss = next((r["heldout_loss"] for r in rows if r["variant"] == "stage-fp32"), None)
     for row in rows:
-        cells = [str(row[c]) for c in columns]
-        if base:
-            cells.append(f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}x")
-        print("| " + " | ".join(cells) + " |")
+        row["vs_best_trl"] = round(row["tokens_per_s"] / trl_best, 2) if trl_best else None
+        row["heldout_loss_vs_stage_fp32"] = round(row["heldout_loss"] - fp32_loss, 4) if fp32_loss is not None else None
+    columns = ["variant", "compute", "tokens_per_s", "fraction_of_ceiling", "steady_tokens_per_s", "steady_fraction_of_ceiling",
+               "s_per_step", "vs_best_trl", "peak_rss_mb", "heldout_loss", "heldout_loss_vs_stage_fp32"] + (["mfu"] if args.peak_tflops else [])
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(c)) for c in columns) + " |")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(args.output.read_text()) if args.output.exists() else {}
-    runs = {**previous.get("runs", {}), **{r["variant"]: r for r in rows}}
-    args.output.write_text(json.dumps({"machine": machine(), "steps": args.steps, "runs": runs}, indent=2, sort_keys=True) + "\n")
+    same_machine = previous.get("machine") == machine()
+    runs = {**(previous.get("runs", {}) if same_machine else {}), **{r["variant"]: r for r in rows}}
+    args.output.write_text(json.dumps({"machine": machine(), "steps": args.steps,
+                                       "ceilings": {k: vars(v) for k, v in ceilings.items()}, "runs": runs},
+                                      indent=2, sort_keys=True) + "\n")
     print(f"wrote {args.output}")
     return 0
 

@@ -23,7 +23,7 @@ from stages.lib.atomic import write_json
 from stages.lib.cli import ArgumentParser, run
 from stages.lib.conversations import Conversation, InputError, read_conversations, topic_of
 from stages.lib.labels import TemplateCost, WindowStats, windows
-from stages.lib.modeling import collator, load_causal_lm, pick_device, trained_logits
+from stages.lib.modeling import cast_weights, collator, load_causal_lm, pick_device, trained_logits
 from stages.lib.params import EvaluateParams, load_params
 from stages.lib.paths import MODELS, SCORES, TEST
 from stages.lib.precision import choose
@@ -170,7 +170,7 @@ def score(name: str, params: Any) -> tuple[dict, dict]:
     device = pick_device()
     model, tokenizer = load_causal_lm(MODELS[name])
     precision = choose(evaluate.precision, model.config)
-    model = model.to(device=device, dtype=precision.dtype)
+    model = cast_weights(model, precision.dtype).to(device)  # parameters only: RoPE frequencies stay float32
     if name == "base":  # the fine-tuned tokenizer carries the system prompt choice already; the base one gets the same
         tokenizer = with_system_prompt(tokenizer, params.tokenize.system_prompt)
     started = time.perf_counter()

@@ -29,10 +29,11 @@ from stages.lib.atomic import atomic_path, write_json
 from stages.lib.cli import ArgumentParser, run
 from stages.lib.conversations import InputError
 from stages.lib.labels import IGNORE_INDEX
-from stages.lib.modeling import collator, load_causal_lm, read_config, trained_logits
+from stages.lib.master_weights import MasterWeightAdamW
+from stages.lib.modeling import cast_weights, collator, load_causal_lm, read_config, trained_logits, unwrap
 from stages.lib.params import Params, TrainParams, load_params
 from stages.lib.paths import BASE_MODEL, FINETUNED as OUTPUT, TOKENIZED
-from stages.lib.precision import PrecisionChoice, choose
+from stages.lib.precision import PrecisionChoice, choose, gemm_ceiling
 
 CHECKPOINTS = Path("models/checkpoints")  # scratch for resuming, outside DVC: a persist out would disable the run-cache
 FINGERPRINT = CHECKPOINTS / "fingerprint.json"
@@ -52,6 +53,20 @@ def resolve_precision(requested: str, config: Any) -> PrecisionChoice:
     if requested == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise InputError(f"train.precision: bf16 is not supported by {torch.cuda.get_device_name(0)}; use auto, fp16 or fp32")
     return choose(requested, config)
+
+
+def master_weights(precision: str, train: TrainParams) -> bool:
+    """bf16 full fine-tuning on a CPU runs bf16 weights with float32 masters (stages/lib/master_weights.py)
+    instead of autocast's per-step casts; a GPU (and LoRA, whose frozen base stays as loaded) uses autocast."""
+    return precision == "bf16" and train.method == "full" and not torch.cuda.is_available()
+
+
+def compute_description(precision: str, train: TrainParams) -> str:
+    if master_weights(precision, train):
+        return "bf16 weights and activations, float32 master weights and AdamW state"
+    if precision in ("bf16", "fp16"):
+        return f"{precision} autocast over float32 weights"
+    return "float32"
 
 
 def fingerprint(params: Params) -> str:
@@ -131,7 +146,8 @@ def preflight(params: Params, check_only: bool = False) -> PrecisionChoice:
         if not path.exists():
             raise InputError(f"{path}: missing; run the {stage} stage first (dvc repro {stage})")
     recorded = json.loads(PRECISION_CHOICE.read_text()) if PRECISION_CHOICE.exists() and not check_only else {}
-    if recorded.get("requested") == params.train.precision and recorded.get("config") == (BASE_MODEL / "config.json").read_text():
+    requested = params.train.precision
+    if recorded.get("requested") == requested and recorded.get("config") == (BASE_MODEL / "config.json").read_text():
         precision = PrecisionChoice(**recorded["choice"])
     else:
         precision = resolve_precision(params.train.precision, AutoConfig.from_pretrained(BASE_MODEL))
@@ -143,14 +159,15 @@ def preflight(params: Params, check_only: bool = False) -> PrecisionChoice:
         if problem:
             raise InputError(problem)
     if check_only:  # every check passed: record the choice for the workers
-        write_json(PRECISION_CHOICE, {"requested": params.train.precision, "config": (BASE_MODEL / "config.json").read_text(),
+        write_json(PRECISION_CHOICE, {"requested": requested, "config": (BASE_MODEL / "config.json").read_text(),
                                       "choice": precision.as_dict()})
     return precision
 
 
 def load_model(params: TrainParams) -> tuple[Any, Any]:
-    """The base model (float32 master weights) and the tokenizer tokenize used, LoRA-wrapped if asked."""
+    """The base model (float32 weights) and the tokenizer tokenize used, LoRA-wrapped if asked."""
     model, _ = load_causal_lm(BASE_MODEL)
+    model.set_attn_implementation(params.attention)
     tokenizer = load_tokenizer()
     if params.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -212,8 +229,10 @@ class TokenCounter:
     def __init__(self) -> None:
         self.tokens = 0
         self.trained = 0
+        self.batches = 0
 
     def add(self, inputs: dict[str, torch.Tensor]) -> None:
+        self.batches += 1
         self.tokens += int(inputs["attention_mask"].sum())
         self.trained += int((inputs["labels"] != IGNORE_INDEX).sum())
 
@@ -224,6 +243,9 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
 
     train = params.train
     precision = (precision or resolve_precision(train.precision, model.config)).precision
+    masters = master_weights(precision, train)
+    if masters:
+        cast_weights(model, torch.bfloat16)
     counter = TokenCounter()
     has_val = len(datasets["val"]) > 0
     early = train.early_stopping_patience is not None and has_val
@@ -236,6 +258,19 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch for any model
+
+        def create_optimizer(self, model=None):
+            if not masters:
+                return super().create_optimizer(model)
+            if self.optimizer is None:
+                model = model if model is not None else self.model
+                decay = set(self.get_decay_parameter_names(model))
+                trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+                groups = [{"params": [p for name, p in trained if name in decay], "weight_decay": self.args.weight_decay},
+                          {"params": [p for name, p in trained if name not in decay], "weight_decay": 0.0}]
+                self.optimizer = MasterWeightAdamW([g for g in groups if g["params"]], lr=self.args.learning_rate,
+                                                   betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon)
+            return self.optimizer
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             counter.add(inputs)
@@ -310,7 +345,7 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
         max_grad_norm=train.max_grad_norm,
         activation_checkpointing=train.gradient_checkpointing,
         torch_compile=train.torch_compile,
-        bf16=precision == "bf16",
+        bf16=precision == "bf16" and not masters,
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
         eval_strategy="steps" if has_val else "no",
@@ -364,6 +399,20 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
         callbacks=callbacks,
     )
     return trainer, counter
+
+
+def float32_model(trainer: Any) -> Any:
+    """The trained model in float32. Under master weights the bf16 parameters are rounded copies: the saved
+    model takes the float32 masters (those of the best checkpoint when the Trainer loaded it at the end)."""
+    optimizer = trainer.optimizer
+    while optimizer is not None and not isinstance(optimizer, MasterWeightAdamW) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer wrapper
+    if not isinstance(optimizer, MasterWeightAdamW):
+        return trainer.model
+    best = trainer.state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
+    saved = torch.load(Path(best) / "optimizer.pt", map_location="cpu", weights_only=True)["masters"] if best else None
+    optimizer.write_masters(saved)
+    return trainer.model
 
 
 def save_model(model: Any, tokenizer: Any, params: TrainParams, output: Path = OUTPUT) -> str:
@@ -439,8 +488,10 @@ def main(argv: list[str] | None = None) -> int:
             final_eval = at_end[-1] if at_end else trainer.evaluate()["eval_loss"]
     if not trainer.is_world_process_zero():
         return 0
-    saved = save_model(trainer.model, tokenizer, params.train)
     world = max(trainer.args.world_size, 1)
+    ceiling = gemm_ceiling(unwrap(trainer.model), precision.precision, max(counter.tokens // max(counter.batches, 1), 1),
+                               counter.trained / max(counter.tokens, 1))
+    saved = save_model(float32_model(trainer), tokenizer, params.train)
     # Only what the same params and data reproduce, resumed or not: byte-identical across runs on one machine.
     metrics = {
         "method": saved,
@@ -459,19 +510,25 @@ def main(argv: list[str] | None = None) -> int:
     runtime = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
         "precision": precision.as_dict(),  # the choice and why (measured GFLOP/s where `auto` measured)
+        "compute": compute_description(precision.precision, params.train),
         "resumed_from_step": int(Path(resume).name.split("-")[-1]) if resume else 0,
         "tokens_seen": counter.tokens * world,  # by this process since it started (after the resume point)
         "trained_tokens": counter.trained * world,
         "tokens_per_s": round(counter.tokens * world / wall, 1),
         "trained_tokens_per_s": round(counter.trained * world / wall, 1),
         "wall_time_s": round(wall, 1),
+        # The limit: this step's GEMMs alone at the rate measured here just now (stages/lib/precision.py).
+        "ceiling_tokens_per_s": ceiling.tokens_per_s,
+        "ceiling_gflops": ceiling.gflops,
+        "fraction_of_ceiling": ceiling.fraction(counter.tokens / wall),
         "peak_memory_mb": peak_memory_mb(),
     }
     write_json(TRAIN_RUNTIME, runtime)
     write_json(TRAIN_METRICS, metrics)
     reset_checkpoints(identity, "complete")
     print(f"train: {metrics['steps']} steps ({saved}, {metrics['precision']}, {runtime['device']}), val loss "
-          f"{metrics['val_loss_before']} -> {metrics['val_loss_after']}, {runtime['tokens_per_s']} tokens/s, "
+          f"{metrics['val_loss_before']} -> {metrics['val_loss_after']}, {runtime['tokens_per_s']} tokens/s "
+          f"({runtime['fraction_of_ceiling']:.0%} of the {runtime['ceiling_tokens_per_s']:.0f} measured here), "
           f"{runtime['wall_time_s']} s, peak {runtime['peak_memory_mb']} MB -> {OUTPUT}")
     return 0
 

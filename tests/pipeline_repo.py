@@ -15,6 +15,7 @@ TINY_TRAIN = {
     "max_steps": 150, "batch_size": 8, "learning_rate": 5.0e-3, "warmup_ratio": 0.1, "eval_steps": 75,
     "save_steps": 75, "logging_steps": 15, "lr_scheduler": "linear",
     "precision": "fp32",  # tests assert exact equalities; `auto` (measured per machine) has its own test
+    "attention": "sdpa",
 }
 
 

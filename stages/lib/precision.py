@@ -72,3 +72,68 @@ def choose(requested: str, config: Any, tokens: int = 2048) -> PrecisionChoice:
         return PrecisionChoice("bf16", f"measured {shape}: bf16 {bf16:.0f} GFLOP/s, {bf16 / fp32:.1f}× fp32", round(fp32, 1), round(bf16, 1))
     return PrecisionChoice("fp32", f"measured {shape}: bf16 {bf16:.0f} GFLOP/s is not {BF16_MARGIN}× fp32's {fp32:.0f}",
                            round(fp32, 1), round(bf16, 1))
+
+
+@dataclass
+class Ceiling:
+    """What a step would cost if it did nothing but the model's matrix products, measured here.
+
+    `tokens_per_s` is the throughput at that limit: every variant's speed is reported as a fraction of it,
+    so the figure means the same on a 2-core laptop and on an H100."""
+
+    precision: str
+    gflops: float            # sustained rate over the model's own GEMM shapes
+    flops_per_token: float   # 2 per weight forward, 6 with both gradients; the head's only where it is applied
+    tokens_per_s: float
+
+    def fraction(self, tokens_per_s: float) -> float:
+        return round(tokens_per_s / self.tokens_per_s, 3)
+
+
+def linear_shapes(model: Any) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """(in, out) of every linear layer but the output head, and the head's: read off the modules themselves
+    (works on a meta-device model), so any architecture's shapes are right. GPT-2's Conv1D included."""
+    head = model.get_output_embeddings()
+    shapes = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if module is head or weight is None or weight.dim() != 2 or isinstance(module, torch.nn.Embedding):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            shapes.append((module.in_features, module.out_features))
+        elif type(module).__name__ == "Conv1D":  # transformers' GPT-2 layer: weight is [in, out]
+            shapes.append((int(weight.shape[0]), int(weight.shape[1])))
+    return shapes, (int(head.weight.shape[1]), int(head.weight.shape[0]))
+
+
+def _seconds(dtype: torch.dtype, m: int, k: int, n: int, device: torch.device, budget: float) -> float:
+    """Seconds per [m × k] @ [k × n] product, after a warm-up."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(k, n, generator=generator).to(device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    count, started = 0, time.perf_counter()
+    while count < 3 or time.perf_counter() - started < budget:
+        a @ b
+        count += 1
+    sync()
+    return (time.perf_counter() - started) / count
+
+
+def gemm_ceiling(model: Any, precision: str, rows: int, head_fraction: float, backward: bool = True,
+                 device: torch.device | None = None, budget: float = 0.05) -> Ceiling:
+    """Time each distinct GEMM of one pass over `rows` positions (forward; with `backward`, also the input and
+    weight gradients) of every linear layer, the head's at `head_fraction` of the rows only, in `precision`."""
+    device = device or torch.device("cpu")
+    shapes, (hidden, vocab) = linear_shapes(model)
+    counts: dict[tuple[int, int, int], int] = {}
+    for m, (k, n) in [(rows, s) for s in shapes] + [(max(1, round(rows * head_fraction)), (hidden, vocab))]:
+        for gemm in ((m, k, n), (m, n, k), (n, m, k)) if backward else ((m, k, n),):  # forward, input grad, weight grad
+            counts[gemm] = counts.get(gemm, 0) + 1
+    seconds = sum(count * _seconds(DTYPES[precision], *gemm, device, budget) for gemm, count in counts.items())
+    flops = sum(2.0 * m * k * n * count for (m, k, n), count in counts.items())
+    return Ceiling(precision, round(flops / seconds / 1e9, 1), flops / rows, round(rows / seconds, 1))
+
