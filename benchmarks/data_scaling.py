@@ -119,6 +119,24 @@ def tokens_per_second(root: Path, seconds: float) -> float | None:
     return round((report["train"]["tokens"] + report["val"]["tokens"]) / seconds)
 
 
+def encoder_ceiling(root: Path, base_model: Path, limit: int = 20_000) -> dict:
+    """The fast tokenizer alone, on every core (its Rust thread pool), encoding the processed training split's
+    message texts: the most tokens/s any tokenize stage built on it could reach on this machine."""
+    from transformers import AutoTokenizer
+
+    backend = AutoTokenizer.from_pretrained(base_model).backend_tokenizer
+    texts = []
+    with (root / "data" / "processed" / "train.jsonl").open(encoding="utf-8") as handle:
+        for line in handle:
+            texts.extend(m["content"] for m in json.loads(line)["messages"])
+            if len(texts) >= limit:
+                break
+    backend.encode_batch(texts[:1000], add_special_tokens=False)  # warm-up
+    started = time.perf_counter()
+    tokens = sum(len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False))
+    return {"texts": len(texts), "tokens": tokens, "tokens_per_s": round(tokens / (time.perf_counter() - started))}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 10, 100])
@@ -139,6 +157,8 @@ def main() -> int:
             row = run_stage(root, stage, args.timeout, args.code.resolve())
             if stage == "tokenize" and row["exit"] == 0:
                 row["tokens_per_s"] = tokens_per_second(root, row["seconds"])
+                row["encoder_ceiling"] = encoder_ceiling(root, args.base_model)
+                row["fraction_of_encoder_ceiling"] = round(row["tokens_per_s"] / row["encoder_ceiling"]["tokens_per_s"], 3)
             rows[f"x{scale} {stage}"] = {"scale": scale, "conversations": scale * 7168, **row}
             print(f"x{scale:<4} {stage:<11} {row['seconds']:>8.1f} s {row['peak_memory_mb']:>7} MB  exit {row['exit']}  {row.get('tokens_per_s') or ''}", flush=True)
             RESULTS.parent.mkdir(parents=True, exist_ok=True)

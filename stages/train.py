@@ -29,8 +29,7 @@ from stages.lib.atomic import atomic_path, write_json
 from stages.lib.cli import ArgumentParser, run
 from stages.lib.conversations import InputError
 from stages.lib.labels import IGNORE_INDEX
-from stages.lib.master_weights import MasterWeightAdamW
-from stages.lib.modeling import cast_weights, collator, load_causal_lm, read_config, trained_logits, unwrap
+from stages.lib.modeling import collator, load_causal_lm, read_config, trained_logits, unwrap
 from stages.lib.params import Params, TrainParams, load_params
 from stages.lib.paths import BASE_MODEL, FINETUNED as OUTPUT, TOKENIZED
 from stages.lib.precision import PrecisionChoice, choose, gemm_ceiling
@@ -55,18 +54,13 @@ def resolve_precision(requested: str, config: Any) -> PrecisionChoice:
     return choose(requested, config)
 
 
-def master_weights(precision: str, train: TrainParams) -> bool:
-    """bf16 full fine-tuning on a CPU runs bf16 weights with float32 masters (stages/lib/master_weights.py)
-    instead of autocast's per-step casts; a GPU (and LoRA, whose frozen base stays as loaded) uses autocast."""
-    return precision == "bf16" and train.method == "full" and not torch.cuda.is_available()
-
-
-def compute_description(precision: str, train: TrainParams) -> str:
-    if master_weights(precision, train):
-        return "bf16 weights and activations, float32 master weights and AdamW state"
-    if precision in ("bf16", "fp16"):
-        return f"{precision} autocast over float32 weights"
-    return "float32"
+def attention_implementation(requested: str) -> str:
+    """`auto`: sdpa on a GPU (fused kernels); eager on a CPU, where torch's sdpa kernel for a padded batch (an
+    explicit mask) ran a bf16 training step 10% slower than eager attention (benchmarks/NOTES.md; the
+    stage-sdpa variant of benchmarks/train_throughput.py measures it again on any machine)."""
+    if requested != "auto":
+        return requested
+    return "sdpa" if torch.cuda.is_available() else "eager"
 
 
 def fingerprint(params: Params) -> str:
@@ -167,7 +161,7 @@ def preflight(params: Params, check_only: bool = False) -> PrecisionChoice:
 def load_model(params: TrainParams) -> tuple[Any, Any]:
     """The base model (float32 weights) and the tokenizer tokenize used, LoRA-wrapped if asked."""
     model, _ = load_causal_lm(BASE_MODEL)
-    model.set_attn_implementation(params.attention)
+    model.set_attn_implementation(attention_implementation(params.attention))
     tokenizer = load_tokenizer()
     if params.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -243,9 +237,6 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
 
     train = params.train
     precision = (precision or resolve_precision(train.precision, model.config)).precision
-    masters = master_weights(precision, train)
-    if masters:
-        cast_weights(model, torch.bfloat16)
     counter = TokenCounter()
     has_val = len(datasets["val"]) > 0
     early = train.early_stopping_patience is not None and has_val
@@ -258,19 +249,6 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch for any model
-
-        def create_optimizer(self, model=None):
-            if not masters:
-                return super().create_optimizer(model)
-            if self.optimizer is None:
-                model = model if model is not None else self.model
-                decay = set(self.get_decay_parameter_names(model))
-                trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-                groups = [{"params": [p for name, p in trained if name in decay], "weight_decay": self.args.weight_decay},
-                          {"params": [p for name, p in trained if name not in decay], "weight_decay": 0.0}]
-                self.optimizer = MasterWeightAdamW([g for g in groups if g["params"]], lr=self.args.learning_rate,
-                                                   betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon)
-            return self.optimizer
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             counter.add(inputs)
@@ -345,7 +323,7 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
         max_grad_norm=train.max_grad_norm,
         activation_checkpointing=train.gradient_checkpointing,
         torch_compile=train.torch_compile,
-        bf16=precision == "bf16" and not masters,
+        bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
         eval_strategy="steps" if has_val else "no",
@@ -399,20 +377,6 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
         callbacks=callbacks,
     )
     return trainer, counter
-
-
-def float32_model(trainer: Any) -> Any:
-    """The trained model in float32. Under master weights the bf16 parameters are rounded copies: the saved
-    model takes the float32 masters (those of the best checkpoint when the Trainer loaded it at the end)."""
-    optimizer = trainer.optimizer
-    while optimizer is not None and not isinstance(optimizer, MasterWeightAdamW) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer wrapper
-    if not isinstance(optimizer, MasterWeightAdamW):
-        return trainer.model
-    best = trainer.state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
-    saved = torch.load(Path(best) / "optimizer.pt", map_location="cpu", weights_only=True)["masters"] if best else None
-    optimizer.write_masters(saved)
-    return trainer.model
 
 
 def save_model(model: Any, tokenizer: Any, params: TrainParams, output: Path = OUTPUT) -> str:
@@ -491,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     world = max(trainer.args.world_size, 1)
     ceiling = gemm_ceiling(unwrap(trainer.model), precision.precision, max(counter.tokens // max(counter.batches, 1), 1),
                                counter.trained / max(counter.tokens, 1))
-    saved = save_model(float32_model(trainer), tokenizer, params.train)
+    saved = save_model(trainer.model, tokenizer, params.train)
     # Only what the same params and data reproduce, resumed or not: byte-identical across runs on one machine.
     metrics = {
         "method": saved,
@@ -510,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
         "precision": precision.as_dict(),  # the choice and why (measured GFLOP/s where `auto` measured)
-        "compute": compute_description(precision.precision, params.train),
+        "attention": unwrap(trainer.model).config._attn_implementation,
         "resumed_from_step": int(Path(resume).name.split("-")[-1]) if resume else 0,
         "tokens_seen": counter.tokens * world,  # by this process since it started (after the resume point)
         "trained_tokens": counter.trained * world,
@@ -528,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     reset_checkpoints(identity, "complete")
     print(f"train: {metrics['steps']} steps ({saved}, {metrics['precision']}, {runtime['device']}), val loss "
           f"{metrics['val_loss_before']} -> {metrics['val_loss_after']}, {runtime['tokens_per_s']} tokens/s "
-          f"({runtime['fraction_of_ceiling']:.0%} of the {runtime['ceiling_tokens_per_s']:.0f} measured here), "
+          f"({runtime['fraction_of_ceiling']:.0%} of the {runtime['ceiling_tokens_per_s']:.0f} tokens/s GEMM ceiling measured here), "
           f"{runtime['wall_time_s']} s, peak {runtime['peak_memory_mb']} MB -> {OUTPUT}")
     return 0
 

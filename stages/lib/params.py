@@ -111,7 +111,7 @@ class TrainParams(Section):
     gradient_checkpointing: bool
     torch_compile: bool
     precision: Literal["auto", "bf16", "fp16", "fp32"]
-    attention: Literal["sdpa", "eager"]
+    attention: Literal["auto", "sdpa", "eager"]
     logging_steps: int = Field(..., ge=1)
     save_steps: int = Field(..., ge=1)
     lora: LoraParams
