@@ -56,7 +56,7 @@ def resolve_precision(requested: str, config: Any) -> PrecisionChoice:
 
 def attention_implementation(requested: str) -> str:
     """`auto`: sdpa on a GPU (fused kernels); eager on a CPU, where torch's sdpa kernel for a padded batch (an
-    explicit mask) ran a bf16 training step 10% slower than eager attention (benchmarks/NOTES.md; the
+    explicit mask) ran a bf16 training step 15% slower than eager attention (benchmarks/NOTES.md; the
     stage-sdpa variant of benchmarks/train_throughput.py measures it again on any machine)."""
     if requested != "auto":
         return requested
@@ -140,8 +140,7 @@ def preflight(params: Params, check_only: bool = False) -> PrecisionChoice:
         if not path.exists():
             raise InputError(f"{path}: missing; run the {stage} stage first (dvc repro {stage})")
     recorded = json.loads(PRECISION_CHOICE.read_text()) if PRECISION_CHOICE.exists() and not check_only else {}
-    requested = params.train.precision
-    if recorded.get("requested") == requested and recorded.get("config") == (BASE_MODEL / "config.json").read_text():
+    if recorded.get("requested") == params.train.precision and recorded.get("config") == (BASE_MODEL / "config.json").read_text():
         precision = PrecisionChoice(**recorded["choice"])
     else:
         precision = resolve_precision(params.train.precision, AutoConfig.from_pretrained(BASE_MODEL))
@@ -153,7 +152,7 @@ def preflight(params: Params, check_only: bool = False) -> PrecisionChoice:
         if problem:
             raise InputError(problem)
     if check_only:  # every check passed: record the choice for the workers
-        write_json(PRECISION_CHOICE, {"requested": requested, "config": (BASE_MODEL / "config.json").read_text(),
+        write_json(PRECISION_CHOICE, {"requested": params.train.precision, "config": (BASE_MODEL / "config.json").read_text(),
                                       "choice": precision.as_dict()})
     return precision
 
@@ -454,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     world = max(trainer.args.world_size, 1)
     ceiling = gemm_ceiling(unwrap(trainer.model), precision.precision, max(counter.tokens // max(counter.batches, 1), 1),
-                               counter.trained / max(counter.tokens, 1))
+                           counter.trained / max(counter.tokens, 1))
     saved = save_model(trainer.model, tokenizer, params.train)
     # Only what the same params and data reproduce, resumed or not: byte-identical across runs on one machine.
     metrics = {

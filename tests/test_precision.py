@@ -10,6 +10,7 @@ from stages.lib.precision import gemm_ceiling, linear_shapes
 from test_train import prepared, run_train, workspace  # noqa: F401  (the module fixture)
 from tiny import tiny_model
 
+
 def test_casting_to_bf16_keeps_rope_frequencies_float32():
     """`model.to(torch.bfloat16)` rounds the rotary inverse frequencies too; `cast_weights` casts parameters only."""
     model = tiny_model("llama", 64)

@@ -32,18 +32,26 @@ class PrecisionChoice:
         return DTYPES[self.precision]
 
 
-def matmul_gflops(dtype: torch.dtype, rows: int, inner: int, cols: int, seconds: float = 0.25) -> float:
-    """Sustained GFLOP/s of [rows × inner] @ [inner × cols] in `dtype` on the CPU, after a warm-up."""
+def _seconds(dtype: torch.dtype, m: int, k: int, n: int, device: torch.device, budget: float) -> float:
+    """Seconds per [m × k] @ [k × n] product, after a warm-up."""
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(rows, inner, generator=generator).to(dtype)
-    b = torch.randn(inner, cols, generator=generator).to(dtype)
+    a = torch.randn(m, k, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(k, n, generator=generator).to(device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):
         a @ b
+    sync()
     count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
+    while count < 3 or time.perf_counter() - started < budget:
         a @ b
         count += 1
-    return 2.0 * rows * inner * cols * count / (time.perf_counter() - started) / 1e9
+    sync()
+    return (time.perf_counter() - started) / count
+
+
+def matmul_gflops(dtype: torch.dtype, rows: int, inner: int, cols: int, seconds: float = 0.25) -> float:
+    """Sustained GFLOP/s of [rows × inner] @ [inner × cols] in `dtype` on the CPU, after a warm-up."""
+    return 2.0 * rows * inner * cols / _seconds(dtype, rows, inner, cols, torch.device("cpu"), seconds) / 1e9
 
 
 def model_shapes(config: Any) -> tuple[int, int]:
@@ -106,23 +114,6 @@ def linear_shapes(model: Any) -> tuple[list[tuple[int, int]], tuple[int, int]]:
     return shapes, (int(head.weight.shape[1]), int(head.weight.shape[0]))
 
 
-def _seconds(dtype: torch.dtype, m: int, k: int, n: int, device: torch.device, budget: float) -> float:
-    """Seconds per [m × k] @ [k × n] product, after a warm-up."""
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(m, k, generator=generator).to(device=device, dtype=dtype)
-    b = torch.randn(k, n, generator=generator).to(device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        a @ b
-    sync()
-    count, started = 0, time.perf_counter()
-    while count < 3 or time.perf_counter() - started < budget:
-        a @ b
-        count += 1
-    sync()
-    return (time.perf_counter() - started) / count
-
-
 def gemm_ceiling(model: Any, precision: str, rows: int, head_fraction: float, backward: bool = True,
                  device: torch.device | None = None, budget: float = 0.05) -> Ceiling:
     """Time each distinct GEMM of one pass over `rows` positions (forward; with `backward`, also the input and
@@ -136,4 +127,3 @@ def gemm_ceiling(model: Any, precision: str, rows: int, head_fraction: float, ba
     seconds = sum(count * _seconds(DTYPES[precision], *gemm, device, budget) for gemm, count in counts.items())
     flops = sum(2.0 * m * k * n * count for (m, k, n), count in counts.items())
     return Ceiling(precision, round(flops / seconds / 1e9, 1), flops / rows, round(rows / seconds, 1))
-
