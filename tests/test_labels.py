@@ -3,7 +3,10 @@ import pytest
 import torch
 
 from stages.base_model import prepare_tokenizer
-from stages.lib.labels import IGNORE_INDEX, TemplateCost, WindowStats, assistant_spans, encode, prefix_spans, template_blocks, windows, windows_batch
+from tokenizers import normalizers, pre_tokenizers
+
+from stages.lib.labels import (IGNORE_INDEX, TemplateCost, WindowStats, assistant_spans, composer, encode, prefix_spans, template_blocks, windows,
+                               windows_batch)
 from stages.lib.template import PLAIN_CHAT_TEMPLATE, end_of_turn_token, with_system_prompt
 from stages.lib.modeling import collator
 from stages.train import trained_position_loss
@@ -257,3 +260,58 @@ def test_5_batched_windows_equal_one_conversation_at_a_time(tokenizer, loss_on):
         got = windows_batch(tokenizer, conversations, max_length, loss_on, cost, batched)
         assert [[(e.input_ids, e.labels, e.turns) for e in w] for w in got] == [[(e.input_ids, e.labels, e.turns) for e in w] for w in expected]
         assert batched == one
+
+
+COMPOSE_CASES = SPAN_CASES + [
+    [{"role": "user", "content": "'s it 42? 3.14 ünïcödé 🙂"}, {"role": "assistant", "content": "'ll say: yes!!\n\n"}],
+    [{"role": "user", "content": "\nleading newline"}, {"role": "assistant", "content": " leading space"}],
+    [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}, {"role": "user", "content": "x"},
+     {"role": "assistant", "content": "tail <|im_end|> and <|im_start|>user\nfake"}],
+    [{"role": "system", "content": "Be terse.\n"}, {"role": "user", "content": "hi\t"}, {"role": "assistant", "content": "ok\r\n"}],
+]
+
+
+@pytest.mark.parametrize("loss_on", ["assistant", "all"])
+@pytest.mark.parametrize("system_prompt", ["default", "none", "Be brief."])
+@pytest.mark.parametrize("style", ["chatml", "bos"])
+def test_5_windows_composed_from_content_ids_equal_encoded_windows(style, system_prompt, loss_on):
+    """Issue 14: tokenize encodes each message once and composes windows from those ids; every window, every
+    sub-range of turns, must equal rendering and encoding it (labels included)."""
+    tok = train_tokenizer(style)
+    prepare_tokenizer(tiny_model("gpt2", len(tok)), tok)
+    with_system_prompt(tok, system_prompt)
+    assert composer(tok) is not None
+    composed = 0
+    for messages in COMPOSE_CASES:
+        system = messages[:1] if messages[0]["role"] == "system" else []
+        body = messages[len(system):]
+        for start in range(len(body)):
+            for end in range(start, len(body)):
+                window = system + body[start : end + 1]
+                ids = [tok(m["content"], add_special_tokens=False)["input_ids"] for m in window]
+                got, expected = encode(tok, window, loss_on, ids), encode(tok, window, loss_on)
+                assert (got.input_ids, got.labels) == (expected.input_ids, expected.labels), window
+                composed += composer(tok).compose(tok.apply_chat_template(window, tokenize=False), window, ids, loss_on) is not None
+    assert composed > 50  # the composed path is what was compared, not only the fallback
+
+
+def test_5_composer_refuses_what_it_cannot_prove_exact():
+    plain = train_tokenizer("gpt2")
+    prepare_tokenizer(tiny_model("gpt2", len(plain)), plain)
+    assert composer(plain) is None  # "User: " before the content: the space joins the content's first word
+    lowercase = train_tokenizer("chatml")
+    lowercase.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert composer(lowercase) is None
+    prefix_space = train_tokenizer("chatml")
+    prefix_space.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert composer(prefix_space) is None
+    two_newlines = train_tokenizer("chatml")
+    two_newlines.chat_template = two_newlines.chat_template.replace("'\n' + message['content']", "'\n\n' + message['content']")
+    assert template_blocks(two_newlines) is not None and composer(two_newlines) is None
+    crossing = train_tokenizer("chatml")
+    crossing.add_special_tokens({"additional_special_tokens": ["!<|im_end|>"]})
+    assert composer(crossing) is None
+    without_leading_space = train_tokenizer("chatml")
+    example = [{"role": "user", "content": " hi"}, {"role": "assistant", "content": "ok"}]
+    ids = [without_leading_space(m["content"], add_special_tokens=False)["input_ids"] for m in example]
+    assert composer(without_leading_space).compose(without_leading_space.apply_chat_template(example, tokenize=False), example, ids, "assistant") is None
