@@ -9,7 +9,7 @@ neither exact nor near-duplicate removal collapses the copies. The corpus is an 
 scratch directory (--work); each run gets a workspace there with its own params.yaml (data.source pointing
 at the corpus) and models/base linked to --base-model. Each stage runs as `python -m stages.<stage>` there, as DVC would run it; wall time and the
 peak memory of the stage's whole process tree (the sum of proportional set sizes, map workers included,
-sampled every 0.25 s) are written to benchmarks/results/data_scaling.json and printed as a table.
+sampled every 0.25 s; and its anonymous part, without the page cache of memory-mapped files) are written to benchmarks/results/data_scaling.json and printed as a table.
 """
 from __future__ import annotations
 
@@ -81,16 +81,19 @@ def workspace(work: Path, label: str, scale: int, base_model: Path) -> Path:
     return root
 
 
-def tree_memory(process: psutil.Process) -> int:
-    """Proportional set size of the process and its children: forked workers share pages, which RSS would
-    count once per process."""
-    total = 0
+def tree_memory(process: psutil.Process) -> tuple[int, int]:
+    """Proportional set size of the process and its children (forked workers share pages, which RSS would count
+    once per process), and its anonymous part: the heap, without the page cache of files mapped for reading."""
+    total = anonymous = 0
     for member in [process, *process.children(recursive=True)]:
         try:
-            total += member.memory_full_info().pss
-        except psutil.Error:
+            with open(f"/proc/{member.pid}/smaps_rollup") as rollup:
+                fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in rollup if line.startswith(("Pss:", "Pss_Anon:"))}
+            total += fields["Pss"]
+            anonymous += fields.get("Pss_Anon", fields["Pss"])
+        except (OSError, KeyError, psutil.Error):
             pass
-    return total
+    return total, anonymous
 
 
 def run_stage(root: Path, stage: str, timeout: float, code: Path = REPO) -> dict:
@@ -98,16 +101,18 @@ def run_stage(root: Path, stage: str, timeout: float, code: Path = REPO) -> dict
     start = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=root, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    watched, peak = psutil.Process(child.pid), 0
+    watched, peak, peak_anonymous = psutil.Process(child.pid), 0, 0
     while child.poll() is None:
-        peak = max(peak, tree_memory(watched))
+        total, anonymous = tree_memory(watched)
+        peak, peak_anonymous = max(peak, total), max(peak_anonymous, anonymous)
         if time.perf_counter() - start > timeout:
             child.kill()
             break
         time.sleep(0.25)
     seconds = time.perf_counter() - start
     summary = (child.stdout.read() if child.stdout else "").strip().splitlines()
-    return {"stage": stage, "seconds": round(seconds, 1), "peak_memory_mb": round(peak / 2**20), "exit": child.returncode,
+    return {"stage": stage, "seconds": round(seconds, 1), "peak_memory_mb": round(peak / 2**20),
+            "peak_anonymous_mb": round(peak_anonymous / 2**20), "exit": child.returncode,
             "summary": summary[-1] if summary else ""}
 
 
@@ -160,14 +165,16 @@ def main() -> int:
                 row["encoder_ceiling"] = encoder_ceiling(root, args.base_model)
                 row["fraction_of_encoder_ceiling"] = round(row["tokens_per_s"] / row["encoder_ceiling"]["tokens_per_s"], 3)
             rows[f"x{scale} {stage}"] = {"scale": scale, "conversations": scale * 7168, **row}
-            print(f"x{scale:<4} {stage:<11} {row['seconds']:>8.1f} s {row['peak_memory_mb']:>7} MB  exit {row['exit']}  {row.get('tokens_per_s') or ''}", flush=True)
+            print(f"x{scale:<4} {stage:<11} {row['seconds']:>8.1f} s {row['peak_memory_mb']:>7} MB ({row['peak_anonymous_mb']} MB anonymous)  "
+                  f"exit {row['exit']}  {row.get('tokens_per_s') or ''}", flush=True)
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
             if row["exit"] != 0:
                 break
-    print(f"\n{'scale':<6} {'stage':<11} {'seconds':>8} {'peak mem MB':>12} {'tokens/s':>10}")
+    print(f"\n{'scale':<6} {'stage':<11} {'seconds':>8} {'peak mem MB':>12} {'anonymous MB':>13} {'tokens/s':>10}")
     for key, row in rows.items():
-        print(f"x{row['scale']:<5} {row['stage']:<11} {row['seconds']:>8} {row['peak_memory_mb']:>12} {row.get('tokens_per_s') or '':>10}")
+        print(f"x{row['scale']:<5} {row['stage']:<11} {row['seconds']:>8} {row['peak_memory_mb']:>12} {row.get('peak_anonymous_mb', ''):>13} "
+              f"{row.get('tokens_per_s') or '':>10}")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import tempfile
 from dataclasses import fields
 from pathlib import Path
@@ -113,18 +114,36 @@ def first_lines(lines: Any, conversations: int | None) -> Any:
     return lines
 
 
-def flatten(per_conversation: Any) -> Iterator[Any]:
-    """Each window of each conversation as one row: Arrow's own list flattening, no Python ints."""
+def record_batches(dataset: Any) -> Iterator[Any]:
+    """The dataset's Arrow record batches read from its cache files with plain reads, not through a memory map:
+    pages of a map count as the process's resident memory until the kernel needs them back."""
+    import pyarrow as pa
+
+    if not dataset.cache_files:
+        for table in dataset.with_format("arrow").iter(batch_size=1000):
+            yield from table.combine_chunks().to_batches()
+        return
+    for cache in dataset.cache_files:
+        with pa.OSFile(cache["filename"]) as source:
+            yield from pa.ipc.open_stream(source)
+
+
+def flatten(per_conversation: Any, totals: dict[str, int]) -> Iterator[Any]:
+    """Each window of each conversation as one row: Arrow's own list flattening, no Python ints. Adds the rows'
+    tokens and trained tokens to `totals` on the way."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    for batch in per_conversation.with_format("arrow").iter(batch_size=1000):
-        ids = pc.list_flatten(batch.column("input_ids").combine_chunks())
-        labels = pc.list_flatten(batch.column("labels").combine_chunks())
-        ones = pa.array(np.ones(ids.offsets[-1].as_py(), dtype=np.int8))
-        yield pa.table({"input_ids": ids, "labels": labels, "attention_mask": pa.ListArray.from_arrays(ids.offsets, ones),
-                        "length": pc.list_value_length(ids).cast(pa.int64())})
+    for batch in record_batches(per_conversation):
+        ids = pc.list_flatten(batch.column("input_ids"))
+        labels = pc.list_flatten(batch.column("labels"))
+        ones = pa.array(np.ones(ids.offsets[-1].as_py() - ids.offsets[0].as_py(), dtype=np.int8))
+        lengths = pc.list_value_length(ids).cast(pa.int64())
+        totals["tokens"] += int(pc.sum(lengths).as_py() or 0)
+        totals["trained"] += int(pc.sum(pc.not_equal(pc.list_flatten(labels), IGNORE_INDEX)).as_py() or 0)
+        yield pa.table({"input_ids": ids, "labels": labels, "attention_mask": pa.ListArray.from_arrays(pa.array(np.asarray(ids.offsets) - ids.offsets[0].as_py(), pa.int32()), ones),
+                        "length": lengths})
 
 
 class AlignedWriter:
@@ -167,8 +186,7 @@ def tokenize_split(lines: Any, tokenizer: Any, cost: TemplateCost, params: Token
     from datasets.arrow_writer import ArrowWriter
     from datasets.table import MemoryMappedTable
 
-    totals = {name: 0 for name in STAT_FIELDS}
-    trained = tokens = 0
+    totals = {name: 0 for name in STAT_FIELDS + ("tokens", "trained")}
     target = cache / f"{name}.arrow"
     with ArrowWriter(features=example_features(), path=str(target), writer_batch_size=SAVE_BATCH_ROWS) as arrow_writer:
         writer = AlignedWriter(arrow_writer, SAVE_BATCH_ROWS)
@@ -182,13 +200,13 @@ def tokenize_split(lines: Any, tokenizer: Any, cost: TemplateCost, params: Token
             )
             for field in STAT_FIELDS:
                 totals[field] += int(pc.sum(per_conversation.data.column(field)).as_py() or 0)
-            for table in flatten(per_conversation):
+            for table in flatten(per_conversation, totals):
                 writer.write(table)
+            for cache_file in per_conversation.cache_files:  # its windows are in `target` now
+                Path(cache_file["filename"]).unlink()
         writer.close()
     table = MemoryMappedTable.from_file(str(target))
-    if table.num_rows:
-        tokens = int(pc.sum(table.column("length")).as_py())
-        trained = int(pc.sum(pc.not_equal(pc.list_flatten(table.column("labels")), IGNORE_INDEX)).as_py())
+    tokens, trained = totals["tokens"], totals["trained"]
     dataset = datasets.Dataset(table, info=datasets.DatasetInfo(features=example_features()), fingerprint=hashlib.sha256(f"{fingerprint} {name}".encode()).hexdigest()[:16])
     report = {
         "conversations": totals["conversations"],
@@ -203,6 +221,16 @@ def tokenize_split(lines: Any, tokenizer: Any, cost: TemplateCost, params: Token
         "dropped_rows_without_trained_tokens": totals["rows_without_trained_tokens"],
     }
     return dataset, report
+
+
+def save_workers(dataset: Any) -> int | None:
+    """`save_to_disk` writes shards of 500 MB. Once there are several, they are written by worker processes, each
+    mapping only its own shard: read in this process, every page of the output would stay counted as resident."""
+    from datasets import config
+    from datasets.utils.py_utils import convert_file_size_to_int
+
+    shards = max(split.data.nbytes for split in dataset.values()) // convert_file_size_to_int(config.MAX_SHARD_SIZE) + 1
+    return min(os.cpu_count() or 1, shards) if shards > 1 else None
 
 
 def data_fingerprint(params: TokenizeParams, tokenizer: Any, inputs: list[Path]) -> str:
@@ -278,7 +306,7 @@ def main() -> int:
     with atomic_path(OUTPUT, is_dir=True) as staged, tempfile.TemporaryDirectory(dir=staged.parent) as cache:
         staged.mkdir(exist_ok=True)
         dataset, report = build(params.tokenize, staged / "tokenizer", Path(cache))
-        dataset.save_to_disk(str(staged))
+        dataset.save_to_disk(str(staged), num_proc=save_workers(dataset))
     write_json(TOKEN_METRICS, report)
     train = report["train"]
     print(f"tokenize: train {train['examples']} examples ({train['trained_tokens']} trained of {train['tokens']} tokens, "

@@ -53,3 +53,16 @@ def test_max_length_above_the_models_positions_is_rejected_before_work(tmp_path)
     check_max_length(params.model_copy(update={"max_length": 512}), cost, tmp_path)
     with pytest.raises(ParamsError, match=r"tokenize\.max_length: 513 is more than the 512 positions the base model has \(max_position_embeddings in .*model_card\.json\); expected at most 512"):
         check_max_length(params.model_copy(update={"max_length": 513}), cost, tmp_path)
+
+
+def test_outputs_past_one_shard_are_saved_by_worker_processes(monkeypatch):
+    """Issue 14: at 100x the saved splits span many 500 MB shards; read in the stage's own process through a memory
+    map, every page of them stayed counted as resident (8 GB). Past one shard, save_to_disk's workers write them."""
+    from datasets import config
+
+    from stages.tokenize import save_workers
+
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows(300)), "val": datasets.Dataset.from_list(rows(3))})
+    assert save_workers(splits) is None
+    monkeypatch.setattr(config, "MAX_SHARD_SIZE", "1KB")
+    assert save_workers(splits) is not None and save_workers(splits) >= 1
