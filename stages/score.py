@@ -11,9 +11,11 @@ params, so a training experiment never re-scores it (DVC restores them from its 
 from __future__ import annotations
 
 import argparse
+import inspect
 import random
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,7 +28,7 @@ from stages.lib.labels import TemplateCost, WindowStats, windows
 from stages.lib.modeling import cast_weights, collator, load_causal_lm, pick_device, trained_logits
 from stages.lib.params import EvaluateParams, load_params
 from stages.lib.paths import MODELS, SCORES, TEST
-from stages.lib.precision import choose
+from stages.lib.precision import choose, inference_fraction
 from stages.lib.template import TemplateError, fit_prompt, stop_token_ids, with_system_prompt
 
 RUNTIME = "metrics/runtime/score_{model}.json"  # wall-clock: kept apart so the scores are reproducible
@@ -71,7 +73,20 @@ def sample_conversations(test: list[Conversation], count: int | None, seed: int)
     return [test[i] for i in sorted(chosen)]
 
 
-def fluency(model: Any, tokenizer: Any, conversations: list[Conversation], max_length: int, batch_size: int) -> list[dict]:
+@dataclass
+class Work:
+    """The forward passes a scoring pass ran, for its ratio to the GEMM ceiling."""
+
+    calls: list[tuple[int, int]] = field(default_factory=list)  # (positions, positions the head ran at) per call
+
+    def mean(self, selected: list[tuple[int, int]]) -> tuple[int, int, int]:
+        if not selected:
+            return (0, 0, 0)
+        return (len(selected), round(sum(p for p, _ in selected) / len(selected)), round(sum(h for _, h in selected) / len(selected)))
+
+
+def fluency(model: Any, tokenizer: Any, conversations: list[Conversation], max_length: int, batch_size: int,
+            work: Work | None = None) -> list[dict]:
     """Per assistant turn: summed NLL, tokens, correct argmax and the reply's own UTF-8 bytes.
 
     Each turn is scored once, in the window that trains it (DESIGN §4.5), with the labels of training."""
@@ -90,6 +105,8 @@ def fluency(model: Any, tokenizer: Any, conversations: list[Conversation], max_l
             chunk = rows[start : start + batch_size]
             batch = {k: v.to(model.device) for k, v in collate([{"input_ids": ids, "labels": labels} for ids, labels, _ in chunk]).items()}
             scored = trained_logits(model, batch)
+            if work is not None:
+                work.calls.append((batch["input_ids"].numel(), scored.targets.numel()))
             nll = torch.nn.functional.cross_entropy(scored.logits, scored.targets, reduction="none").double().cpu()
             correct = (scored.logits.argmax(-1) == scored.targets).cpu()
             offset = 0
@@ -123,7 +140,7 @@ def pick_turns(conversations: list[Conversation], per_conversation: int, seed: i
 
 
 def generate(model: Any, tokenizer: Any, conversations: list[Conversation], turns: list[tuple[int, int]],
-             params: EvaluateParams, max_length: int, seed: int) -> list[dict]:
+             params: EvaluateParams, max_length: int, seed: int, prefills: Work | None = None, steps: Work | None = None) -> list[dict]:
     """Batched greedy (or sampled) replies with left padding and the KV cache, one per chosen turn."""
     stop_ids = stop_token_ids(tokenizer, model.generation_config.eos_token_id)
     budget = max_length - params.max_new_tokens
@@ -136,6 +153,7 @@ def generate(model: Any, tokenizer: Any, conversations: list[Conversation], turn
             skipped.append(k)  # its last user turn alone exceeds the prompt budget; the same for every model
     order = sorted(prompts, key=lambda k: (len(prompts[k]), k))
     left_pad = collator(tokenizer, side="left")
+    keeps_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters  # generate's prefill: one head row per prompt
     replies: dict[int, dict] = {}
     torch.manual_seed(seed)
     with torch.inference_mode():
@@ -149,6 +167,10 @@ def generate(model: Any, tokenizer: Any, conversations: list[Conversation], turn
                 logits_processor=[ReplyRepetitionPenalty(params.repetition_penalty, width, stop_ids)],
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids,
             )
+            if prefills is not None and steps is not None:  # the prompt pass, then one position per row per new token
+                rows = len(chunk)
+                prefills.calls.append((rows * width, rows if keeps_last_logits else rows * width))
+                steps.calls += [(rows, rows)] * max(0, output.shape[1] - width - 1)
             for row, k in zip(output[:, width:].tolist(), chunk):
                 stop = next((i for i, token in enumerate(row) if token in stop_ids), None)
                 reply = row if stop is None else row[:stop]
@@ -173,13 +195,17 @@ def score(name: str, params: Any) -> tuple[dict, dict]:
     model = cast_weights(model, precision.dtype).to(device)  # parameters only: RoPE frequencies stay float32
     if name == "base":  # the fine-tuned tokenizer carries the system prompt choice already; the base one gets the same
         tokenizer = with_system_prompt(tokenizer, params.tokenize.system_prompt)
+    scoring, prefills, steps = Work(), Work(), Work()
     started = time.perf_counter()
-    turns = fluency(model, tokenizer, test, params.tokenize.max_length, evaluate.batch_size)
+    turns = fluency(model, tokenizer, test, params.tokenize.max_length, evaluate.batch_size, scoring)
     fluency_s = time.perf_counter() - started
     started = time.perf_counter()
     replies = generate(model, tokenizer, test, pick_turns(test, evaluate.turns_per_conversation, seed), evaluate,
-                       params.tokenize.max_length, seed)
+                       params.tokenize.max_length, seed, prefills, steps)
     generation_s = time.perf_counter() - started
+    fluency_ceiling = inference_fraction(model, precision.precision, [scoring.mean(scoring.calls)], fluency_s, device)
+    generation_ceiling = inference_fraction(model, precision.precision, [prefills.mean(prefills.calls), steps.mean(steps.calls)],
+                                            generation_s, device)
     scores = {
         "model": name,
         "precision": precision.precision,
@@ -191,7 +217,10 @@ def score(name: str, params: Any) -> tuple[dict, dict]:
     runtime = {"device": str(device), "precision": precision.as_dict(), "fluency_s": round(fluency_s, 1),
                "generation_s": round(generation_s, 1), "scored_tokens": sum(t["tokens"] for t in turns),
                "scored_tokens_per_s": round(sum(t["tokens"] for t in turns) / max(fluency_s, 1e-9), 1),
+               "fluency_positions_per_s": round(sum(p for p, _ in scoring.calls) / max(fluency_s, 1e-9), 1),
+               "fluency_ceiling": fluency_ceiling,
                "replies": len(generated), "replies_per_s": round(len(generated) / max(generation_s, 1e-9), 2),
+               "generation_forward_calls": len(prefills.calls) + len(steps.calls), "generation_ceiling": generation_ceiling,
                "torch_threads": torch.get_num_threads()}
     return scores, runtime
 
@@ -206,7 +235,8 @@ def main() -> int:
     write_json(RUNTIME.format(model=args.model), runtime)
     tokens = sum(t["tokens"] for t in scores["turns"])
     print(f"score {args.model}: {len(scores['conversations'])} test conversations, {tokens} scored tokens in "
-          f"{runtime['fluency_s']} s, {runtime['replies']} replies in {runtime['generation_s']} s "
+          f"{runtime['fluency_s']} s ({runtime['fluency_ceiling']['fraction_of_ceiling']:.0%} of the GEMM ceiling measured here), "
+          f"{runtime['replies']} replies in {runtime['generation_s']} s ({runtime['generation_ceiling']['fraction_of_ceiling']:.0%}) "
           f"({scores['precision']}, {runtime['device']}) -> {SCORES / (args.model + '.json')}")
     return 0
 

@@ -19,6 +19,8 @@ import os
 import re
 import resource
 import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -306,6 +308,9 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
             logs["trained_tokens_per_s"] = round((trained - self.last[2]) * world / elapsed, 1)
             self.last = (now, tokens, trained)
 
+    if train.torch_compile:  # accelerate's regional compilation: one decoder block compiled, reused by every layer
+        os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "True"
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "torchinductor"))  # kept past reboots
     arguments = dict(
         output_dir=str(output_dir),
         seed=params.seed,
@@ -416,7 +421,22 @@ def peak_memory_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def die_with_launcher() -> None:
+    """torchrun starts each worker in a session of its own, so killing the launcher's process group (`kill -9` of
+    `dvc repro`, the OOM killer) used to leave the workers training on, writing checkpoints and DVCLive files
+    beside the run that resumes. Linux delivers SIGKILL to a worker whose launcher is gone."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    launcher = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != launcher:  # it died before the line above
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
+    die_with_launcher()
     parser = ArgumentParser(description="Fine-tune models/base (run it through torchrun; see the module doc).")
     parser.add_argument("--check", action="store_true", help="only check params and inputs (dvc.yaml runs it before torchrun)")
     args = parser.parse_args(argv)

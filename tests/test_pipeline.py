@@ -2,6 +2,7 @@
 import json
 import sys
 
+import pytest
 import yaml
 
 from pipeline_repo import TINY_TRAIN, dvc, make_repo, read_json, stages_ran
@@ -105,6 +106,12 @@ def test_evaluation_compares_base_and_finetuned(llama_repo):
     assert transcripts.count("- **human**:") >= 1 and "- **finetuned**:" in transcripts
     shown = dvc(llama_repo, "metrics", "show", "--json").stdout
     assert "finetuned" in shown and "perplexity_low" in shown
+    for model in ("base", "finetuned"):  # issue 16: scoring and generation report their ratio to the measured ceiling
+        runtime = read_json(llama_repo / "metrics" / "runtime" / f"score_{model}.json")
+        for name in ("fluency_ceiling", "generation_ceiling"):
+            ceiling = runtime[name]
+            assert ceiling["ceiling_s"] > 0 and ceiling["ceiling_gflops"] > 0 and ceiling["fraction_of_ceiling"] > 0, (model, name)
+        assert runtime["fluency_positions_per_s"] >= runtime["scored_tokens_per_s"] and runtime["generation_forward_calls"] > 0
 
 
 def test_evaluation_only_change_does_not_retrain_and_gate_can_fail(llama_repo):

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from pipeline_repo import read_json
 from stages.lib.modeling import cast_weights
-from stages.lib.precision import gemm_ceiling, linear_shapes
+from stages.lib.precision import gemm_ceiling, inference_fraction, linear_shapes
 from test_train import prepared, run_train, workspace  # noqa: F401  (the module fixture)
 from tiny import tiny_model
 
@@ -52,3 +52,16 @@ def test_ceiling_counts_every_linear_layer_of_any_architecture():
         assert ceiling.gflops > 0 and ceiling.tokens_per_s > 0 and ceiling.fraction(ceiling.tokens_per_s) == 1.0
         forward = gemm_ceiling(model, "fp32", 64, 1.0, backward=False, budget=0.001)
         assert forward.flops_per_token == pytest.approx(2 * weights + 2 * hidden * vocab)
+
+
+def test_inference_fraction_counts_the_forward_gemms_of_each_group_of_passes():
+    """score's ratio: `ceiling_s` is the GEMM-only time of the passes; their FLOPs are 2 per weight per position,
+    the head's only at the positions it ran at (one per prompt in generate's prefill)."""
+    model = tiny_model("llama", 64)
+    shapes, (hidden, vocab) = linear_shapes(model)
+    weights = sum(k * n for k, n in shapes)
+    passes = [(3, 64, 8), (5, 4, 4), (0, 16, 16)]  # scoring batches, decoding steps, and an empty group
+    result = inference_fraction(model, "fp32", passes, seconds=2.0)
+    flops = 3 * (64 * 2 * weights + 8 * 2 * hidden * vocab) + 5 * (4 * 2 * weights + 4 * 2 * hidden * vocab)
+    assert result["ceiling_s"] > 0 and result["fraction_of_ceiling"] == pytest.approx(result["ceiling_s"] / 2.0, rel=1e-2)
+    assert result["ceiling_gflops"] * 1e9 * result["ceiling_s"] == pytest.approx(flops, rel=1e-2)

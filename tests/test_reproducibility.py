@@ -186,6 +186,10 @@ def test_repro_killed_during_train_resumes_to_the_same_metrics_and_a_second_repr
     checkpoint = repo / "models" / "checkpoints" / "checkpoint-75"
     wait_for(lambda: complete(checkpoint), process)  # fully written: a half-written one is rightly not resumed
     kill_group(process, signal.SIGKILL)
+    deadline = time.time() + 10  # torchrun's workers run in sessions of their own: the group kill does not reach them
+    while stage_process_running("train"):
+        assert time.time() < deadline, "a train worker outlived its killed launcher (it would write beside the resumed run)"
+        time.sleep(0.1)
     assert not (repo / "models" / "finetuned").exists(), "half-written models/finetuned"
     assert not (repo / "metrics" / "train.json").exists()
 

@@ -127,3 +127,18 @@ def gemm_ceiling(model: Any, precision: str, rows: int, head_fraction: float, ba
     seconds = sum(count * _seconds(DTYPES[precision], *gemm, device, budget) for gemm, count in counts.items())
     flops = sum(2.0 * m * k * n * count for (m, k, n), count in counts.items())
     return Ceiling(precision, round(flops / seconds / 1e9, 1), flops / rows, round(rows / seconds, 1))
+
+
+def inference_fraction(model: Any, precision: str, passes: list[tuple[int, int, int]], seconds: float,
+                       device: torch.device | None = None) -> dict:
+    """How close inference ran to the GEMM ceiling: `passes` are (calls, positions per call, head positions per
+    call) groups of forward passes, e.g. the scoring batches, or generation's prefills and its one-token steps.
+    The ceiling is the time their matrix products alone take here, each group timed at its mean shape."""
+    ceiling_s, flops = 0.0, 0.0
+    for calls, positions, head in passes:
+        if calls and positions:
+            ceiling = gemm_ceiling(model, precision, positions, head / positions, backward=False, device=device)
+            ceiling_s += calls * positions / ceiling.tokens_per_s
+            flops += calls * positions * ceiling.flops_per_token
+    return {"ceiling_s": float(f"{ceiling_s:.4g}"), "ceiling_gflops": round(flops / ceiling_s / 1e9, 1) if ceiling_s else 0.0,
+            "fraction_of_ceiling": float(f"{ceiling_s / seconds:.3g}") if seconds > 0 else 0.0}
