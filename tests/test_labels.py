@@ -309,6 +309,7 @@ def test_5_composer_refuses_what_it_cannot_prove_exact():
     two_newlines.chat_template = two_newlines.chat_template.replace("'\n' + message['content']", "'\n\n' + message['content']")
     assert template_blocks(two_newlines) is not None and composer(two_newlines) is None
     crossing = train_tokenizer("chatml")
+    assert composer(crossing) is not None  # measured before the token below exists: the cache must not keep it
     crossing.add_special_tokens({"additional_special_tokens": ["!<|im_end|>"]})
     assert composer(crossing) is None
     without_leading_space = train_tokenizer("chatml")

@@ -261,7 +261,7 @@ def composer(tokenizer: Any) -> Composer | None:
     not start with whitespace. Then the GPT-2 regex cuts a pre-token right before the content (a pre-token
     holding a newline holds only whitespace) and right after it (the special token), so the content's
     tokens are those it has alone, and the head's and tail's are those they have alone."""
-    key = (id(tokenizer), tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
+    key = (id(tokenizer), len(tokenizer), tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)  # len: tokens added later
     if key in _COMPOSERS:
         return _COMPOSERS[key][1]
     found = None
