@@ -79,10 +79,12 @@ class Work:
 
     calls: list[tuple[int, int]] = field(default_factory=list)  # (positions, positions the head ran at) per call
 
-    def mean(self, selected: list[tuple[int, int]]) -> tuple[int, int, int]:
-        if not selected:
+    def mean(self) -> tuple[int, int, int]:
+        """(calls, mean positions per call, mean head positions per call): one group for `inference_fraction`."""
+        if not self.calls:
             return (0, 0, 0)
-        return (len(selected), round(sum(p for p, _ in selected) / len(selected)), round(sum(h for _, h in selected) / len(selected)))
+        count = len(self.calls)
+        return (count, round(sum(p for p, _ in self.calls) / count), round(sum(h for _, h in self.calls) / count))
 
 
 def fluency(model: Any, tokenizer: Any, conversations: list[Conversation], max_length: int, batch_size: int,
@@ -203,8 +205,8 @@ def score(name: str, params: Any) -> tuple[dict, dict]:
     replies = generate(model, tokenizer, test, pick_turns(test, evaluate.turns_per_conversation, seed), evaluate,
                        params.tokenize.max_length, seed, prefills, steps)
     generation_s = time.perf_counter() - started
-    fluency_ceiling = inference_fraction(model, precision.precision, [scoring.mean(scoring.calls)], fluency_s, device)
-    generation_ceiling = inference_fraction(model, precision.precision, [prefills.mean(prefills.calls), steps.mean(steps.calls)],
+    fluency_ceiling = inference_fraction(model, precision.precision, [scoring.mean()], fluency_s, device)
+    generation_ceiling = inference_fraction(model, precision.precision, [prefills.mean(), steps.mean()],
                                             generation_s, device)
     scores = {
         "model": name,
