@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from stages.lib.allocator import keep_freed_memory
 from stages.lib.atomic import atomic_path, write_json
 from stages.lib.cli import ArgumentParser, run
 from stages.lib.conversations import InputError
@@ -308,6 +309,14 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
             logs["trained_tokens_per_s"] = round((trained - self.last[2]) * world / elapsed, 1)
             self.last = (now, tokens, trained)
 
+    class NoCheckpointAtTheEnd(TrainerCallback):
+        """The Trainer checkpoints the last step too, though the finished run deletes its checkpoints: 1.6 GB
+        written for nothing (4 s of a 2-minute run). Kept where load_best_model_at_end reads checkpoints."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps and not args.load_best_model_at_end:
+                control.should_save = False
+
     if train.torch_compile:  # accelerate's regional compilation: one decoder block compiled, reused by every layer
         os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "True"
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "torchinductor"))  # kept past reboots
@@ -350,7 +359,7 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
     )
     arguments.update(overrides)
     args = TrainingArguments(**arguments)
-    callbacks: list[Any] = [Throughput()]
+    callbacks: list[Any] = [Throughput(), NoCheckpointAtTheEnd()]
     if early:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     if args.process_index == 0 and overrides.get("report_to", "dvclive") == "dvclive":
@@ -444,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     precision = preflight(params, check_only=args.check)
     if args.check:
         return 0
+    allocator = keep_freed_memory()
     import datasets as hf_datasets
     from transformers import set_seed
 
@@ -494,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
         "precision": precision.as_dict(),  # the choice and why (measured GFLOP/s where `auto` measured)
         "attention": unwrap(trainer.model).config._attn_implementation,
+        "allocator": allocator,
         "resumed_from_step": int(Path(resume).name.split("-")[-1]) if resume else 0,
         "tokens_seen": counter.tokens * world,  # by this process since it started (after the resume point)
         "trained_tokens": counter.trained * world,

@@ -294,3 +294,48 @@ def test_llama_target_names_on_gpt2_name_gpt2s_layers(gpt2_prepared, tmp_path):
     message = one_line_error(dvc_train(work))
     assert message == ("error: train.lora.target_modules: 'q_proj' matches no module in GPT2LMHeadModel; "
                        "its linear layers are c_attn, c_fc, c_proj, lm_head (or set all-linear)")
+
+
+def test_the_last_step_writes_no_checkpoint_the_finished_run_would_delete(prepared, tmp_path):
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.train import build_trainer
+
+    params = load_params(prepared / "params.yaml")
+    params = params.model_copy(update={"train": params.train.model_copy(update={"max_steps": 4, "save_steps": 2, "eval_steps": 4})})
+    model = AutoModelForCausalLM.from_pretrained(prepared / "models" / "base", use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(prepared / "models" / "base")
+    data = datasets.load_from_disk(str(prepared / "data" / "tokenized"))
+    trainer, _ = build_trainer(params, model, tokenizer, data, tmp_path / "out", report_to="none")
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-2"]  # resumable mid-run
+
+
+ALLOCATION_LOOP = """
+import resource, sys, torch
+from stages.lib.allocator import keep_freed_memory
+done = keep_freed_memory() if sys.argv[1] == "kept" else "default"
+def step():  # a training step's pattern: large tensors alive together (all over glibc's mmap threshold), then freed
+    held = [torch.empty(size, dtype=torch.uint8).fill_(1) for size in (2**26, 3 * 2**24, 2**25 + 4096)]
+    return sum(t.numel() for t in held)
+for _ in range(4):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+touched = sum(step() for _ in range(8))
+print(done, "|", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, "|", touched)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_memory_is_reused_not_faulted_in_again_every_step():
+    faults = {}
+    for mode in ("default", "kept"):
+        result = subprocess.run([sys.executable, "-c", ALLOCATION_LOOP, mode], cwd=REPO, capture_output=True, text=True, check=True)
+        done, count, touched = result.stdout.split("|")
+        faults[mode] = int(count)
+    assert "keeps freed memory" in done
+    pages = int(touched) // os.sysconf("SC_PAGE_SIZE")
+    assert faults["default"] > pages // 2, faults  # every step maps its tensors afresh and faults their pages in
+    assert faults["kept"] < pages // 10, faults    # the same pages, step after step
