@@ -12,6 +12,7 @@ DVCLive curves under dvclive/ for `dvc plots`, and resumable checkpoints under m
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -279,11 +280,14 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
             was_training = model.training
             model.eval()
             sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
-            with torch.no_grad():
+            # One autocast region for the whole pass: the same precision before training (when accelerate has
+            # not yet wrapped the model's forward in its own autocast) as after, and weights cast once, not per batch.
+            half = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+            cast = torch.autocast(self.args.device.type, dtype=half) if half else contextlib.nullcontext()
+            with torch.no_grad(), cast:
                 for inputs in loader:
                     inputs = self._prepare_inputs(inputs)
-                    with self.compute_loss_context_manager():
-                        scored = trained_logits(model, inputs)
+                    scored = trained_logits(model, inputs)
                     sums[0] += torch.nn.functional.cross_entropy(scored.logits, scored.targets, reduction="sum").double()
                     sums[1] += scored.targets.numel()
             sums = self.accelerator.reduce(sums, reduction="sum")
