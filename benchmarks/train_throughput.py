@@ -338,7 +338,8 @@ def main() -> int:
     same_machine = previous.get("machine") == machine()
     runs = {**(previous.get("runs", {}) if same_machine else {}), **{r["variant"]: r for r in rows}}
     # Peers and the fp32 reference may come from an earlier invocation on this machine (each row keeps its own ceiling).
-    trl_best = max((r["tokens_per_s"] for name, r in runs.items() if name.startswith("trl-")), default=None)
+    # TRL as its users run it, at its faster precision (not with the stage's allocator setting: that row is a probe).
+    trl_best = max((r["tokens_per_s"] for name, r in runs.items() if name in ("trl-fp32", "trl-bf16")), default=None)
     fp32_loss = runs.get("stage-fp32", {}).get("heldout_loss")
     for row in runs.values():
         row["vs_best_trl"] = round(row["tokens_per_s"] / trl_best, 2) if trl_best else None
