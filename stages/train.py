@@ -281,7 +281,7 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
             model.eval()
             sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
             # One autocast region for the whole pass: the same precision before training (when accelerate has
-            # not yet wrapped the model's forward in its own autocast) as after, and weights cast once, not per batch.
+            # not yet wrapped the model's forward in its own autocast) as after, and trainable weights cast once, not per batch.
             half = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
             cast = torch.autocast(self.args.device.type, dtype=half) if half else contextlib.nullcontext()
             with torch.no_grad(), cast:
@@ -315,7 +315,8 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
 
     class NoCheckpointAtTheEnd(TrainerCallback):
         """The Trainer checkpoints the last step too, though the finished run deletes its checkpoints: 1.6 GB
-        written for nothing (4 s of a 2-minute run). Kept where load_best_model_at_end reads checkpoints."""
+        and 4 s of a 2-minute run. The trade-off: a run that dies after its last step (saving the model)
+        resumes from the checkpoint before. Kept where load_best_model_at_end reads checkpoints."""
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step >= state.max_steps and not args.load_best_model_at_end:

@@ -314,7 +314,8 @@ def test_the_last_step_writes_no_checkpoint_the_finished_run_would_delete(prepar
 
 
 ALLOCATION_LOOP = """
-import resource, sys, torch
+import ctypes, resource, sys, torch
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: with huge pages "always", faults would count 2 MB pages
 from stages.lib.allocator import keep_freed_memory
 done = keep_freed_memory() if sys.argv[1] == "kept" else "default"
 def step():  # a training step's pattern: large tensors alive together (all over glibc's mmap threshold), then freed
@@ -335,7 +336,28 @@ def test_freed_memory_is_reused_not_faulted_in_again_every_step():
         result = subprocess.run([sys.executable, "-c", ALLOCATION_LOOP, mode], cwd=REPO, capture_output=True, text=True, check=True)
         done, count, touched = result.stdout.split("|")
         faults[mode] = int(count)
-    assert "keeps freed memory" in done
+    assert "freed memory kept" in done
     pages = int(touched) // os.sysconf("SC_PAGE_SIZE")
     assert faults["default"] > pages // 2, faults  # every step maps its tensors afresh and faults their pages in
     assert faults["kept"] < pages // 10, faults    # the same pages, step after step
+
+
+def test_validation_loss_is_in_the_training_precision_before_training_too(prepared, tmp_path):
+    """Before train(), accelerate has not wrapped the forward in autocast: the loss before training used to be a
+    float32 figure beside a bf16 loss after it."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.train import build_trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(prepared / "models" / "base")
+    data = datasets.load_from_disk(str(prepared / "data" / "tokenized"))
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        params = load_params(prepared / "params.yaml")
+        params = params.model_copy(update={"train": params.train.model_copy(update={"precision": precision})})
+        model = AutoModelForCausalLM.from_pretrained(prepared / "models" / "base", use_safetensors=True)
+        trainer, _ = build_trainer(params, model, tokenizer, data, tmp_path / precision, report_to="none")
+        losses[precision] = trainer.evaluate()["eval_loss"]
+    trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model, evaluation_mode=True)  # as train() leaves it
+    assert trainer.evaluate()["eval_loss"] == losses["bf16"] != losses["fp32"]
