@@ -1,7 +1,7 @@
 """Training throughput against the limit measured in the same run, and against peers, on the same data.
 
     pip install -r benchmarks/requirements.txt                 # TRL, for the trl-* peer variants
-    python benchmarks/train_throughput.py                      # the default variants, 12 steps each
+    python benchmarks/train_throughput.py                      # the default variants, train.max_steps steps each
     python benchmarks/train_throughput.py --variants stage stage-autocast --steps 20
 
 The ceiling: before the variants run, the GEMMs of one training step at this model's own shapes (every linear
@@ -11,9 +11,11 @@ Tokens/s at that rate is the most a step could do if nothing but its matrix prod
 reported as a fraction of the ceiling of the precision it ran in. On CUDA the same code measures the GPU's
 GEMMs; `--peak-tflops` adds MFU against the device's dense peak.
 
-Needs the pipeline's data/tokenized and models/base (`dvc repro tokenize`). Every variant trains on the
-same seeded subset of `steps * batch_size` training windows, one pass, same learning-rate schedule, in its
-own subprocess (so peak resident memory is its own). Then each scores the same held-out validation set
+Needs the pipeline's data/tokenized and models/base (`dvc repro tokenize`). Every stage variant trains on
+the stage's own first `steps` batches (its length-grouped sampler over the whole training split, as a
+pipeline run draws them), the baseline on a seeded random subset of as many windows, TRL on as many
+processed conversations: one pass, same learning-rate schedule, each in its own subprocess (so peak
+resident memory is its own). Then each scores the same held-out validation set
 (assistant tokens, the loss the pipeline reports). Prints a table and writes benchmarks/results/train.json.
 
 Variants
@@ -92,6 +94,16 @@ VARIANTS: dict[str, Callable[[Params], tuple[Params, dict]] | None] = {
 def subset(dataset: Any, count: int, seed: int) -> Any:
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
     return dataset.select(sorted(order))
+
+
+def stage_batches(dataset: Any, steps: int, batch_size: int, seed: int) -> Any:
+    """The windows of the stage's own first `steps` batches, in order: its length-grouped sampler over the whole
+    training split, as a pipeline run draws them (2% of the positions are padding there). Grouping a small
+    random subset instead sorts only within 24 windows: 13% padding that no pipeline run pays."""
+    from stages.train import seeded_length_sampler
+
+    order = list(iter(seeded_length_sampler(dataset, batch_size, seed)))[: steps * batch_size]
+    return dataset.select(order)
 
 
 def heldout_loss(model: Any, val: Any, tokenizer: Any, batch_size: int) -> float:
@@ -189,7 +201,10 @@ def run_variant(name: str, steps: int) -> dict:
         params, args = VARIANTS[name](params)
     set_seed(params.seed)
     data = hf_datasets.load_from_disk(str(TOKENIZED))
-    train_set = subset(data["train"], steps * params.train.batch_size, params.seed)  # one pass, no repeats
+    if VARIANTS[name] is None:  # the baseline's random batches; TRL draws its own conversations below
+        train_set = subset(data["train"], steps * params.train.batch_size, params.seed)
+    else:  # the stage's batches, trained in this order (one pass, no repeats)
+        train_set = stage_batches(data["train"], steps, params.train.batch_size, params.seed)
     if name == "stage-loss-on-all":
         train_set = train_set.map(lambda row: {"labels": row["input_ids"]})
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZED / "tokenizer")
@@ -208,7 +223,8 @@ def run_variant(name: str, steps: int) -> dict:
         else:
             params = params.model_copy(update={"train": params.train.model_copy(update={"max_steps": steps})})
             model, tokenizer = load_model(params.train)
-            overrides = dict(report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10_000, disable_tqdm=True, **args)
+            overrides = dict(report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10_000, disable_tqdm=True,
+                             train_sampling_strategy="sequential", **args)
             trainer, _ = build_trainer(params, model, tokenizer, {"train": train_set, "val": data["val"]}, Path(output_dir), **overrides)
             precision = resolve_precision(params.train.precision, model.config).precision
             trained_tokens = sum(sum(1 for label in row[1:] if label != IGNORE_INDEX) for row in train_set["labels"])
@@ -245,14 +261,14 @@ def run_variant(name: str, steps: int) -> dict:
 
 
 def measure_ceilings(steps: int) -> dict[str, Any]:
-    """The GEMM ceiling of one step, in float32 and bf16, at the width of the stage's batches (this run)."""
+    """The GEMM ceiling of one step, in float32 and bf16, at the mean size of the stage's batches (this run)."""
     import datasets as hf_datasets
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from stages.lib.precision import gemm_ceiling
 
     params = load_params()
-    train_set = subset(hf_datasets.load_from_disk(str(TOKENIZED))["train"], steps * params.train.batch_size, params.seed)
+    train_set = stage_batches(hf_datasets.load_from_disk(str(TOKENIZED))["train"], steps, params.train.batch_size, params.seed)
     tokens = sum(train_set["length"])
     trained = sum(sum(1 for label in row[1:] if label != IGNORE_INDEX) for row in train_set["labels"])
     with torch.device("meta"):
@@ -294,12 +310,15 @@ def machine() -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per variant (default: params.yaml's train.max_steps, the pipeline run's length, "
+                             "so that the one-off start-up weighs what it weighs in a pipeline run)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the accelerator's dense bf16 peak (e.g. 989 for an H100 SXM) to report MFU")
     parser.add_argument("--one", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.steps = args.steps or (load_params().train.max_steps if load_params().train.max_steps > 0 else 40)
     if args.one:
         print(json.dumps(run_variant(args.one, args.steps)))
         return 0
