@@ -234,6 +234,17 @@ class TokenCounter:
         self.trained += int((inputs["labels"] != IGNORE_INDEX).sum())
 
 
+def prepare_compilation() -> None:
+    """Settings for `train.torch_compile`: accelerate's regional compilation (one decoder block compiled, reused
+    by every layer), inductor's cache kept past reboots, and deterministic algorithms. Without them inductor's
+    C++ backward of the embedding lookup adds the rows of repeated tokens from parallel threads in no fixed
+    order, so the embedding gradient, and every loss after the first step, differed run to run
+    (benchmarks/NOTES.md); with them it generates an ordered accumulation, at no measured cost."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "True"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "torchinductor"))
+
+
 def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, output_dir: Path,
                   precision: PrecisionChoice | None = None, **overrides: Any) -> tuple[Any, TokenCounter]:
     from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
@@ -322,9 +333,8 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
             if state.global_step >= state.max_steps and not args.load_best_model_at_end:
                 control.should_save = False
 
-    if train.torch_compile:  # accelerate's regional compilation: one decoder block compiled, reused by every layer
-        os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "True"
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "torchinductor"))  # kept past reboots
+    if train.torch_compile:
+        prepare_compilation()
     arguments = dict(
         output_dir=str(output_dir),
         seed=params.seed,
