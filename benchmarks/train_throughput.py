@@ -318,7 +318,8 @@ def main() -> int:
                         help="the accelerator's dense bf16 peak (e.g. 989 for an H100 SXM) to report MFU")
     parser.add_argument("--one", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.steps = args.steps or (load_params().train.max_steps if load_params().train.max_steps > 0 else 40)
+    max_steps = load_params().train.max_steps
+    args.steps = args.steps or (max_steps if max_steps > 0 else 40)
     if args.one:
         print(json.dumps(run_variant(args.one, args.steps)))
         return 0
