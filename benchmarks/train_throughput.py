@@ -23,9 +23,10 @@ Variants
   example padded to max_length, the model's own loss on every non-pad token, full vocabulary logits
   at every position, random batches.
 - stage: `stages.train.build_trainer` with params.yaml's train section (length-grouped dynamic padding,
-  loss and vocabulary head at trained positions only, precision `auto`).
-- stage-*: the stage with one lever changed (see VARIANTS), for benchmarks/NOTES.md. stage-compile-cold
-  compiles with an empty inductor cache, stage-compile then reuses it.
+  loss and vocabulary head at trained positions only, precision `auto`, torch_compile `auto`), with the
+  inductor cache an earlier variant of this invocation filled (stage-cold, when it ran first).
+- stage-*: the stage with one lever changed (see VARIANTS), for benchmarks/NOTES.md. stage-cold compiles
+  with an empty inductor cache (a machine's first run); stage-no-compile trains eagerly.
 - stage-default-malloc: the stage with glibc's default malloc (every other stage variant, as the stage, keeps
   freed memory: stages/lib/allocator.py).
 - trl-fp32, trl-bf16: TRL's SFTTrainer (benchmarks/requirements.txt) on the same processed conversations,
@@ -60,7 +61,7 @@ TOKENIZED = Path("data/tokenized")
 PROCESSED_TRAIN = Path("data/processed/train.jsonl")
 BASE_MODEL = Path("models/base")
 COMPILE_CACHE = Path(tempfile.gettempdir()) / "train_throughput_inductor"
-DEFAULT_VARIANTS = ["baseline", "trl-fp32", "trl-bf16", "stage-fp32", "stage-sdpa", "stage", "stage-compile-cold", "stage-compile"]
+DEFAULT_VARIANTS = ["baseline", "trl-fp32", "trl-bf16", "stage-fp32", "stage-no-compile", "stage-cold", "stage"]
 
 
 def stage_overrides(args: dict | None = None, **train_changes: Any) -> Callable[[Params], tuple[Params, dict]]:
@@ -81,8 +82,8 @@ VARIANTS: dict[str, Callable[[Params], tuple[Params, dict]] | None] = {
     "stage-sdpa": stage_overrides(attention="sdpa"),
     "stage-eager": stage_overrides(attention="eager"),
     "stage-default-malloc": stage_overrides(),  # the stage without stages/lib/allocator.py's setting
-    "stage-compile-cold": stage_overrides(torch_compile=True),
-    "stage-compile": stage_overrides(torch_compile=True),
+    "stage-cold": stage_overrides(),  # the stage with an empty inductor cache: a machine's first run
+    "stage-no-compile": stage_overrides(torch_compile=False),
     "stage-fused-adamw": stage_overrides(args={"optim": "adamw_torch_fused"}),
     "stage-workers2": stage_overrides(args={"dataloader_num_workers": 2}),
     "stage-batch16": stage_overrides(batch_size=16),
@@ -245,7 +246,9 @@ def run_variant(name: str, steps: int) -> dict:
         "variant": name,
         "precision": precision,
         "compute": ("bf16 autocast" if precision == "bf16" else precision) + (
-            f", {unwrap(trainer.model).config._attn_implementation} attention" if hasattr(unwrap(trainer.model), "config") else ""),
+            f", {unwrap(trainer.model).config._attn_implementation} attention" if hasattr(unwrap(trainer.model), "config") else "") + (
+            ", compiled" if any(hasattr(m, "_compiled_call_impl") and m._compiled_call_impl is not None
+                                for m in unwrap(trainer.model).modules()) else ""),
         "steps": steps_done,
         "non_pad_tokens": tokens,
         "wall_s": round(wall, 1),
@@ -331,7 +334,7 @@ def main() -> int:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(COMPILE_CACHE)}
     rows = []
     for name in args.variants:
-        if name == "stage-compile-cold":
+        if name == "stage-cold":
             subprocess.run(["rm", "-rf", str(COMPILE_CACHE)], check=True)
         print(f"running {name} ({args.steps} steps) ...", flush=True)
         done = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps)],

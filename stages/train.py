@@ -36,11 +36,11 @@ from stages.lib.labels import IGNORE_INDEX
 from stages.lib.modeling import collator, load_causal_lm, read_config, trained_logits, unwrap
 from stages.lib.params import Params, TrainParams, load_params
 from stages.lib.paths import BASE_MODEL, FINETUNED as OUTPUT, TOKENIZED
-from stages.lib.precision import PrecisionChoice, choose, gemm_ceiling
+from stages.lib.precision import CompileChoice, PrecisionChoice, choose, choose_compile, gemm_ceiling, keep_compile_cache
 
 CHECKPOINTS = Path("models/checkpoints")  # scratch for resuming, outside DVC: a persist out would disable the run-cache
 FINGERPRINT = CHECKPOINTS / "fingerprint.json"
-PRECISION_CHOICE = CHECKPOINTS / "precision.json"  # measured by `--check` once, read by every torchrun worker
+MACHINE_CHOICES = CHECKPOINTS / "machine.json"  # precision and compile, measured by `--check` once, read by every torchrun worker
 TRAIN_METRICS = Path("metrics/train.json")
 TRAIN_RUNTIME = Path("metrics/runtime/train.json")  # wall-clock and this process's history: not reproducible
 DVCLIVE_DIR = Path("dvclive")
@@ -132,22 +132,25 @@ def lora_target_problem(targets: str | list[str], model: Any) -> str | None:
     return None
 
 
-def preflight(params: Params, check_only: bool = False) -> PrecisionChoice:
+def preflight(params: Params, check_only: bool = False) -> tuple[PrecisionChoice, CompileChoice]:
     """Checks of params and inputs that need no weights, before any work: `python -m stages.train --check` runs
     them before torchrun starts its workers (so an error is one line, not a launcher report), and each worker
-    runs them again. Returns the precision training runs in: `--check` measures it once and records it, and
-    the workers reuse that record, so every process of a DDP run trains in the same precision."""
+    runs them again. Returns the precision training runs in and whether it compiles: `--check` measures both
+    once and records them, and the workers reuse that record, so every process of a DDP run trains alike."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     for path, stage in ((BASE_MODEL / "config.json", "base_model"), (TOKENIZED / "dataset_dict.json", "tokenize"),
                         (TOKENIZED / "tokenizer" / "tokenizer_config.json", "tokenize")):
         if not path.exists():
             raise InputError(f"{path}: missing; run the {stage} stage first (dvc repro {stage})")
-    recorded = json.loads(PRECISION_CHOICE.read_text()) if PRECISION_CHOICE.exists() and not check_only else {}
-    if recorded.get("requested") == params.train.precision and recorded.get("config") == (BASE_MODEL / "config.json").read_text():
-        precision = PrecisionChoice(**recorded["choice"])
+    requested = {"precision": params.train.precision, "torch_compile": params.train.torch_compile,
+                 "config": (BASE_MODEL / "config.json").read_text()}
+    recorded = json.loads(MACHINE_CHOICES.read_text()) if MACHINE_CHOICES.exists() and not check_only else {}
+    if recorded.get("requested") == requested:
+        precision, compiled = PrecisionChoice(**recorded["precision"]), CompileChoice(**recorded["compile"])
     else:
         precision = resolve_precision(params.train.precision, AutoConfig.from_pretrained(BASE_MODEL))
+        compiled = choose_compile(params.train.torch_compile, training_device())
     if params.train.method == "lora":
         read_config(BASE_MODEL)
         with torch.device("meta"):  # the architecture without its weights: instant, no memory
@@ -155,10 +158,13 @@ def preflight(params: Params, check_only: bool = False) -> PrecisionChoice:
         problem = lora_target_problem(params.train.lora.target_modules, skeleton)
         if problem:
             raise InputError(problem)
-    if check_only:  # every check passed: record the choice for the workers
-        write_json(PRECISION_CHOICE, {"requested": params.train.precision, "config": (BASE_MODEL / "config.json").read_text(),
-                                      "choice": precision.as_dict()})
-    return precision
+    if check_only:  # every check passed: record the choices for the workers
+        write_json(MACHINE_CHOICES, {"requested": requested, "precision": precision.as_dict(), "compile": compiled.as_dict()})
+    return precision, compiled
+
+
+def training_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def load_model(params: TrainParams) -> tuple[Any, Any]:
@@ -185,11 +191,20 @@ def load_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(TOKENIZED / "tokenizer")
 
 
-def trained_position_loss(model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None) -> tuple[torch.Tensor, Any]:
+def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed negative log-likelihood of `targets`, in float32 whatever the logits' dtype (bf16 under autocast).
+    Compiled (train.torch_compile), the upcast, log-softmax, gather and sum become one pass over the logits and
+    the backward one more: eager, each makes a [positions × vocabulary] float32 tensor (~150 MB at the default
+    batch), and the log-softmax backward alone took 7% of a step (benchmarks/NOTES.md)."""
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def trained_position_loss(model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None,
+                          nll: Any = nll_sum) -> tuple[torch.Tensor, Any]:
     """Causal LM loss over trained positions only: summed NLL over `num_items_in_batch` (the trained-token
     count of the whole accumulated, all-process batch, DESIGN §4.6), or the batch's own count when none is given."""
-    scored = trained_logits(model, inputs)
-    total = torch.nn.functional.cross_entropy(scored.logits, scored.targets, reduction="sum")
+    scored = trained_logits(model, inputs, upcast=False)
+    total = nll(scored.logits, scored.targets)
     count = scored.targets.numel() if num_items_in_batch is None else num_items_in_batch
     return total / torch.as_tensor(count, device=total.device, dtype=total.dtype).clamp(min=1), scored
 
@@ -234,23 +249,43 @@ class TokenCounter:
         self.trained += int((inputs["labels"] != IGNORE_INDEX).sum())
 
 
-def prepare_compilation() -> None:
-    """Settings for `train.torch_compile`: accelerate's regional compilation (one decoder block compiled, reused
-    by every layer), inductor's cache kept past reboots, and deterministic algorithms. Without them inductor's
-    C++ backward of the embedding lookup adds the rows of repeated tokens from parallel threads in no fixed
-    order, so the embedding gradient, and every loss after the first step, differed run to run
-    (benchmarks/NOTES.md); with them it generates an ordered accumulation, at no measured cost."""
+def compile_settings() -> None:
+    """Deterministic algorithms for compiled runs: without them inductor's C++ backward of the embedding lookup
+    adds the rows of repeated tokens from parallel threads in no fixed order, so the embedding gradient, and
+    every loss after the first step, differed run to run (benchmarks/NOTES.md); with them it generates an
+    ordered accumulation, at no measured cost. And inductor's cache kept past reboots."""
     torch.use_deterministic_algorithms(True, warn_only=True)
-    os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "True"
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "torchinductor"))
+    keep_compile_cache()
+
+
+def compile_blocks(model: Any) -> list[str]:
+    """Regional compilation, in place: each module of a ModuleList of identical blocks (the decoder layers of any
+    architecture, LoRA-wrapped or not), so inductor compiles one block's code for all of them. The embedding,
+    final norm and head stay eager (the loss is compiled on its own: `nll_sum`). Returns the names of the
+    compiled blocks."""
+    compile_settings()
+    compiled: list[str] = []
+    for name, module in model.named_modules():
+        inside = any(name.startswith(f"{block}.") for block in compiled)
+        if not inside and isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(b) for b in module}) == 1:
+            for index, block in enumerate(module):
+                block.compile()
+                compiled.append(f"{name}.{index}")
+    return compiled
 
 
 def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, output_dir: Path,
-                  precision: PrecisionChoice | None = None, **overrides: Any) -> tuple[Any, TokenCounter]:
+                  precision: PrecisionChoice | None = None, compiled: CompileChoice | None = None,
+                  **overrides: Any) -> tuple[Any, TokenCounter]:
     from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
     train = params.train
     precision = (precision or resolve_precision(train.precision, model.config)).precision
+    compiled = compiled or choose_compile(train.torch_compile, training_device())
+    nll = nll_sum
+    if compiled.enabled:
+        compile_blocks(model)
+        nll = torch.compile(nll_sum, dynamic=True)  # dynamic: the count of trained positions differs every batch
     counter = TokenCounter()
     has_val = len(datasets["val"]) > 0
     early = train.early_stopping_patience is not None and has_val
@@ -278,7 +313,7 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
             return seeded_length_sampler(dataset, global_batch, self.args.seed)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, outputs = trained_position_loss(model, inputs, num_items_in_batch)
+            loss, outputs = trained_position_loss(model, inputs, num_items_in_batch, nll)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
             return (loss, outputs) if return_outputs else loss
@@ -333,8 +368,6 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
             if state.global_step >= state.max_steps and not args.load_best_model_at_end:
                 control.should_save = False
 
-    if train.torch_compile:
-        prepare_compilation()
     arguments = dict(
         output_dir=str(output_dir),
         seed=params.seed,
@@ -350,7 +383,6 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
         num_train_epochs=train.epochs,
         max_grad_norm=train.max_grad_norm,
         activation_checkpointing=train.gradient_checkpointing,
-        torch_compile=train.torch_compile,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
@@ -465,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only check params and inputs (dvc.yaml runs it before torchrun)")
     args = parser.parse_args(argv)
     params = load_params()
-    precision = preflight(params, check_only=args.check)
+    precision, compiled = preflight(params, check_only=args.check)
     if args.check:
         return 0
     allocator = keep_freed_memory()
@@ -480,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if resume is None and rank0:
         reset_checkpoints(identity, "running")
-    trainer, counter = build_trainer(params, model, tokenizer, data, CHECKPOINTS, precision)
+    trainer, counter = build_trainer(params, model, tokenizer, data, CHECKPOINTS, precision, compiled)
     before = loss_before_training(trainer, len(data["val"]) > 0, resume, rank0)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
@@ -519,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
         "precision": precision.as_dict(),  # the choice and why (measured GFLOP/s where `auto` measured)
         "attention": unwrap(trainer.model).config._attn_implementation,
+        "compile": compiled.as_dict(),  # whether inductor compiled the decoder blocks and the loss, and why
         "allocator": allocator,
         "resumed_from_step": int(Path(resume).name.split("-")[-1]) if resume else 0,
         "tokens_seen": counter.tokens * world,  # by this process since it started (after the resume point)

@@ -31,6 +31,9 @@ def write_params(directory: Path, overrides: dict | None = None) -> Path:
             else:
                 into[key] = value
 
+    # Tiny models compile (~30 s cold) for longer than they train: tests run eagerly unless they set otherwise
+    # (test_train.py runs the default, torch_compile: auto, on its own).
+    merge(params, {"train": {"torch_compile": False}})
     merge(params, overrides or {})
     path = directory / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))

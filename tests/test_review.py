@@ -49,3 +49,33 @@ def test_different_test_sets_are_compared_on_the_shared_conversations_with_a_war
     lines, warnings = significance("HEAD")
     assert len(warnings) == 1 and "different test conversations" in warnings[0] and "50 shared" in warnings[0]
     assert "50 test conversations" in lines[0]
+
+
+def write_training_record(repo, precision: str, device: str, compile_record: dict | None) -> None:
+    (repo / "metrics" / "runtime").mkdir(parents=True, exist_ok=True)
+    (repo / "metrics" / "train.json").write_text(json.dumps({"precision": precision}))
+    runtime = {"device": device, **({"compile": compile_record} if compile_record is not None else {})}
+    (repo / "metrics" / "runtime" / "train.json").write_text(json.dumps(runtime))
+
+
+def test_runs_at_another_precision_device_or_compilation_are_flagged(tmp_path, monkeypatch):
+    """Two revisions trained in bf16 and fp32, on two devices, or one compiled and one eager, differ in the third
+    decimal for no reason a reviewer could see in the diff: the review says so. A revision recorded before the
+    compile field existed is not flagged for it."""
+    from stages.tools.review import setup_warnings
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    write_training_record(tmp_path, "bf16", "cpu (2 threads)", {"enabled": True, "reason": "inductor compiles on cpu here"})
+    commit(tmp_path, records(0.5, seed=1, ids=range(10)))
+    monkeypatch.chdir(tmp_path)
+    write_training_record(tmp_path, "fp32", "NVIDIA H100", {"enabled": False, "reason": "set in params.yaml"})
+    warnings = setup_warnings("HEAD")
+    assert [w.split(":")[0] for w in warnings] == ["Different training precision", "Different training device",
+                                                   "Different training compilation"], warnings
+    assert "compiled at `HEAD`, eager here" in warnings[2]
+    write_training_record(tmp_path, "bf16", "cpu (2 threads)", {"enabled": True, "reason": "set in params.yaml"})
+    assert setup_warnings("HEAD") == []  # the reason alone is no difference in what ran
+    write_training_record(tmp_path, "bf16", "cpu (2 threads)", None)
+    commit(tmp_path, records(0.5, seed=1, ids=range(10)))
+    write_training_record(tmp_path, "bf16", "cpu (2 threads)", {"enabled": False, "reason": "set in params.yaml"})
+    assert setup_warnings("HEAD") == []

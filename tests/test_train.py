@@ -205,13 +205,13 @@ def test_auto_precision_is_measured_and_explained():
         assert fp16.precision == "fp32" and "fp16 needs a GPU" in fp16.reason
 
 
-def dvc_train(work: Path) -> subprocess.CompletedProcess:
+def dvc_train(work: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """The train stage's command exactly as dvc.yaml runs it (pre-flight check, then the real torchrun)."""
     import yaml
 
     command = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["cmd"]
     command = command.replace("${train.processes}", str(load_params(work / "params.yaml").train.processes))
-    env = {**tool_env(), "PYTHONPATH": str(REPO)}
+    env = {**tool_env(), "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(command, shell=True, cwd=work, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -248,7 +248,58 @@ def test_recorded_precision_is_the_one_that_ran(prepared, tmp_path):
     assert dvc_train(work).returncode == 0
     choice = read_json(work / "metrics" / "runtime" / "train.json")["precision"]
     assert read_json(work / "metrics" / "train.json")["precision"] == choice["precision"] in ("bf16", "fp32")
-    assert choice == read_json(work / "models" / "checkpoints" / "precision.json")["choice"]
+    assert choice == read_json(work / "models" / "checkpoints" / "machine.json")["precision"]
+
+
+def test_the_compiled_loss_equals_the_eager_loss_and_its_gradient():
+    """train.torch_compile compiles the loss (upcast, log-softmax, gather, sum in one pass) beside the decoder
+    blocks: on bf16 logits it must give the eager float32 loss and gradient, for every number of positions."""
+    from stages.train import nll_sum
+
+    compiled = torch.compile(nll_sum, dynamic=True)
+    generator = torch.Generator().manual_seed(0)
+    for positions in (37, 64, 101):  # a new count every batch: one dynamic graph, no recompiles that differ
+        logits = (4 * torch.randn(positions, 1000, generator=generator)).to(torch.bfloat16)
+        targets = torch.randint(0, 1000, (positions,), generator=generator)
+        results = {}
+        for name, loss in (("eager", nll_sum), ("compiled", compiled)):
+            leaf = logits.clone().requires_grad_(True)
+            value = loss(leaf, targets)
+            value.backward()
+            results[name] = (value.detach(), leaf.grad)
+        assert results["compiled"][1].dtype == torch.bfloat16
+        torch.testing.assert_close(results["compiled"][0], results["eager"][0], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(results["compiled"][1].float(), results["eager"][1].float(), rtol=1.6e-2, atol=1e-5)
+
+
+def test_torch_compile_auto_compiles_where_inductor_works_and_trains_eagerly_where_it_cannot(prepared, tmp_path):
+    """`auto` compiles where a two-line function compiles for real (a C++ compiler on a CPU) and records why; a
+    machine without a compiler trains eagerly and says so; `true` there is a one-line error before any work.
+    Compiled and eager runs agree on the validation loss to the precision's rounding."""
+    from stages.lib.precision import compile_problem
+
+    short = {"max_steps": 4, "eval_steps": 4, "save_steps": 4, "logging_steps": 1}
+    runs = {}
+    for name, train in (("eager", {"torch_compile": False}), ("auto", {"torch_compile": "auto"})):
+        work = workspace(prepared, tmp_path / name, {**short, **train})
+        result = dvc_train(work)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = read_json(work / "metrics" / "runtime" / "train.json")["compile"], read_json(work / "metrics" / "train.json")
+    assert runs["eager"][0] == {"enabled": False, "reason": "set in params.yaml"}
+    if compile_problem(torch.device("cpu")) is None:
+        assert runs["auto"][0] == {"enabled": True, "reason": "inductor compiles on cpu here"}
+        assert abs(runs["auto"][1]["val_loss_after"] - runs["eager"][1]["val_loss_after"]) < 1e-3
+
+    no_compiler = {"CXX": "/nonexistent/g++", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "empty-cache")}
+    work = workspace(prepared, tmp_path / "no-compiler", {**short, "torch_compile": "auto"})
+    assert dvc_train(work, no_compiler).returncode == 0
+    recorded = read_json(work / "metrics" / "runtime" / "train.json")["compile"]
+    assert not recorded["enabled"] and "No working C++ compiler" in recorded["reason"], recorded
+    work = workspace(prepared, tmp_path / "refused", {**short, "torch_compile": True})
+    previous = with_previous_outputs(work)
+    message = one_line_error(dvc_train(work, no_compiler))
+    assert message.startswith("error: train.torch_compile: true, but torch.compile fails on this machine (") and "No working C++ compiler" in message
+    assert {path: path.read_bytes() for path in previous} == previous
 
 
 def test_unknown_lora_target_is_one_line_naming_the_layers_before_training(prepared, tmp_path):
@@ -367,8 +418,8 @@ COMPILED_EMBEDDING_BACKWARD = """
 import sys, torch
 torch.set_num_threads(2)
 if sys.argv[1] == "stage":
-    from stages.train import prepare_compilation
-    prepare_compilation()
+    from stages.train import compile_settings
+    compile_settings()
 torch.manual_seed(0)
 embedding = torch.nn.Embedding(1000, 256)
 loss = torch.compile(lambda ids, w: (embedding(ids) * w).sum())

@@ -44,18 +44,19 @@ def unwrap(model: Any) -> Any:
 class TrainedLogits:
     """The model's logits where a label is trained, and what they predict."""
 
-    logits: torch.Tensor   # [n, vocab], float32
+    logits: torch.Tensor   # [n, vocab], float32 (or the model's dtype: trained_logits' upcast=False)
     targets: torch.Tensor  # [n]
     keep: torch.Tensor     # [batch, seq] bool: position t is kept when labels[t + 1] is trained
 
 
-def trained_logits(model: Any, inputs: dict[str, torch.Tensor]) -> TrainedLogits:
+def trained_logits(model: Any, inputs: dict[str, torch.Tensor], upcast: bool = True) -> TrainedLogits:
     """Logits at trained positions only, computed by the model's own forward (`logits_to_keep` as a boolean mask).
 
     The head runs inside the forward, so whatever the model does there (Gemma-2's final logit softcapping,
     Cohere's logit scale, FSDP/ZeRO-3 gathering the head's weight) is part of the result. Position t predicts
     labels[t + 1]: the one and only shift. A model whose forward ignores `logits_to_keep` returns all positions,
-    and they are selected here instead.
+    and they are selected here instead. `upcast=False` leaves the logits in the model's dtype, for a loss that
+    upcasts them itself (train's compiled one, without a float32 copy of the logits).
     """
     labels = inputs["labels"]
     keep = torch.zeros_like(labels, dtype=torch.bool)
@@ -64,7 +65,7 @@ def trained_logits(model: Any, inputs: dict[str, torch.Tensor]) -> TrainedLogits
     logits = outputs.logits
     if logits.dim() == 3:  # the forward ignored logits_to_keep
         logits = logits[keep]
-    return TrainedLogits(logits.float(), labels[:, 1:][keep[:, :-1]], keep)
+    return TrainedLogits(logits.float() if upcast else logits, labels[:, 1:][keep[:, :-1]], keep)
 
 
 def cast_weights(model: Any, dtype: torch.dtype) -> Any:

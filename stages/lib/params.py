@@ -109,7 +109,7 @@ class TrainParams(Section):
     early_stopping_patience: Optional[int] = Field(..., ge=1)
     max_grad_norm: float = Field(..., gt=0.0)
     gradient_checkpointing: bool
-    torch_compile: bool
+    torch_compile: Union[Literal["auto"], bool]
     precision: Literal["auto", "bf16", "fp16", "fp32"]
     attention: Literal["auto", "sdpa", "eager"]
     logging_steps: int = Field(..., ge=1)

@@ -1,18 +1,23 @@
-"""Which precision is fastest here: measured, never inferred from a CPU flag.
+"""Which precision is fastest here, and whether torch.compile works here: measured, never inferred from a CPU flag.
 
 The same CPU feature (AVX512-BF16) runs bf16 matrix products at half the fp32 rate on one machine (a Xeon
 without AMX) and at four times it on another (an AMD EPYC). So `auto` times the model's own GEMM shapes in
 float32 and bfloat16 for a fraction of a second and keeps bf16 only when it is clearly faster. A GPU uses
-bf16 where it supports it.
+bf16 where it supports it. `torch_compile: auto` compiles a two-line function for real: inductor needs a
+working C++ compiler on a CPU (Triton on a GPU), and a machine without one trains eagerly, with the reason recorded.
 """
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from stages.lib.errors import InputError
 
 BF16_MARGIN = 1.2  # bf16 must beat fp32 by this factor: a near tie stays fp32, so the choice is stable run to run
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -81,6 +86,48 @@ def choose(requested: str, config: Any, tokens: int = 2048) -> PrecisionChoice:
         return PrecisionChoice("bf16", f"measured {shape}: bf16 {bf16:.0f} GFLOP/s, {bf16 / fp32:.1f}× fp32", round(fp32, 1), round(bf16, 1))
     return PrecisionChoice("fp32", f"measured {shape}: bf16 {bf16:.0f} GFLOP/s is not {BF16_MARGIN}× fp32's {fp32:.0f}",
                            round(fp32, 1), round(bf16, 1))
+
+
+@dataclass
+class CompileChoice:
+    enabled: bool
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def keep_compile_cache() -> None:
+    """inductor's cache defaults to /tmp, which a reboot empties: kept under ~/.cache instead, so that only a
+    machine's first run pays for compiling (TORCHINDUCTOR_CACHE_DIR, when set, wins)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "torchinductor"))
+
+
+def compile_problem(device: torch.device) -> str | None:
+    """Why inductor cannot compile on `device` here (no C++ compiler, no Triton, ...), or None when it can."""
+    keep_compile_cache()
+    try:
+        probe = torch.compile(lambda x: torch.nn.functional.silu(x) * x.sum(), fullgraph=True, dynamic=False)
+        probe(torch.ones(16, device=device))
+    except Exception as exc:  # noqa: BLE001: any failure means "not here"; its first line is the reason
+        lines = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {lines[0] if lines else ''}".strip()
+    finally:
+        torch._dynamo.reset()
+    return None
+
+
+def choose_compile(requested: bool | str, device: torch.device) -> CompileChoice:
+    """Resolve `train.torch_compile` (auto | true | false) for this machine."""
+    if requested is False:
+        return CompileChoice(False, "set in params.yaml")
+    problem = compile_problem(device)
+    if problem is None:
+        return CompileChoice(True, "set in params.yaml" if requested is True else f"inductor compiles on {device.type} here")
+    if requested is True:
+        raise InputError(f"train.torch_compile: true, but torch.compile fails on this machine ({problem}); "
+                                 f"install a C++ compiler (g++) or set torch_compile: auto or false")
+    return CompileChoice(False, f"torch.compile fails here, trained eagerly: {problem}")
 
 
 @dataclass

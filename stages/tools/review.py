@@ -93,13 +93,15 @@ def significance(base: str) -> tuple[list[str], list[str]]:
 
 
 def setup_warnings(base: str) -> list[str]:
-    """Runs at different precisions or on different devices differ in the third decimal, not by a real change."""
+    """Runs at different precisions, on different devices, or one compiled and one eager, differ in the third
+    decimal, not by a real change."""
     warnings = []
     pairs = {"evaluation precision": (EVAL, lambda d: d.get("precision")), "training precision": (TRAIN, lambda d: d.get("precision")),
-             "training device": (TRAIN_RUNTIME, lambda d: d.get("device"))}
+             "training device": (TRAIN_RUNTIME, lambda d: d.get("device")),
+             "training compilation": (TRAIN_RUNTIME, lambda d: {True: "compiled", False: "eager"}.get((d.get("compile") or {}).get("enabled")))}
     for label, (path, pick) in pairs.items():
         old, new = json_at(base, path), json_at(None, path)
-        if old is not None and new is not None and pick(old) != pick(new):
+        if old is not None and new is not None and None not in (pick(old), pick(new)) and pick(old) != pick(new):
             warnings.append(f"Different {label}: {pick(old)} at `{base}`, {pick(new)} here; expect differences of about 3 decimals "
                             "that no change of the code or params caused.")
     return warnings
