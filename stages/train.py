@@ -33,7 +33,7 @@ from stages.lib.atomic import atomic_path, write_json
 from stages.lib.cli import ArgumentParser, run
 from stages.lib.conversations import InputError
 from stages.lib.labels import IGNORE_INDEX
-from stages.lib.modeling import collator, load_causal_lm, read_config, trained_logits, unwrap
+from stages.lib.modeling import collator, load_causal_lm, pick_device, read_config, trained_logits, unwrap
 from stages.lib.params import Params, TrainParams, load_params
 from stages.lib.paths import BASE_MODEL, FINETUNED as OUTPUT, TOKENIZED
 from stages.lib.precision import CompileChoice, PrecisionChoice, choose, choose_compile, gemm_ceiling, keep_compile_cache
@@ -150,7 +150,7 @@ def preflight(params: Params, check_only: bool = False) -> tuple[PrecisionChoice
         precision, compiled = PrecisionChoice(**recorded["precision"]), CompileChoice(**recorded["compile"])
     else:
         precision = resolve_precision(params.train.precision, AutoConfig.from_pretrained(BASE_MODEL))
-        compiled = choose_compile(params.train.torch_compile, training_device())
+        compiled = choose_compile(params.train.torch_compile, pick_device())
     if params.train.method == "lora":
         read_config(BASE_MODEL)
         with torch.device("meta"):  # the architecture without its weights: instant, no memory
@@ -161,10 +161,6 @@ def preflight(params: Params, check_only: bool = False) -> tuple[PrecisionChoice
     if check_only:  # every check passed: record the choices for the workers
         write_json(MACHINE_CHOICES, {"requested": requested, "precision": precision.as_dict(), "compile": compiled.as_dict()})
     return precision, compiled
-
-
-def training_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def load_model(params: TrainParams) -> tuple[Any, Any]:
@@ -281,7 +277,7 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
 
     train = params.train
     precision = (precision or resolve_precision(train.precision, model.config)).precision
-    compiled = compiled or choose_compile(train.torch_compile, training_device())
+    compiled = compiled or choose_compile(train.torch_compile, pick_device())
     nll = nll_sum
     if compiled.enabled:
         compile_blocks(model)
@@ -334,7 +330,7 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
                 for inputs in loader:
                     inputs = self._prepare_inputs(inputs)
                     scored = trained_logits(model, inputs)
-                    sums[0] += torch.nn.functional.cross_entropy(scored.logits, scored.targets, reduction="sum").double()
+                    sums[0] += nll_sum(scored.logits, scored.targets).double()
                     sums[1] += scored.targets.numel()
             sums = self.accelerator.reduce(sums, reduction="sum")
             model.train(was_training)

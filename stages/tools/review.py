@@ -100,9 +100,9 @@ def setup_warnings(base: str) -> list[str]:
              "training device": (TRAIN_RUNTIME, lambda d: d.get("device")),
              "training compilation": (TRAIN_RUNTIME, lambda d: {True: "compiled", False: "eager"}.get((d.get("compile") or {}).get("enabled")))}
     for label, (path, pick) in pairs.items():
-        old, new = json_at(base, path), json_at(None, path)
-        if old is not None and new is not None and None not in (pick(old), pick(new)) and pick(old) != pick(new):
-            warnings.append(f"Different {label}: {pick(old)} at `{base}`, {pick(new)} here; expect differences of about 3 decimals "
+        old, new = (pick(record) if record is not None else None for record in (json_at(base, path), json_at(None, path)))
+        if None not in (old, new) and old != new:
+            warnings.append(f"Different {label}: {old} at `{base}`, {new} here; expect differences of about 3 decimals "
                             "that no change of the code or params caused.")
     return warnings
 
