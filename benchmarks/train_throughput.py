@@ -28,7 +28,7 @@ Variants
 - stage-*: the stage with one lever changed (see VARIANTS), for benchmarks/NOTES.md. stage-cold compiles
   with an empty inductor cache (a machine's first run); stage-no-compile trains eagerly.
 - stage-default-malloc: the stage with glibc's default malloc (every other stage variant, as the stage, keeps
-  freed memory: stages/lib/allocator.py).
+  freed memory and runs without glibc's tcache: stages/lib/allocator.py).
 - trl-fp32, trl-bf16: TRL's SFTTrainer (benchmarks/requirements.txt) on the same processed conversations,
   base model, batch size and max_length, with its defaults otherwise (loss on every token, padding to the
   longest row, truncation instead of windows). trl-bf16-kept-memory: with the stage's allocator setting.
@@ -52,6 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from stages.lib.allocator import keep_freed_memory, with_allocator_tunables  # noqa: E402
 from stages.lib.labels import IGNORE_INDEX  # noqa: E402
 from stages.lib.modeling import collator, trained_logits, unwrap  # noqa: E402
 from stages.lib.params import Params, load_params  # noqa: E402
@@ -108,7 +109,8 @@ def stage_batches(dataset: Any, steps: int, batch_size: int, seed: int) -> Any:
 
 
 def heldout_loss(model: Any, val: Any, tokenizer: Any, batch_size: int) -> float:
-    """Mean loss over the validation set's trained (assistant) tokens: same definition for every variant."""
+    """Mean loss over the validation set's trained (assistant) tokens: same definition and precision (the model's
+    own, float32, as the evaluate stage on a CPU) for every variant, whatever it trained in."""
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -187,14 +189,18 @@ def trl_trainer(params: Params, model: Any, tokenizer: Any, steps: int, bf16: bo
     return CountingSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer), tokens
 
 
+def kept_memory(name: str) -> bool:
+    """Whether the variant runs with the stage's allocator settings (stages/lib/allocator.py)."""
+    return (VARIANTS[name] is not None and name != "stage-default-malloc") or name.endswith("-kept-memory")
+
+
 def run_variant(name: str, steps: int) -> dict:
     import datasets as hf_datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    from stages.lib.allocator import keep_freed_memory
     from stages.train import build_trainer, load_model, resolve_precision
 
-    if (VARIANTS[name] is not None and name != "stage-default-malloc") or name.endswith("-kept-memory"):
+    if kept_memory(name):
         keep_freed_memory()  # as stages/train.py main() does
     params = load_params()
     args: dict = {}
@@ -241,7 +247,9 @@ def run_variant(name: str, steps: int) -> dict:
     per_step = trl_tokens if name.startswith("trl-") else None
     steady_tokens = sum(per_step[2:]) if per_step and len(per_step) > 2 else tokens * len(steady) / steps_done
     flops = model_flops_per_token(unwrap(trainer.model), head_fraction)
-    loss = heldout_loss(trainer.model, data["val"], tokenizer, params.train.batch_size)
+    # Without accelerate's autocast wrapper of the forward (TRL's bf16 run has one; the stage autocasts its loss itself).
+    loss = heldout_loss(trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False), data["val"], tokenizer,
+                        params.train.batch_size)
     return {
         "variant": name,
         "precision": precision,
@@ -338,7 +346,7 @@ def main() -> int:
             subprocess.run(["rm", "-rf", str(COMPILE_CACHE)], check=True)
         print(f"running {name} ({args.steps} steps) ...", flush=True)
         done = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps)],
-                              capture_output=True, text=True, env=env)
+                              capture_output=True, text=True, env=with_allocator_tunables(env) if kept_memory(name) else env)
         if done.returncode != 0:
             sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
         row = json.loads(done.stdout.strip().splitlines()[-1])

@@ -12,6 +12,11 @@ DVCLive curves under dvclive/ for `dvc plots`, and resumable checkpoints under m
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, so that the restart repeats only the interpreter's start
+    from stages.lib.allocator import restart_with_allocator_tunables
+
+    restart_with_allocator_tunables()
+
 import contextlib
 import hashlib
 import json
@@ -249,8 +254,11 @@ def compile_settings() -> None:
     """Deterministic algorithms for compiled runs: without them inductor's C++ backward of the embedding lookup
     adds the rows of repeated tokens from parallel threads in no fixed order, so the embedding gradient, and
     every loss after the first step, differed run to run (benchmarks/NOTES.md); with them it generates an
-    ordered accumulation, at no measured cost. And inductor's cache kept past reboots."""
+    ordered accumulation, at no measured cost (once the NaN fill below is off). And inductor's cache kept past reboots."""
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # Deterministic mode also fills every new tensor with NaN, a debugging aid against kernels that read memory
+    # they never wrote: a pass over all memory a step allocates (~2% of a step in the profile), then overwritten.
+    torch.utils.deterministic.fill_uninitialized_memory = False
     keep_compile_cache()
 
 
@@ -294,6 +302,19 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch for any model
+            # bf16 autocast around the loss's forward here, not accelerate's wrapper of model.forward: that wrapper
+            # also converts every output to float32, a [positions × vocabulary] float32 copy of the logits and one of
+            # their gradient each step (75 ms of a 1.9 s default step), which nll_sum's own upcast makes redundant.
+            # FSDP and DeepSpeed keep accelerate's mixed precision (they shard and cast the weights themselves).
+            plain = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+            self.autocast_dtype = torch.bfloat16 if self.args.bf16 and plain else None
+            if self.autocast_dtype is not None:
+                self.accelerator.native_amp = False
+
+        def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+            if self.autocast_dtype is None:
+                return super().autocast_smart_context_manager(cache_enabled)
+            return torch.autocast(self.args.device.type, dtype=self.autocast_dtype, cache_enabled=cache_enabled)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             counter.add(inputs)
@@ -322,8 +343,8 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
             was_training = model.training
             model.eval()
             sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
-            # One autocast region for the whole pass: the same precision before training (when accelerate has
-            # not yet wrapped the model's forward in its own autocast) as after, and trainable weights cast once, not per batch.
+            # One autocast region for the whole pass: the precision training runs in, before training (when
+            # accelerate has not yet wrapped an fp16 model's forward) as after, and weights cast once, not per batch.
             half = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
             cast = torch.autocast(self.args.device.type, dtype=half) if half else contextlib.nullcontext()
             with torch.no_grad(), cast:

@@ -1,4 +1,5 @@
 """The train stage on tiny models: gradient accumulation, LoRA, resume after a kill, two-process DDP."""
+import math
 import os
 import shutil
 import signal
@@ -393,6 +394,41 @@ def test_freed_memory_is_reused_not_faulted_in_again_every_step():
     assert faults["kept"] < pages // 10, faults    # the same pages, step after step
 
 
+SAME_SIZE_LOOP = """
+import ctypes, resource, sys
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE, as above
+from stages.lib.allocator import keep_freed_memory, restart_with_allocator_tunables
+if sys.argv[1] == "restart":
+    restart_with_allocator_tunables()  # what `python -m stages.train` does first
+import torch
+done = keep_freed_memory()
+def step():  # a block the size of the embedding's gradient, made and freed step after step
+    held = torch.zeros(2**24)
+    return held.numel() * held.element_size()
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+touched = sum(step() for _ in range(6))
+print(done, "|", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, "|", touched, "|", sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"),
+                    reason="glibc's tunables")
+def test_a_freed_block_is_reused_for_the_next_block_of_the_same_size():
+    """torch's 64-byte aligned blocks leave small fragments beside them that glibc's tcache held on to, so a
+    freed block could not be reused for the next of the same size: fresh pages every step."""
+    env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
+    runs = {}
+    for mode in ("kept", "restart"):
+        result = subprocess.run([sys.executable, "-c", SAME_SIZE_LOOP, mode], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+        done, count, touched, argv = result.stdout.split("|")
+        runs[mode] = (done, int(count), argv.strip())
+    pages = int(touched) // os.sysconf("SC_PAGE_SIZE")
+    assert "tcache on" in runs["kept"][0] and runs["kept"][1] > pages // 2, runs  # the heap grew every step
+    assert "tcache off" in runs["restart"][0] and runs["restart"][1] < pages // 10, runs
+    assert runs["restart"][2] == "['restart']", runs  # the restarted process kept its arguments
+
+
 def test_validation_loss_is_in_the_training_precision_before_training_too(prepared, tmp_path):
     """Before train(), accelerate has not wrapped the forward in autocast: the loss before training used to be a
     float32 figure beside a bf16 loss after it."""
@@ -412,6 +448,35 @@ def test_validation_loss_is_in_the_training_precision_before_training_too(prepar
         losses[precision] = trainer.evaluate()["eval_loss"]
     trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model, evaluation_mode=True)  # as train() leaves it
     assert trainer.evaluate()["eval_loss"] == losses["bf16"] != losses["fp32"]
+
+
+def test_bf16_training_hands_the_loss_bf16_logits_not_a_float32_copy(prepared, tmp_path, monkeypatch):
+    """accelerate's mixed precision wraps the model's forward in a float32 conversion of its outputs: a
+    [positions x vocabulary] float32 copy of the logits, and of their gradient, every step, which the loss's own
+    upcast makes redundant. The stage autocasts its loss's forward itself."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import stages.train as train
+
+    dtypes = []
+    upcasting_loss = train.nll_sum
+
+    def spy(logits, targets):
+        dtypes.append(logits.dtype)
+        return upcasting_loss(logits, targets)
+
+    monkeypatch.setattr(train, "nll_sum", spy)
+    tokenizer = AutoTokenizer.from_pretrained(prepared / "models" / "base")
+    data = datasets.load_from_disk(str(prepared / "data" / "tokenized"))
+    params = load_params(prepared / "params.yaml")
+    params = params.model_copy(update={"train": params.train.model_copy(update={"precision": "bf16", "max_steps": 2})})
+    model = AutoModelForCausalLM.from_pretrained(prepared / "models" / "base", use_safetensors=True)
+    trainer, _ = train.build_trainer(params, model, tokenizer, data, tmp_path, report_to="none", save_strategy="no", eval_strategy="no")
+    trainer.train()
+    assert dtypes == [torch.bfloat16, torch.bfloat16]
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # autocast: the weights stay float32
+    assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
 
 
 COMPILED_EMBEDDING_BACKWARD = """
