@@ -351,9 +351,14 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
                 for inputs in loader:
                     inputs = self._prepare_inputs(inputs)
                     scored = trained_logits(model, inputs)
-                    sums[0] += nll_sum(scored.logits, scored.targets).double()
-                    sums[1] += scored.targets.numel()
-            sums = self.accelerator.reduce(sums, reduction="sum")
+                    rows = scored.keep.nonzero()[:, 0]  # the example of each trained position, in the logits' order
+                    per_position = torch.nn.functional.cross_entropy(scored.logits, scored.targets, reduction="none")
+                    example_nll = sums.new_zeros(len(scored.keep)).index_add_(0, rows, per_position.double())
+                    example_tokens = torch.bincount(rows, minlength=len(scored.keep)).double()
+                    # Per example, so that accelerate can drop the examples its sampler repeated to give every
+                    # process as many batches: summed across processes, they counted twice.
+                    example_nll, example_tokens = self.accelerator.gather_for_metrics((example_nll, example_tokens))
+                    sums += torch.stack([example_nll.sum(), example_tokens.sum()])
             model.train(was_training)
             metrics = {f"{metric_key_prefix}_loss": float(sums[0] / sums[1].clamp(min=1)), f"{metric_key_prefix}_tokens": int(sums[1])}
             self.log({f"{metric_key_prefix}_loss": metrics[f"{metric_key_prefix}_loss"]})

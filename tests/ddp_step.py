@@ -1,7 +1,9 @@
-"""One SGD step of the train stage's Trainer, run by torchrun in a prepared work directory (test_train.py).
+"""One SGD step of the train stage's Trainer, and the validation loss before it, run by torchrun in a prepared
+work directory (test_train.py).
 
     torchrun --standalone --nproc_per_node N tests/ddp_step.py OUT.safetensors PER_DEVICE_BATCH
 """
+import json
 import sys
 from pathlib import Path
 
@@ -23,12 +25,13 @@ def main(out: Path, batch: int) -> None:
         "learning_rate": 0.5, "max_grad_norm": 1e9, "precision": "fp32"})})
     model, tokenizer = load_causal_lm(BASE_MODEL)
     data = datasets.load_from_disk(str(TOKENIZED))
-    data["val"] = data["val"].select([])
     trainer, _ = build_trainer(params, model.train(), tokenizer, data, out.parent / f"run-{out.stem}", optim="sgd",
-                               report_to="none", save_strategy="no")
+                               report_to="none", save_strategy="no", eval_strategy="no")
+    evaluation = trainer.evaluate()
     trainer.train()
     if trainer.is_world_process_zero():
         save_file({name: p.detach().clone().contiguous() for name, p in trainer.model.named_parameters()}, str(out))
+        out.with_suffix(".json").write_text(json.dumps(evaluation))
 
 
 if __name__ == "__main__":

@@ -95,23 +95,30 @@ def test_6_accumulation_is_exact_for_a_model_whose_forward_takes_no_loss_kwargs(
         assert torch.allclose(big[name], small[name], atol=2e-5, rtol=1e-4), name
 
 
-def ddp_step(work: Path, out: Path, processes: int, batch: int) -> dict[str, torch.Tensor]:
+def ddp_step(work: Path, out: Path, processes: int, batch: int) -> tuple[dict[str, torch.Tensor], dict]:
     env = {**tool_env(), "PYTHONPATH": str(REPO)}
     result = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", str(processes), str(REPO / "tests" / "ddp_step.py"),
                              str(out), str(batch)], cwd=work, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
-    return load_file(out)
+    return load_file(out), read_json(out.with_suffix(".json"))
 
 
 def test_6_two_ddp_processes_of_4_equal_one_process_of_8(prepared, tmp_path):
     """Gradients averaged by DDP, losses normalised by the global trained-token count: one SGD step of 2 × 4
-    gives the weights of 1 × 8 (a wrong scale, e.g. a mean of per-process means, would not)."""
-    one = ddp_step(prepared, tmp_path / "one.safetensors", 1, 8)
-    two = ddp_step(prepared, tmp_path / "two.safetensors", 2, 4)
-    control = ddp_step(prepared, tmp_path / "control.safetensors", 1, 4)  # half the batch: a different step
+    gives the weights of 1 × 8 (a wrong scale, e.g. a mean of per-process means, would not). And the validation
+    loss over 2 processes is the one over 1: the examples the sampler repeats to even out the processes' batches
+    (the validation set is not a multiple of 8) used to count twice."""
+    import datasets
+
+    assert len(datasets.load_from_disk(str(prepared / "data" / "tokenized"))["val"]) % 8 != 0
+    one, one_eval = ddp_step(prepared, tmp_path / "one.safetensors", 1, 8)
+    two, two_eval = ddp_step(prepared, tmp_path / "two.safetensors", 2, 4)
+    control, _ = ddp_step(prepared, tmp_path / "control.safetensors", 1, 4)  # half the batch: a different step
     for name in one:
         assert torch.allclose(one[name], two[name], atol=2e-6, rtol=1e-5), name
     assert any(not torch.allclose(one[name], control[name], atol=1e-4) for name in one)
+    assert two_eval["eval_tokens"] == one_eval["eval_tokens"]
+    assert two_eval["eval_loss"] == pytest.approx(one_eval["eval_loss"], abs=1e-6)
 
 
 def run_train(work: Path, *launcher: str) -> subprocess.CompletedProcess:
