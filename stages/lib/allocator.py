@@ -72,4 +72,7 @@ def restart_with_allocator_tunables() -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError:  # cannot re-execute (a sandbox, an interpreter that moved): run on, with the tcache on
+        pass
