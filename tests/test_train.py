@@ -15,6 +15,7 @@ from transformers import LlamaForCausalLM
 
 from conftest import FIXTURES, REPO, run_stage, write_params
 from pipeline_repo import TINY_TRAIN, read_json, tool_env
+from stages.lib.allocator import glibc
 from stages.lib.params import load_params
 from tiny import save_tiny
 
@@ -419,8 +420,7 @@ print(done, "|", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, "|
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"),
-                    reason="glibc's tunables")
+@pytest.mark.skipif(not glibc(), reason="glibc's tunables")
 def test_a_freed_block_is_reused_for_the_next_block_of_the_same_size():
     """torch's 64-byte aligned blocks leave small fragments beside them that glibc's tcache held on to, so a
     freed block could not be reused for the next of the same size: fresh pages every step."""

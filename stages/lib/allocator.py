@@ -14,7 +14,7 @@ heap growing by ~0.1 GB a step: torch allocates with posix_memalign(64), and gli
 from a slightly larger chunk, handing the 32-96 byte lead and tail back. Those fragments sit in the per-thread
 cache (tcache), which counts as in use, so the freed block can never merge with them again and is a few bytes
 too small for the next request of the same size. With the tcache off they merge at once and same-size blocks
-are reused (tests/test_allocator.py). The tcache is set only through GLIBC_TUNABLES, which the loader reads
+are reused (tests/test_train.py). The tcache is set only through GLIBC_TUNABLES, which the loader reads
 at process start: `restart_with_allocator_tunables` re-executes the process with it before torch is imported.
 """
 from __future__ import annotations
