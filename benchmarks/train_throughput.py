@@ -2,7 +2,7 @@
 
     pip install -r benchmarks/requirements.txt                 # TRL, for the trl-* peer variants
     python benchmarks/train_throughput.py                      # the default variants, train.max_steps steps each
-    python benchmarks/train_throughput.py --variants stage stage-autocast --steps 20
+    python benchmarks/train_throughput.py --variants stage stage-no-compile --steps 20
 
 The ceiling: before the variants run, the GEMMs of one training step at this model's own shapes (every linear
 layer's forward, input gradient and weight gradient over a batch of the subset's mean width; the vocabulary
@@ -248,8 +248,10 @@ def run_variant(name: str, steps: int) -> dict:
     steady_tokens = sum(per_step[2:]) if per_step and len(per_step) > 2 else tokens * len(steady) / steps_done
     flops = model_flops_per_token(unwrap(trainer.model), head_fraction)
     # Without accelerate's autocast wrapper of the forward (TRL's bf16 run has one; the stage autocasts its loss itself).
-    loss = heldout_loss(trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False), data["val"], tokenizer,
-                        params.train.batch_size)
+    scored_model = unwrap(trainer.model)
+    if "_original_forward" in scored_model.__dict__:
+        scored_model.forward = scored_model.__dict__.pop("_original_forward")
+    loss = heldout_loss(scored_model, data["val"], tokenizer, params.train.batch_size)
     return {
         "variant": name,
         "precision": precision,

@@ -351,10 +351,10 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
                 for inputs in loader:
                     inputs = self._prepare_inputs(inputs)
                     scored = trained_logits(model, inputs)
-                    rows = scored.keep.nonzero()[:, 0]  # the example of each trained position, in the logits' order
                     per_position = torch.nn.functional.cross_entropy(scored.logits, scored.targets, reduction="none")
-                    example_nll = sums.new_zeros(len(scored.keep)).index_add_(0, rows, per_position.double())
-                    example_tokens = torch.bincount(rows, minlength=len(scored.keep)).double()
+                    nll = sums.new_zeros(scored.keep.shape)
+                    nll[scored.keep] = per_position.double()  # back to [example, position] (the logits' row-major order)
+                    example_nll, example_tokens = nll.sum(1), scored.keep.sum(1).double()
                     # Per example, so that accelerate can drop the examples its sampler repeated to give every
                     # process as many batches: summed across processes, they counted twice.
                     example_nll, example_tokens = self.accelerator.gather_for_metrics((example_nll, example_tokens))

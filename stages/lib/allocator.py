@@ -27,6 +27,7 @@ from typing import Mapping
 M_TRIM_THRESHOLD = -1  # malloc.h: -1 disables trimming completely (mallopt(3))
 M_MMAP_MAX = -4        # malloc.h: 0 disables mmap for large allocations
 TUNABLES = "glibc.malloc.tcache_count=0"  # no per-thread cache of freed chunks: fragments merge back at once
+RESTARTED = "STAGES_ALLOCATOR_RESTARTED"
 
 
 def keep_freed_memory() -> str:
@@ -68,8 +69,9 @@ def restart_with_allocator_tunables() -> None:
     if not sys.executable or not glibc():
         return
     env = with_allocator_tunables(os.environ)
-    if env.get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES"):
-        return
+    if env.get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES") or RESTARTED in os.environ:
+        return  # set already, or lost on the way (a wrapper that cleans the environment): restart once at most
+    env[RESTARTED] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
     try:
