@@ -246,19 +246,18 @@ def run_variant(name: str, steps: int) -> dict:
     tokens = sum(trl_tokens) if name.startswith("trl-") else sum(train_set["length"])
     per_step = trl_tokens if name.startswith("trl-") else None
     steady_tokens = sum(per_step[2:]) if per_step and len(per_step) > 2 else tokens * len(steady) / steps_done
-    flops = model_flops_per_token(unwrap(trainer.model), head_fraction)
+    trained = unwrap(trainer.model)
+    flops = model_flops_per_token(trained, head_fraction)
     # Without accelerate's autocast wrapper of the forward (TRL's bf16 run has one; the stage autocasts its loss itself).
-    scored_model = unwrap(trainer.model)
-    if "_original_forward" in scored_model.__dict__:
-        scored_model.forward = scored_model.__dict__.pop("_original_forward")
-    loss = heldout_loss(scored_model, data["val"], tokenizer, params.train.batch_size)
+    if "_original_forward" in trained.__dict__:
+        trained.forward = trained.__dict__.pop("_original_forward")
+    loss = heldout_loss(trained, data["val"], tokenizer, params.train.batch_size)
     return {
         "variant": name,
         "precision": precision,
         "compute": ("bf16 autocast" if precision == "bf16" else precision) + (
-            f", {unwrap(trainer.model).config._attn_implementation} attention" if hasattr(unwrap(trainer.model), "config") else "") + (
-            ", compiled" if any(hasattr(m, "_compiled_call_impl") and m._compiled_call_impl is not None
-                                for m in unwrap(trainer.model).modules()) else ""),
+            f", {trained.config._attn_implementation} attention" if hasattr(trained, "config") else "") + (
+            ", compiled" if any(getattr(m, "_compiled_call_impl", None) is not None for m in trained.modules()) else ""),
         "steps": steps_done,
         "non_pad_tokens": tokens,
         "wall_s": round(wall, 1),

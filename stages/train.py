@@ -352,9 +352,9 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
                     inputs = self._prepare_inputs(inputs)
                     scored = trained_logits(model, inputs)
                     per_position = torch.nn.functional.cross_entropy(scored.logits, scored.targets, reduction="none")
-                    nll = sums.new_zeros(scored.keep.shape)
-                    nll[scored.keep] = per_position.double()  # back to [example, position] (the logits' row-major order)
-                    example_nll, example_tokens = nll.sum(1), scored.keep.sum(1).double()
+                    by_example = sums.new_zeros(scored.keep.shape)
+                    by_example[scored.keep] = per_position.double()  # [example, position]: the logits' row-major order
+                    example_nll, example_tokens = by_example.sum(1), scored.keep.sum(1).double()
                     # Per example, so that accelerate can drop the examples its sampler repeated to give every
                     # process as many batches: summed across processes, they counted twice.
                     example_nll, example_tokens = self.accelerator.gather_for_metrics((example_nll, example_tokens))
