@@ -518,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description="Fine-tune models/base (run it through torchrun; see the module doc).")
     parser.add_argument("--check", action="store_true", help="only check params and inputs (dvc.yaml runs it before torchrun)")
     args = parser.parse_args(argv)
+    # Before anything imports torch._dynamo: that import sets TORCHINDUCTOR_CACHE_DIR to torch's default under /tmp
+    # when it is unset, and a worker that reuses `--check`'s recorded choices reaches compile_settings only after it.
+    keep_compile_cache()
     params = load_params()
     precision, compiled = preflight(params, check_only=args.check)
     if args.check:
@@ -574,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         "precision": precision.as_dict(),  # the choice and why (measured GFLOP/s where `auto` measured)
         "attention": unwrap(trainer.model).config._attn_implementation,
         "compile": compiled.as_dict(),  # whether inductor compiled the decoder blocks and the loss, and why
+        "compile_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR") if compiled.enabled else None,  # what a later run reuses
         "allocator": allocator,
         "resumed_from_step": int(Path(resume).name.split("-")[-1]) if resume else 0,
         "tokens_seen": counter.tokens * world,  # by this process since it started (after the resume point)

@@ -220,7 +220,7 @@ def dvc_train(work: Path, env: dict | None = None) -> subprocess.CompletedProces
 
     command = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["cmd"]
     command = command.replace("${train.processes}", str(load_params(work / "params.yaml").train.processes))
-    env = {**tool_env(), "PYTHONPATH": str(REPO), **(env or {})}
+    env = {key: value for key, value in {**tool_env(), "PYTHONPATH": str(REPO), **(env or {})}.items() if value is not None}
     return subprocess.run(command, shell=True, cwd=work, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -289,14 +289,17 @@ def test_torch_compile_auto_compiles_where_inductor_works_and_trains_eagerly_whe
 
     short = {"max_steps": 4, "eval_steps": 4, "save_steps": 4, "logging_steps": 1}
     runs = {}
+    home = tmp_path / "home"  # no TORCHINDUCTOR_CACHE_DIR: the cache goes where a reboot keeps it, in every process
     for name, train in (("eager", {"torch_compile": False}), ("auto", {"torch_compile": "auto"})):
         work = workspace(prepared, tmp_path / name, {**short, **train})
-        result = dvc_train(work)
+        result = dvc_train(work, {"HOME": str(home), "TORCHINDUCTOR_CACHE_DIR": None})
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = read_json(work / "metrics" / "runtime" / "train.json")["compile"], read_json(work / "metrics" / "train.json")
-    assert runs["eager"][0] == {"enabled": False, "reason": "set in params.yaml"}
+        runtime = read_json(work / "metrics" / "runtime" / "train.json")
+        runs[name] = runtime["compile"], read_json(work / "metrics" / "train.json"), runtime["compile_cache"]
+    assert runs["eager"][0] == {"enabled": False, "reason": "set in params.yaml"} and runs["eager"][2] is None
     if compile_problem(torch.device("cpu")) is None:
         assert runs["auto"][0] == {"enabled": True, "reason": "inductor compiles on cpu here"}
+        assert runs["auto"][2] == str(home / ".cache" / "torchinductor")  # the torchrun worker's, not torch's /tmp default
         assert abs(runs["auto"][1]["val_loss_after"] - runs["eager"][1]["val_loss_after"]) < 1e-3
 
     no_compiler = {"CXX": "/nonexistent/g++", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "empty-cache")}
