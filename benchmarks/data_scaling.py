@@ -1,4 +1,4 @@
-"""ingest -> preprocess -> tokenize on synthetic corpora 1x, 10x, 100x the bundled chitchat (issue 14).
+"""ingest -> preprocess -> tokenize on synthetic corpora 1x, 10x, 100x the bundled chitchat.
 
     python benchmarks/data_scaling.py                       # scales 1 10 100, all three stages
     python benchmarks/data_scaling.py --scales 1 10 --stages ingest preprocess
@@ -150,7 +150,7 @@ def main() -> int:
     parser.add_argument("--base-model", type=Path, default=REPO / "models" / "base", help="a base_model stage output")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per stage before it is stopped")
     parser.add_argument("--label", default="after", help="the key the rows are stored under in the results file")
-    parser.add_argument("--code", type=Path, default=REPO, help="a checkout whose stages/ to run (e.g. the code before issue 14)")
+    parser.add_argument("--code", type=Path, default=REPO, help="a checkout whose stages/ to run (e.g. an older commit, to compare)")
     args = parser.parse_args()
     if "tokenize" in args.stages and not (args.base_model / "config.json").exists():
         parser.error(f"--base-model {args.base_model}: no base model; run `dvc repro base_model` or pass a directory")

@@ -1,4 +1,4 @@
-"""Issue 14: the data stages stream. Each runs in a child process whose heap is capped (RLIMIT_DATA) below
+"""The data stages stream. Each runs in a child process whose heap is capped (RLIMIT_DATA) below
 the size of the corpus it reads, and must still finish with outputs equal to those of an uncapped run."""
 from __future__ import annotations
 

@@ -188,7 +188,7 @@ def test_cli_rejects_bad_params_before_work(workdir):
     assert not (workdir / OUTPUT).exists()
 
 
-# Issue 13: silent wrong results and tracebacks on unusual but valid-looking input.
+# Silent wrong results and tracebacks on unusual but valid-looking input.
 
 def test_csv_order_column_sorts_as_numbers(tmp_path):
     path = tmp_path / "rows.csv"

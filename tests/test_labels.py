@@ -1,4 +1,4 @@
-"""DESIGN §4: each label trap, on a ChatML template and on the plain GPT-2 template."""
+"""docs/DESIGN.md §4: each label rule, on a ChatML template and on the plain GPT-2 template."""
 import pytest
 import torch
 
@@ -226,7 +226,7 @@ SPAN_CASES = [
 @pytest.mark.parametrize("system_prompt", ["default", "none", "Be brief."])
 @pytest.mark.parametrize("style", ["chatml", "gpt2", "bos"])
 def test_1_spans_from_one_rendering_equal_the_prefix_renders(style, system_prompt):
-    """Issue 14: each conversation is rendered once; the spans must be exactly those of one render per prefix."""
+    """Each conversation is rendered once; the spans must be exactly those of one render per prefix."""
     tok = train_tokenizer(style)
     prepare_tokenizer(tiny_model("gpt2", len(tok)), tok)
     with_system_prompt(tok, system_prompt)
@@ -275,7 +275,7 @@ COMPOSE_CASES = SPAN_CASES + [
 @pytest.mark.parametrize("system_prompt", ["default", "none", "Be brief."])
 @pytest.mark.parametrize("style", ["chatml", "bos"])
 def test_5_windows_composed_from_content_ids_equal_encoded_windows(style, system_prompt, loss_on):
-    """Issue 14: tokenize encodes each message once and composes windows from those ids; every window, every
+    """tokenize encodes each message once and composes windows from those ids; every window, every
     sub-range of turns, must equal rendering and encoding it (labels included)."""
     tok = train_tokenizer(style)
     prepare_tokenizer(tiny_model("gpt2", len(tok)), tok)

@@ -109,7 +109,7 @@ def test_evaluation_compares_base_and_finetuned(llama_repo):
     assert transcripts.count("- **human**:") >= 1 and "- **finetuned**:" in transcripts
     shown = dvc(llama_repo, "metrics", "show", "--json").stdout
     assert "finetuned" in shown and "perplexity_low" in shown
-    for model in ("base", "finetuned"):  # issue 16: scoring and generation report their ratio to the measured ceiling
+    for model in ("base", "finetuned"):  # scoring and generation report their ratio to the measured ceiling
         runtime = read_json(llama_repo / "metrics" / "runtime" / f"score_{model}.json")
         for name in ("fluency_ceiling", "generation_ceiling"):
             ceiling = runtime[name]

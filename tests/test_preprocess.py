@@ -120,7 +120,7 @@ def test_report_counts_are_consistent(tmp_path):
 
 
 def test_metrics_hold_no_column_per_topic(tmp_path):
-    """Issue 13: one metric per topic made `dvc exp show` print 272 columns; the table is a plot file now."""
+    """One metric per topic made `dvc exp show` print 272 columns; the table is a plot file now."""
     raw = tmp_path / "many_topics.jsonl"
     raw.write_text("".join(json.dumps(conv(f"c{i}", ("user", f"question {i}"), ("assistant", f"answer {i}"), topic=f"topic {i}")) + "\n"
                            for i in range(60)))

@@ -1,4 +1,4 @@
-"""tokenize.system_prompt (DESIGN §4.10): written into the chat template, so training, evaluation and chat agree."""
+"""tokenize.system_prompt (docs/DESIGN.md §4.10): written into the chat template, so training, evaluation and chat agree."""
 import pytest
 
 from stages.lib.labels import IGNORE_INDEX, encode

@@ -39,7 +39,7 @@ def test_streamed_arrow_is_byte_identical_to_from_list(tmp_path, count):
 
 
 def test_max_length_above_the_models_positions_is_rejected_before_work(tmp_path):
-    """Issue 13: it used to pass until train died with an IndexError inside the embedding."""
+    """It used to pass until train died with an IndexError inside the embedding."""
     import json
 
     from conftest import REPO
@@ -56,7 +56,7 @@ def test_max_length_above_the_models_positions_is_rejected_before_work(tmp_path)
 
 
 def test_outputs_past_one_shard_are_saved_by_worker_processes(monkeypatch):
-    """Issue 14: at 100x the saved splits span many 500 MB shards; read in the stage's own process through a memory
+    """At 100x the saved splits span many 500 MB shards; read in the stage's own process through a memory
     map, every page of them stayed counted as resident (8 GB). Past one shard, save_to_disk's workers write them."""
     from datasets import config
 

@@ -1,4 +1,4 @@
-"""The canonical conversation schema (DESIGN §2) and its JSONL reader.
+"""The canonical conversation schema (docs/DESIGN.md §2) and its JSONL reader.
 
     {"id": "...", "messages": [{"role": "user", "content": "..."}, ...],
      "meta": {"topic": "...", "source": "..."}}
