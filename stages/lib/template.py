@@ -7,7 +7,7 @@ renders conversations identically without being told about the choice (DESIGN §
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from stages.lib.errors import TemplateError
 
@@ -110,20 +110,29 @@ def with_system_prompt(tokenizer: Any, setting: str) -> Any:
     return tokenizer
 
 
-def fit_prompt(tokenizer: Any, messages: Sequence[Message], budget: int) -> list[int]:
-    """Token ids of the generation prompt for `messages`, dropping the oldest whole turns (the system
-    message is kept) until it fits `budget` tokens; a history never starts on an assistant turn.
+def trim_history(messages: Sequence[Message], length: Callable[[list[Message]], int], budget: int) -> list[Message]:
+    """`messages` without their oldest whole turns (the system message is kept) until `length` of them fits
+    `budget` tokens; a history never starts on an assistant turn.
 
-    Raises TemplateError when even the last user turn alone does not fit: a prompt is never cut mid-turn."""
+    Raises TemplateError when even the last turn alone does not fit: a prompt is never cut mid-turn."""
     system = [m for m in messages[:1] if m["role"] == "system"]
     history = list(messages[len(system):])
     while True:
-        ids = tokenizer(render(tokenizer, system + history, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-        if len(ids) <= budget:
-            return ids
+        needed = length(system + history)
+        if needed <= budget:
+            return system + history
         if len(history) <= 1:
-            raise TemplateError(f"the last turn alone needs {len(ids)} prompt tokens, more than the {budget} available; "
+            raise TemplateError(f"the last turn alone needs {needed} prompt tokens, more than the {budget} available; "
                                 "shorten it or raise the context budget")
         history = history[1:]
         while len(history) > 1 and history[0]["role"] == "assistant":
             history = history[1:]
+
+
+def prompt_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
+    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+
+def fit_prompt(tokenizer: Any, messages: Sequence[Message], budget: int) -> list[int]:
+    """Token ids of the generation prompt for `messages`, trimmed by `trim_history` to `budget` tokens."""
+    return prompt_ids(tokenizer, trim_history(messages, lambda kept: len(prompt_ids(tokenizer, kept)), budget))
