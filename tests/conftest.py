@@ -62,6 +62,3 @@ def llama_repo(tmp_path_factory) -> Path:
                                            "evaluate", "transcripts", "export"}
     return repo
 
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "bundled: uses the real bundled SmolLM2 model and chitchat data (select with -m bundled)")
