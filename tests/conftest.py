@@ -42,7 +42,8 @@ def write_params(directory: Path, overrides: dict | None = None) -> Path:
 
 def run_stage(stage: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    command = [sys.executable, "-m", f"stages.{stage}", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
 
 
 @pytest.fixture
@@ -53,12 +54,13 @@ def workdir(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def llama_repo(tmp_path_factory) -> Path:
-    """The fixture pipeline (tiny Llama, fixture chats) reproduced once with `dvc repro`; tests restore what they change."""
+    """The fixture pipeline (tiny Llama, fixture chats) reproduced once with `dvc repro`.
+
+    Tests that change it restore what they change."""
     from pipeline_repo import dvc, make_repo, stages_ran
 
     repo = make_repo(tmp_path_factory.mktemp("llama"), "llama")
     result = dvc(repo, "repro")
-    assert stages_ran(result.stdout) == {"ingest", "preprocess", "base_model", "tokenize", "train", "score@base", "score@finetuned",
-                                           "evaluate", "transcripts", "export"}
+    assert stages_ran(result.stdout) == {"ingest", "preprocess", "base_model", "tokenize", "train", "score@base",
+                                         "score@finetuned", "evaluate", "transcripts", "export"}
     return repo
-
