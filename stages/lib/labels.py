@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from stages.lib.template import Message, TemplateError, render
+from stages.lib.template import Message, TemplateError, accepted, encode_rendering, has_special_text, plain_specials, render
 
 IGNORE_INDEX = -100
 
@@ -124,16 +124,20 @@ class Example:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
-def token_ids(tokenizer: Any, texts: list[str], offsets: bool = False) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+def token_ids(tokenizer: Any, texts: list[str], offsets: bool = False, plain: bool = False) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
     """Ids (and character offsets) of each text without special tokens added: one call of the fast tokenizer's
     batch encoder, which is what `tokenizer(texts, add_special_tokens=False)` runs, without its per-text
-    conversion to Python dicts. A backend set to truncate or pad goes through the tokenizer's own call."""
+    conversion to Python dicts. A backend set to truncate or pad goes through the tokenizer's own call.
+    `plain`: special-token strings are encoded as the text they are (message content, DESIGN §4.13)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if not texts:
         return [], []
     if backend is None or backend.truncation is not None or backend.padding is not None:
-        encoding = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
+        encoding = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets, split_special_tokens=plain)
         return encoding["input_ids"], encoding["offset_mapping"] if offsets else []
+    if plain:
+        with plain_specials(tokenizer):
+            return token_ids(tokenizer, texts, offsets)
     if not offsets and hasattr(backend, "encode_batch_fast"):  # tokenizers >= 0.21: no offsets kept, ~10% faster
         return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)], []
     encodings = backend.encode_batch(texts, add_special_tokens=False)
@@ -146,13 +150,16 @@ def encode(tokenizer: Any, messages: Sequence[Message], loss_on: str = "assistan
 
     Given each message's content ids (encoded alone), the window is composed from them where `composer`
     proves that equal to encoding it (tests/test_labels.py checks both against each other)."""
-    text = render(tokenizer, messages)
+    shaped = accepted(tokenizer, messages)
+    if shaped != list(messages) or has_special_text(tokenizer, [m["content"] for m in shaped]):
+        content_ids = None  # folded content has no ids of its own; special-token text is encoded by encode_rendering
+    text = render(tokenizer, shaped)
     made = composer(tokenizer) if content_ids is not None else None
-    composed = made.compose(text, messages, content_ids, loss_on) if made is not None else None
+    composed = made.compose(text, shaped, content_ids, loss_on) if made is not None else None
     if composed is not None:
         return composed
-    (ids,), (offsets,) = token_ids(tokenizer, [text], offsets=True)
-    return labelled(tokenizer, messages, text, ids, offsets, loss_on)
+    ids, offsets = encode_rendering(tokenizer, shaped, text)
+    return labelled(tokenizer, shaped, text, ids, offsets, loss_on)
 
 
 def labelled(tokenizer: Any, messages: Sequence[Message], text: str, ids: list[int], offsets: Sequence[tuple[int, int]],
@@ -432,7 +439,7 @@ def windows(
     """Split one conversation into examples of whole turns that fit `max_length` (DESIGN §4.5); see `_walk`.
     `content_ids`: each message's content encoded alone, when the caller has them already."""
     if content_ids is None:
-        content_ids = token_ids(tokenizer, [m["content"] for m in messages])[0]
+        content_ids = token_ids(tokenizer, [m["content"] for m in messages], plain=True)[0]
     plan = _plan(messages, content_ids, max_length, cost)
 
     def fit(start: int, end: int) -> Example | None:
@@ -455,7 +462,7 @@ def windows_batch(
     (rare: the estimate is off at a boundary) is redone by `windows`, whose exact check then decides.
     """
     made = composer(tokenizer)
-    flat_ids, _ = token_ids(tokenizer, [m["content"] for messages in conversations for m in messages])
+    flat_ids, _ = token_ids(tokenizer, [m["content"] for messages in conversations for m in messages], plain=True)
     plans, walks, walk_stats, offset = [], [], [], 0
     examples: list[Example | None] = []
     pending: list[tuple[int, list[Message], str]] = []  # windows to encode: index in `examples`, messages, text
@@ -466,8 +473,12 @@ def windows_batch(
         walk = []
         for start, end, _ in _walk(plan, loss_on, lambda start, end: True, own):
             window, window_ids = plan.window(start, end)
-            text = render(tokenizer, window)
+            shaped = accepted(tokenizer, window)
             walk.append((start, end, len(examples)))
+            if shaped != window or has_special_text(tokenizer, [m["content"] for m in shaped]):
+                examples.append(encode(tokenizer, shaped, loss_on))  # DESIGN §4.12, §4.13: rare, one at a time
+                continue
+            text = render(tokenizer, window)
             examples.append(made.compose(text, window, window_ids, loss_on) if made is not None else None)
             if examples[-1] is None:
                 pending.append((len(examples) - 1, window, text))
