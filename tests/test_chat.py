@@ -21,15 +21,39 @@ def chat_dir(tmp_path_factory):
 
 
 def chat(work, *args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "stages.tools.chat", "--model", "base", "--max-new-tokens", "8", *args],
-                          cwd=work, env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": ""},
+    command = [sys.executable, "-m", "stages.tools.chat", "--model", "base", "--max-new-tokens", "8", *args]
+    return subprocess.run(command, cwd=work, env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": ""},
                           input=stdin, capture_output=True, text=True, timeout=300)
 
 
-def test_one_prompt(chat_dir):
-    result = chat(chat_dir, "--prompt", "hello there", "--temperature", "0")
+def test_one_prompt_prints_the_models_own_greedy_reply(chat_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # The tiny base model's greedy reply is all newlines (an empty line): redraw its weights at a larger scale so
+    # that every prompt gets a different, non-empty reply and the comparison below can fail.
+    tokenizer = AutoTokenizer.from_pretrained(chat_dir / "models" / "base")
+    model = AutoModelForCausalLM.from_pretrained(chat_dir / "models" / "base", use_safetensors=True)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for weight in (p for p in model.parameters() if p.dim() > 1):
+            weight.normal_(0, 1.0)
+    model.save_pretrained(chat_dir / "varied-model")
+    tokenizer.save_pretrained(chat_dir / "varied-model")
+
+    result = chat(chat_dir, "--model", "varied-model", "--prompt", "hello there", "--temperature", "0")
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout.splitlines()) == 1
+    # The same reply straight from transformers: the saved chat template, greedy, stopping at EOS or end of turn.
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hello there"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    eos = model.generation_config.eos_token_id
+    stops = {*(eos if isinstance(eos, list) else [eos]), tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    generated = model.eval().generate(**prompt, max_new_tokens=8, do_sample=False, eos_token_id=sorted(stops))
+    new = generated[0, prompt["input_ids"].shape[1]:].tolist()
+    new = new[: next((i for i, token in enumerate(new) if token in stops), len(new))]
+    expected = tokenizer.decode(new, skip_special_tokens=True).strip()
+    assert expected, "the model stopped at once: the comparison would prove nothing"
+    assert result.stdout == expected + "\n"
 
 
 def test_prompts_file_gives_one_json_line_each(chat_dir):
@@ -37,7 +61,8 @@ def test_prompts_file_gives_one_json_line_each(chat_dir):
     result = chat(chat_dir, "--prompts", "in.jsonl", "--temperature", "0.8", "--top-p", "0.9")
     assert result.returncode == 0, result.stderr
     replies = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r["prompt"] for r in replies] == ["hello", "do you like red?"] and all(isinstance(r["reply"], str) for r in replies)
+    assert [r["prompt"] for r in replies] == ["hello", "do you like red?"]
+    assert all(isinstance(r["reply"], str) for r in replies)
 
 
 def test_bad_prompts_file_is_a_clear_error(chat_dir):
@@ -48,7 +73,8 @@ def test_bad_prompts_file_is_a_clear_error(chat_dir):
 
 def test_interactive_session_with_reset_and_overflowing_history(chat_dir):
     turns = "".join(f"tell me about colors number {i} please\n" for i in range(12))
-    result = chat(chat_dir, "--context-tokens", "48", "--temperature", "0", stdin=turns + "/reset\nhello again\n/exit\n")
+    stdin = turns + "/reset\nhello again\n/exit\n"
+    result = chat(chat_dir, "--context-tokens", "48", "--temperature", "0", stdin=stdin)
     assert result.returncode == 0, result.stderr
     assert "(history cleared)" in result.stdout and result.stdout.count("bot> ") == 13
 
