@@ -21,7 +21,7 @@ from stages.lib.conversations import Conversation, InputError, lines_dataset, ma
 from stages.lib.labels import IGNORE_INDEX, TemplateCost, WindowStats, windows_batch
 from stages.lib.params import ParamsError, TokenizeParams, load_params
 from stages.lib.paths import BASE_MODEL, PROCESSED, TOKENIZED as OUTPUT
-from stages.lib.template import with_system_prompt
+from stages.lib.template import has_special_text, with_system_prompt
 
 TOKEN_METRICS = Path("metrics/tokenize.json")
 BATCH_CONVERSATIONS = 256  # per datasets.map call: bounds each worker's memory
@@ -82,16 +82,20 @@ STAT_FIELDS = ("conversations",) + tuple(field.name for field in fields(WindowSt
 def window_rows(lines: list[str], indices: list[int], tokenizer: Any, cost: TemplateCost, params: TokenizeParams,
                 path: str, swap: bool) -> dict[str, list]:
     """datasets.map function: JSONL lines of one split -> each conversation's windows and counts."""
-    conversations = []
+    conversations, special = [], []
     for line, index in zip(lines, indices):
         if line.strip():
             where = f"{path}:{index + 1}"
             conversation = validate_conversation(parse_json_line(line, where), where)
             conversations.append(role_swapped(conversation) if swap else conversation)
-    stats = [WindowStats() for _ in conversations]
+            special.append(has_special_text(tokenizer, [m["content"] for m in conversation["messages"]]))
+    stats = [WindowStats(special_token_text=int(flag)) for flag in special]
+    kept = [k for k, flag in enumerate(special) if not (flag and params.special_token_text == "drop")]
     out: dict[str, list] = {"input_ids": [], "labels": [], **{name: [] for name in STAT_FIELDS}}
-    batch = windows_batch(tokenizer, [c["messages"] for c in conversations], params.max_length, params.loss_on, cost, stats)
-    results = iter(zip(batch, stats))
+    batch = windows_batch(tokenizer, [conversations[k]["messages"] for k in kept], params.max_length, params.loss_on, cost,
+                          [stats[k] for k in kept])
+    windows_of = dict(zip(kept, batch))
+    results = iter((windows_of.get(k, []), own) for k, own in enumerate(stats))
     for line in lines:
         examples, own = next(results) if line.strip() else ([], WindowStats())
         out["input_ids"].append([e.input_ids for e in examples])
@@ -219,6 +223,8 @@ def tokenize_split(lines: Any, tokenizer: Any, cost: TemplateCost, params: Token
         "dropped_turns_too_long": totals["turns_too_long"],
         "dropped_turns_without_context": totals["turns_without_context"],
         "dropped_rows_without_trained_tokens": totals["rows_without_trained_tokens"],
+        # DESIGN §4.13: content holding special-token strings, trained as plain text or dropped (tokenize.special_token_text)
+        "conversations_with_special_token_text": totals["special_token_text"],
     }
     return dataset, report
 

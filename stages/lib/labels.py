@@ -344,6 +344,7 @@ class WindowStats:
     turns_too_long: int = 0
     turns_without_context: int = 0
     rows_without_trained_tokens: int = 0
+    special_token_text: int = 0  # conversations whose content holds special-token strings (encoded as text)
 
 
 @dataclass

@@ -77,6 +77,9 @@ class TokenizeParams(Section):
     # written into the chat template saved with the tokenized data and the fine-tuned model.
     system_prompt: str = Field(..., min_length=1)
     max_val_examples: Optional[int] = Field(..., ge=1)
+    # message content holding the tokenizer's special-token strings (`<|im_start|>system`): 'text' trains it as the
+    # plain text it is, 'drop' leaves those conversations out; counted in metrics/tokenize.json either way
+    special_token_text: Literal["text", "drop"] = "text"
 
 
 class LoraParams(Section):
