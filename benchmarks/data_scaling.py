@@ -7,9 +7,10 @@ Each corpus is the bundled 7,168 conversations copied `scale` times; every copy 
 (a few words of each message swapped with a seeded RNG and a copy number added to the first message) so that
 neither exact nor near-duplicate removal collapses the copies. The corpus is an OpenAI-format JSONL under a
 scratch directory (--work); each run gets a workspace there with its own params.yaml (data.source pointing
-at the corpus) and models/base linked to --base-model. Each stage runs as `python -m stages.<stage>` there, as DVC would run it; wall time and the
-peak memory of the stage's whole process tree (the sum of proportional set sizes, map workers included,
-sampled every 0.25 s; and its anonymous part, without the page cache of memory-mapped files) are written to benchmarks/results/data_scaling.json and printed as a table.
+at the corpus) and models/base linked to --base-model. Each stage runs as `python -m stages.<stage>` there, as
+DVC would run it; wall time and the peak memory of the stage's whole process tree (the sum of proportional set
+sizes, map workers included, sampled every 0.25 s; and its anonymous part, without the page cache of
+memory-mapped files) are written to benchmarks/results/data_scaling.json and printed as a table.
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def perturbed(conversation: dict, copy: int, rng: random.Random) -> dict:
             words[i], words[j] = words[j], words[i]
         text = " ".join(words) + (f" ({copy})" if copy and index == 0 else "")
         messages.append({"role": message["role"], "content": text})
-    return {"id": f"{conversation['id']}-{copy}", "messages": messages, "meta": {"topic": conversation["meta"]["topic"]}}
+    meta = {"topic": conversation["meta"]["topic"]}
+    return {"id": f"{conversation['id']}-{copy}", "messages": messages, "meta": meta}
 
 
 def build_corpus(path: Path, scale: int, base: list[dict], seed: int = 0) -> int:
@@ -88,7 +90,8 @@ def tree_memory(process: psutil.Process) -> tuple[int, int]:
     for member in [process, *process.children(recursive=True)]:
         try:
             with open(f"/proc/{member.pid}/smaps_rollup") as rollup:
-                fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in rollup if line.startswith(("Pss:", "Pss_Anon:"))}
+                fields = {line.split(":")[0]: int(line.split()[1]) * 1024
+                          for line in rollup if line.startswith(("Pss:", "Pss_Anon:"))}
             total += fields["Pss"]
             anonymous += fields.get("Pss_Anon", fields["Pss"])
         except (OSError, KeyError, psutil.Error):
@@ -150,7 +153,8 @@ def main() -> int:
     parser.add_argument("--base-model", type=Path, default=REPO / "models" / "base", help="a base_model stage output")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per stage before it is stopped")
     parser.add_argument("--label", default="after", help="the key the rows are stored under in the results file")
-    parser.add_argument("--code", type=Path, default=REPO, help="a checkout whose stages/ to run (e.g. an older commit, to compare)")
+    parser.add_argument("--code", type=Path, default=REPO,
+                        help="a checkout whose stages/ to run (e.g. an older commit, to compare)")
     args = parser.parse_args()
     if "tokenize" in args.stages and not (args.base_model / "config.json").exists():
         parser.error(f"--base-model {args.base_model}: no base model; run `dvc repro base_model` or pass a directory")
@@ -163,18 +167,20 @@ def main() -> int:
             if stage == "tokenize" and row["exit"] == 0:
                 row["tokens_per_s"] = tokens_per_second(root, row["seconds"])
                 row["encoder_ceiling"] = encoder_ceiling(root, args.base_model)
-                row["fraction_of_encoder_ceiling"] = round(row["tokens_per_s"] / row["encoder_ceiling"]["tokens_per_s"], 3)
+                ceiling = row["encoder_ceiling"]["tokens_per_s"]
+                row["fraction_of_encoder_ceiling"] = round(row["tokens_per_s"] / ceiling, 3)
             rows[f"x{scale} {stage}"] = {"scale": scale, "conversations": scale * 7168, **row}
-            print(f"x{scale:<4} {stage:<11} {row['seconds']:>8.1f} s {row['peak_memory_mb']:>7} MB ({row['peak_anonymous_mb']} MB anonymous)  "
-                  f"exit {row['exit']}  {row.get('tokens_per_s') or ''}", flush=True)
+            print(f"x{scale:<4} {stage:<11} {row['seconds']:>8.1f} s {row['peak_memory_mb']:>7} MB "
+                  f"({row['peak_anonymous_mb']} MB anonymous)  exit {row['exit']}  {row.get('tokens_per_s') or ''}",
+                  flush=True)
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
             if row["exit"] != 0:
                 break
     print(f"\n{'scale':<6} {'stage':<11} {'seconds':>8} {'peak mem MB':>12} {'anonymous MB':>13} {'tokens/s':>10}")
-    for key, row in rows.items():
-        print(f"x{row['scale']:<5} {row['stage']:<11} {row['seconds']:>8} {row['peak_memory_mb']:>12} {row.get('peak_anonymous_mb', ''):>13} "
-              f"{row.get('tokens_per_s') or '':>10}")
+    for row in rows.values():
+        print(f"x{row['scale']:<5} {row['stage']:<11} {row['seconds']:>8} {row['peak_memory_mb']:>12} "
+              f"{row.get('peak_anonymous_mb', ''):>13} {row.get('tokens_per_s') or '':>10}")
     return 0
 
 

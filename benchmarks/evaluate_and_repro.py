@@ -59,7 +59,8 @@ def median_seconds(command: list[str], runs: int = 3) -> tuple[float, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="evaluate.batch_size values (default: params.yaml's)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                        help="evaluate.batch_size values (default: params.yaml's)")
     parser.add_argument("--max-conversations", type=int, default=None)
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
@@ -73,7 +74,9 @@ def main() -> int:
     rows = []
     for size in sizes:
         print(f"evaluate with batch_size {size} ...", flush=True)
-        command = [sys.executable, __file__, "--one", str(size)] + (["--max-conversations", str(args.max_conversations)] if args.max_conversations else [])
+        command = [sys.executable, __file__, "--one", str(size)]
+        if args.max_conversations:
+            command += ["--max-conversations", str(args.max_conversations)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"evaluate failed:\n{done.stderr[-3000:]}")
@@ -89,7 +92,8 @@ def main() -> int:
         print("| " + " | ".join(str(row[c]) for c in columns) + " |")
     print(f"\nno-op `dvc repro`: {repro_s} s (median of 3); `dvc status`: {status_s} s")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"evaluate": rows, "noop_dvc_repro_s": repro_s, "dvc_status_s": status_s}, indent=2) + "\n")
+    results = {"evaluate": rows, "noop_dvc_repro_s": repro_s, "dvc_status_s": status_s}
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.output}")
     return 0
 

@@ -53,10 +53,12 @@ def main() -> int:
                      "seconds": round(time.perf_counter() - started, 1)})
     print(f"{'system_prompt':<62} {'preamble tokens':>15} {'base perplexity':>15} {'bits/byte':>9}")
     for row in rows:
-        print(f"{row['system_prompt'][:60]:<62} {row['template_preamble_tokens']:>15} {row['base_perplexity']:>15} {row['bits_per_byte']:>9}")
+        print(f"{row['system_prompt'][:60]:<62} {row['template_preamble_tokens']:>15} "
+              f"{row['base_perplexity']:>15} {row['bits_per_byte']:>9}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"precision": precision.as_dict(), "conversations": len(test), "torch_threads": torch.get_num_threads(),
-                                   "rows": rows}, indent=2) + "\n")
+    results = {"precision": precision.as_dict(), "conversations": len(test), "torch_threads": torch.get_num_threads(),
+               "rows": rows}
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
