@@ -34,14 +34,18 @@ def _llama_permute(weights: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _llama_hparams(config: Any) -> dict[str, Any]:
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise InputError("models/finetuned/config.json: attention_bias/mlp_bias; transformers' GGUF loader drops Llama biases, so the round trip could not be verified")
+    return _rope_hparams(config)
+
+
+def _rope_hparams(config: Any) -> dict[str, Any]:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rope = dict(getattr(config, "rope_parameters", None) or {})
     theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     if rope.get("rope_type", "default") != "default":
         raise InputError(f"models/finetuned/config.json: rope scaling {rope['rope_type']!r}; the GGUF writer handles unscaled RoPE only")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise InputError("models/finetuned/config.json: attention_bias/mlp_bias; transformers' GGUF loader drops Llama biases, so the round trip could not be verified")
     return {
         "context_length": config.max_position_embeddings, "embedding_length": config.hidden_size,
         "block_count": config.num_hidden_layers, "feed_forward_length": config.intermediate_size,
@@ -58,6 +62,71 @@ def _llama_tensor(name: str, weights: np.ndarray, config: Any) -> np.ndarray | N
     if name == "lm_head.weight" and config.tie_word_embeddings:
         return None  # no output.weight: readers tie the head to token_embd
     return weights
+
+
+def _neox_hparams(config: Any) -> dict[str, Any]:
+    """Qwen 2/3 and Phi-3: RoPE over halves (no row permutation), q/k/v biases kept (Qwen 2), and the head size
+    written as llama.cpp's convert_hf_to_gguf.py writes it (key/value length) where it is not hidden / heads."""
+    hparams = _rope_hparams(config)
+    head_dim = hparams["rope_dimension_count"]
+    if config.model_type == "qwen3" or head_dim * config.num_attention_heads != config.hidden_size:
+        hparams.update(key_length=head_dim, value_length=head_dim)
+    if config.model_type == "phi3" and getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        raise InputError("models/finetuned/config.json: phi3 partial_rotary_factor != 1; the GGUF writer handles full-width RoPE only")
+    return hparams
+
+
+def _mistral_hparams(config: Any) -> dict[str, Any]:
+    if getattr(config, "sliding_window", None):
+        raise InputError(f"models/finetuned/config.json: mistral sliding_window {config.sliding_window}; llama.cpp's llama graph (which "
+                         "Mistral exports to) attends to the whole context, so only sliding_window: null is exported")
+    return _llama_hparams(config)
+
+
+def _gemma_hparams(config: Any) -> dict[str, Any]:
+    """Gemma 2/3 as convert_hf_to_gguf.py writes them: the head size as key/value length, the sliding window, Gemma 2's
+    soft-capping. llama.cpp scales queries by 1/sqrt(head size), and Gemma 3's local RoPE base and its every-sixth
+    global layer are fixed in llama.cpp: other values are refused rather than shipped different."""
+    head_dim = config.head_dim
+    if config.query_pre_attn_scalar != head_dim:
+        raise InputError(f"models/finetuned/config.json: query_pre_attn_scalar {config.query_pre_attn_scalar} != head_dim {head_dim}; "
+                         "llama.cpp scales queries by the head size, so only query_pre_attn_scalar == head_dim is exported")
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if config.model_type == "gemma3_text":
+        layers = list(getattr(config, "layer_types", []))
+        pattern = ["sliding_attention"] * 5 + ["full_attention"]
+        local, full = rope.get("sliding_attention", {}), rope.get("full_attention", {})
+        if (layers != [pattern[i % 6] for i in range(len(layers))] or local.get("rope_theta") != 10000.0
+                or any(r.get("rope_type", "default") != "default" for r in (local, full))):
+            raise InputError("models/finetuned/config.json: Gemma 3 layer_types or RoPE that differ from llama.cpp's fixed ones "
+                             "(five sliding layers then one global, local RoPE base 10000, no scaling); not exported")
+        theta = full.get("rope_theta", 1000000.0)
+    else:
+        if rope.get("rope_type", "default") != "default":
+            raise InputError(f"models/finetuned/config.json: rope scaling {rope['rope_type']!r}; the GGUF writer handles unscaled RoPE only")
+        theta = rope.get("rope_theta", 10000.0)
+    hparams = {
+        "context_length": config.max_position_embeddings, "embedding_length": config.hidden_size,
+        "block_count": config.num_hidden_layers, "feed_forward_length": config.intermediate_size,
+        "head_count": config.num_attention_heads, "head_count_kv": config.num_key_value_heads,
+        "rope_freq_base": float(theta), "layer_norm_rms_eps": float(config.rms_norm_eps),
+        "key_length": head_dim, "value_length": head_dim, "sliding_window": config.sliding_window,
+    }
+    if config.model_type == "gemma2":
+        hparams.update(attn_logit_softcapping=float(config.attn_logit_softcapping), final_logit_softcapping=float(config.final_logit_softcapping))
+    return hparams
+
+
+def _gemma_tensor(name: str, weights: np.ndarray, config: Any) -> np.ndarray | None:
+    """Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's by weight: norms are stored + 1 (convert_hf_to_gguf.py)."""
+    if name.endswith("norm.weight"):
+        return weights + 1.0
+    return _untied(name, weights, config)
+
+
+def _untied(name: str, weights: np.ndarray, config: Any) -> np.ndarray | None:
+    """Tensors as transformers stores them, but a head tied to the embeddings (readers tie it again)."""
+    return None if name == "lm_head.weight" and config.tie_word_embeddings else weights
 
 
 def _gpt2_hparams(config: Any) -> dict[str, Any]:
@@ -85,6 +154,12 @@ class Architecture:
 
 ARCHITECTURES = {
     "llama": Architecture("llama", _llama_hparams, _llama_tensor),
+    "mistral": Architecture("llama", _mistral_hparams, _llama_tensor),  # convert_hf_to_gguf.py writes Mistral as llama
+    "qwen2": Architecture("qwen2", _neox_hparams, _untied),
+    "qwen3": Architecture("qwen3", _neox_hparams, _untied),              # its q/k norms: gguf's attn_q_norm/attn_k_norm
+    "phi3": Architecture("phi3", _neox_hparams, _untied),                # fused qkv_proj/gate_up_proj: attn_qkv/ffn_up
+    "gemma2": Architecture("gemma2", _gemma_hparams, _gemma_tensor),   # four norms per block, all stored + 1
+    "gemma3_text": Architecture("gemma3", _gemma_hparams, _gemma_tensor),  # and its q/k norms
     "gpt2": Architecture("gpt2", _gpt2_hparams, _gpt2_tensor),
 }
 
@@ -233,6 +308,19 @@ def load(path: Path, dtype: Any = None) -> tuple[Any, Any]:
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     if config.model_type == "gpt2" and getattr(config, "n_ctx", None):
         config.n_positions = config.n_ctx  # the loader maps gpt2.context_length to n_ctx, which GPT2Config no longer reads
+    if config.model_type in ("qwen3", "phi3"):  # the loader does not read the head size these configs need
+        import gguf
+
+        field = gguf.GGUFReader(path).fields.get(f"{config.model_type}.attention.key_length")
+        config.head_dim = int(field.contents()) if field is not None else config.hidden_size // config.num_attention_heads
+    if config.model_type in ("gemma2", "gemma3_text"):  # what llama.cpp computes, which the loader leaves at its defaults
+        import gguf
+
+        fields = gguf.GGUFReader(path).fields
+        arch = "gemma2" if config.model_type == "gemma2" else "gemma3"
+        config.query_pre_attn_scalar = config.head_dim
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            setattr(config, key, float(fields[f"{arch}.{key}"].contents()) if f"{arch}.{key}" in fields else None)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=dtype or torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model.eval(), tokenizer
