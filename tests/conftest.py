@@ -52,6 +52,17 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+# Fixtures that take minutes on 2 cores: a test that uses one is `slow`, like every test on the bundled model
+# (deselect them with `-m "not slow"`; CI runs everything).
+SLOW_FIXTURES = {"llama_repo"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("bundled"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def llama_repo(tmp_path_factory) -> Path:
     """The fixture pipeline (tiny Llama, fixture chats) reproduced once with `dvc repro`.
