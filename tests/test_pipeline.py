@@ -8,6 +8,9 @@ import yaml
 from pipeline_repo import TINY_TRAIN, dvc, make_repo, read_json, stages_ran
 from stages.lib.allocator import glibc
 
+# Every test here reads the fixture pipeline reproduced by `dvc repro` (minutes on 2 cores).
+pytestmark = pytest.mark.slow
+
 
 def test_repro_trains_and_the_loss_goes_down(llama_repo):
     train = read_json(llama_repo / "metrics" / "train.json")
@@ -42,9 +45,11 @@ def test_finetuned_model_carries_its_chat_format(llama_repo):
 def test_dvclive_curves_and_plots(llama_repo):
     loss = (llama_repo / "dvclive" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
     assert loss[0].split("\t")[:2] == ["step", "loss"] and len(loss) > 3
-    series = {p.relative_to(llama_repo / "dvclive" / "plots" / "metrics").as_posix() for p in (llama_repo / "dvclive").rglob("*.tsv")}
+    plots = llama_repo / "dvclive" / "plots" / "metrics"
+    series = {p.relative_to(plots).as_posix() for p in (llama_repo / "dvclive").rglob("*.tsv")}
     assert {"loss.tsv", "eval/loss.tsv", "learning_rate.tsv"} <= series
-    assert not [name for name in series if any(w in name for w in ("runtime", "per_second", "tokens_per_s", "flos"))], series
+    timings = ("runtime", "per_second", "tokens_per_s", "flos")
+    assert not [name for name in series if any(w in name for w in timings)], series
     shown = dvc(llama_repo, "plots", "show", "--json")
     assert "Training loss" in shown.stdout
 
@@ -81,40 +86,71 @@ def test_gpt2_with_plain_template_trains_through_dvc(tmp_path):
     repo = make_repo(tmp_path, "gpt2")
     dvc(repo, "repro")
     card = read_json(repo / "models" / "base" / "model_card.json")
-    assert card["chat_template"].startswith("plain") and card["end_of_turn"] == "<|endoftext|>" and card["pad_token"] == "<|pad|>"
+    assert card["chat_template"].startswith("plain")
+    assert card["end_of_turn"] == "<|endoftext|>" and card["pad_token"] == "<|pad|>"
     train = read_json(repo / "metrics" / "train.json")
     assert train["val_loss_after"] < train["val_loss_before"] - 1.0
 
 
-def test_evaluation_compares_base_and_finetuned(llama_repo):
+HEADLINE_METRICS = ("perplexity", "bits_per_byte", "token_accuracy", "bleu", "chrf", "rouge_l", "stop_rate",
+                    "distinct_1", "distinct_2", "repetition_rate", "mean_reply_words", "empty_reply_rate",
+                    "context_relevance")
+
+
+def test_finetuned_model_beats_the_base_on_fluency_and_stopping(llama_repo):
     results = read_json(llama_repo / "metrics" / "eval.json")
     base, tuned, change = results["base"], results["finetuned"], results["change"]
     assert tuned["perplexity"] < base["perplexity"] and tuned["bits_per_byte"] < base["bits_per_byte"]
     assert tuned["stop_rate"] > base["stop_rate"]
-    for key in ("perplexity", "bits_per_byte", "token_accuracy", "bleu", "chrf", "rouge_l", "stop_rate", "distinct_1", "distinct_2",
-                "repetition_rate", "mean_reply_words", "empty_reply_rate", "context_relevance"):
-        for model in (base, tuned):  # every headline number carries its interval
-            assert model[f"{key}_low"] <= model[key] <= model[f"{key}_high"], key
-        paired = change["perplexity_improvement" if key == "perplexity" else key]
-        assert paired["low"] <= paired["value"] <= paired["high"], key
-        assert paired["verdict"] in ("better", "worse", "within noise", "higher", "lower")
     assert change["perplexity_improvement"]["verdict"] == "better" and change["perplexity_improvement"]["low"] > 0
     assert "distinct_1" in results["human"] and "passed" in results["gate"]
-    assert results["precision"] == {"base": "fp32", "finetuned": "fp32"} or "bf16" in results["precision"].values()
+
+
+def test_every_headline_metric_carries_its_interval_and_a_paired_verdict(llama_repo):
+    results = read_json(llama_repo / "metrics" / "eval.json")
+    for key in HEADLINE_METRICS:
+        for model in (results["base"], results["finetuned"]):
+            assert model[f"{key}_low"] <= model[key] <= model[f"{key}_high"], key
+        paired = results["change"]["perplexity_improvement" if key == "perplexity" else key]
+        assert paired["low"] <= paired["value"] <= paired["high"], key
+        assert paired["verdict"] in ("better", "worse", "within noise", "higher", "lower"), key
+
+
+def test_eval_records_the_precision_each_model_was_scored_in(llama_repo):
+    results = read_json(llama_repo / "metrics" / "eval.json")
+    for model in ("base", "finetuned"):
+        ran = read_json(llama_repo / "metrics" / "runtime" / f"score_{model}.json")["precision"]["precision"]
+        assert ran in ("fp32", "bf16") and results["precision"][model] == ran, (model, results["precision"], ran)
+
+
+def test_slices_and_per_conversation_statistics_are_written(llama_repo):
+    results = read_json(llama_repo / "metrics" / "eval.json")
     depth = read_json(llama_repo / "metrics" / "eval_by_depth.json")
     assert depth and {"depth", "replies", "tokens", "base_perplexity", "finetuned_perplexity"} <= set(depth[0])
     per_conversation = read_json(llama_repo / "metrics" / "eval_conversations.json")
-    assert len(per_conversation) == results["test_conversations"] and {"id", "base", "finetuned"} <= set(per_conversation[0])
+    assert len(per_conversation) == results["test_conversations"]
+    assert {"id", "base", "finetuned"} <= set(per_conversation[0])
+
+
+def test_transcripts_show_human_and_finetuned_replies(llama_repo):
     transcripts = (llama_repo / "metrics" / "transcripts.md").read_text()
     assert transcripts.count("- **human**:") >= 1 and "- **finetuned**:" in transcripts
+
+
+def test_dvc_metrics_show_lists_the_evaluation_with_intervals(llama_repo):
     shown = dvc(llama_repo, "metrics", "show", "--json").stdout
     assert "finetuned" in shown and "perplexity_low" in shown
-    for model in ("base", "finetuned"):  # scoring and generation report their ratio to the measured ceiling
+
+
+def test_scoring_reports_its_fraction_of_the_measured_gemm_ceiling(llama_repo):
+    for model in ("base", "finetuned"):
         runtime = read_json(llama_repo / "metrics" / "runtime" / f"score_{model}.json")
         for name in ("fluency_ceiling", "generation_ceiling"):
             ceiling = runtime[name]
-            assert ceiling["ceiling_s"] > 0 and ceiling["ceiling_gflops"] > 0 and ceiling["fraction_of_ceiling"] > 0, (model, name)
-        assert runtime["fluency_positions_per_s"] >= runtime["scored_tokens_per_s"] and runtime["generation_forward_calls"] > 0
+            assert ceiling["ceiling_s"] > 0 and ceiling["ceiling_gflops"] > 0, (model, name)
+            assert ceiling["fraction_of_ceiling"] > 0, (model, name)
+        assert runtime["fluency_positions_per_s"] >= runtime["scored_tokens_per_s"]
+        assert runtime["generation_forward_calls"] > 0
 
 
 def test_evaluation_only_change_does_not_retrain_and_gate_can_fail(llama_repo):
@@ -122,7 +158,8 @@ def test_evaluation_only_change_does_not_retrain_and_gate_can_fail(llama_repo):
     original = params_file.read_text()
     params = yaml.safe_load(original)
     try:
-        params["evaluate"]["gate"].update({"min_perplexity_improvement": 1.0, "min_stop_rate": 0.0, "fail_on_gate": True})
+        gate = {"min_perplexity_improvement": 1.0, "min_stop_rate": 0.0, "fail_on_gate": True}
+        params["evaluate"]["gate"].update(gate)
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
         result = dvc(llama_repo, "repro", check=False)
         assert result.returncode != 0 and stages_ran(result.stdout) == {"evaluate"}  # neither model is scored again
@@ -146,8 +183,10 @@ def test_review_report_shows_what_a_change_did(llama_repo):
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         # A training experiment re-scores the fine-tuned model only: the base model's scores come from the cache.
-        assert stages_ran(dvc(llama_repo, "repro").stdout) == {"train", "score@finetuned", "evaluate", "transcripts", "export"}
-        result = sh(llama_repo, sys.executable, "-m", "stages.tools.review", "--base", "HEAD", "--out", "review/review.md")
+        ran = stages_ran(dvc(llama_repo, "repro").stdout)
+        assert ran == {"train", "score@finetuned", "evaluate", "transcripts", "export"}
+        review = [sys.executable, "-m", "stages.tools.review", "--base", "HEAD", "--out", "review/review.md"]
+        result = sh(llama_repo, *review)
         report = (llama_repo / "review" / "review.md").read_text()
         assert "train.learning_rate" in report and "0.005" in report and "0.002" in report
         assert report.index("## Significance") < report.index("## Parameters")  # the table opens the report
@@ -170,7 +209,8 @@ def test_ingest_depends_on_the_file_data_source_names_and_nothing_else(llama_rep
     dangling = llama_repo / "data" / "external" / "gone.jsonl"
     try:
         unrelated.write_text("not a dataset")
-        dangling.symlink_to(llama_repo / "no-such-file")  # once broke every dvc command when the folder was a dependency
+        # A dangling link once broke every dvc command when the folder was a dependency.
+        dangling.symlink_to(llama_repo / "no-such-file")
         assert "Data and pipelines are up to date" in dvc(llama_repo, "status").stdout
         source.write_bytes(original.replace(b"hello", b"hullo", 1))
         assert "ingest" in json.loads(dvc(llama_repo, "status", "--json").stdout)
