@@ -14,9 +14,10 @@ from typing import Any
 import yaml
 
 from stages.lib import gguf_file, model_card, round_trip
-from stages.lib.atomic import atomic_path, write_json
+from stages.lib.atomic import publish_together
 from stages.lib.cli import run
 from stages.lib.conversations import InputError, dataset_name, read_conversations
+from stages.lib.launch import use_slot
 from stages.lib.modeling import load_causal_lm
 from stages.lib.ollama import TurnFormat, modelfile
 from stages.lib.params import Params, load_params
@@ -89,7 +90,9 @@ def export(params: Params) -> tuple[dict, dict]:
     stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer, merged.generation_config.eos_token_id)]
     base_card = read_json(BASE_MODEL / "model_card.json")
     timings = {}
-    with atomic_path(OUTPUT, is_dir=True) as staged:
+    # The model, its metrics and its timings are published together, or none of them (docs/DESIGN.md §Reliability).
+    with publish_together(files=[METRICS, RUNTIME], dirs=[OUTPUT]) as outputs:
+        staged = outputs[OUTPUT]
         started = time.perf_counter()
         counts = gguf_file.write(staged / GGUF, merged, vocab, settings.precision, {"name": settings.name, "license": settings.license})
         timings["write_s"] = round(time.perf_counter() - started, 2)
@@ -123,14 +126,15 @@ def export(params: Params) -> tuple[dict, dict]:
         readme = model_card.card(meta, settings.name, {**summary, "base": base_card.get("source", "unknown"), "size_mb": summary["size_bytes"] / 1e6},
                                  read_json(EVAL), params.train.model_dump(), read_json(DATA), lineage, commands)
         (staged / "README.md").write_text(readme, encoding="utf-8")
+        outputs.write_json(METRICS, summary)
+        outputs.write_json(RUNTIME, timings)
     return summary, timings
 
 
 def main() -> int:
     params = load_params()
+    use_slot()  # this experiment's share of the machine when queued experiments run at once (stages/lib/launch.py)
     summary, timings = export(params)
-    write_json(METRICS, summary)
-    write_json(RUNTIME, timings)
     checked = summary["round_trip"]
     print(f"export: {summary['architecture']} {summary['precision']} {summary['size_bytes'] / 1e6:.1f} MB -> {EXPORT_GGUF} "
           f"(write {timings['write_s']} s, verify {timings['verify_s']} s); round trip max |dlogit| {checked['max_abs_logit_diff']:.2g}, "
