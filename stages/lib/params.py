@@ -171,7 +171,9 @@ class LogitTolerance(Section):
 
 class RoundTripParams(Section):
     conversations: int = Field(..., ge=1)
-    prompts: int = Field(..., ge=0)
+    # At least one: the greedy replies are the round trip's end-to-end check (template, tokenizer, stop tokens);
+    # with none, an f16/f32 export would pass on logits alone.
+    prompts: int = Field(..., ge=1)
     max_new_tokens: int = Field(..., ge=1)
     batch_size: int = Field(..., ge=1)
     logit_tolerance: LogitTolerance
