@@ -177,6 +177,12 @@ def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: torch
     if (path / "adapter_config.json").exists():
         from peft import PeftModel
 
+        if not (path / "adapter_model.safetensors").is_file():  # peft would fall back to a pickle (adapter_model.bin)
+            found = sorted(p.name for p in path.glob("adapter_model.*")) or ["no adapter_model file"]
+            raise InputError(f"{path}: the LoRA adapter must be saved as safetensors (adapter_model.safetensors), found "
+                             f"{', '.join(found)}; resave it with save_pretrained(..., safe_serialization=True): "
+                             f"pickled weights are never loaded")
+
         try:
             base = Path(json.loads((path / "base_model.json").read_text())["base_model"])
         except (OSError, ValueError, KeyError, TypeError):

@@ -12,19 +12,24 @@ oldest turns are dropped. Replies stream token by token in interactive mode.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
 from stages.lib.cli import ArgumentParser, run
 from stages.lib.conversations import InputError, iter_jsonl
-from stages.lib.modeling import inference_dtype, load_causal_lm, pick_device
 from stages.lib.gguf_file import load as load_gguf
+from stages.lib.modeling import inference_dtype, load_causal_lm, pick_device
+from stages.lib.params import load_params
 from stages.lib.paths import EXPORT_GGUF, MODELS
-from stages.lib.template import TemplateError, fit_prompt, stop_token_ids
+from stages.lib.template import TemplateError, fit_prompt, stop_token_ids, with_system_prompt
+
 HELP = "commands: /reset (forget the conversation), /exit (quit), /help"
+RESTORE_EXPORT = "restore it with `dvc checkout models/export`, or export it again with `dvc repro -f export`"
 
 
 class Chat:
@@ -81,6 +86,9 @@ def interactive(chat: Chat) -> None:
         except (EOFError, KeyboardInterrupt):
             print()
             return
+        except UnicodeDecodeError:
+            print("error: that line is not UTF-8 text; type it again", file=sys.stderr)
+            continue
         if not text:
             continue
         if text in ("/exit", "/quit"):
@@ -109,6 +117,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--context-tokens", type=int, help="prompt + reply budget (default: the model's context window)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for name, value in vars(args).items():  # bytes that are not UTF-8 reach Python as lone surrogates
+        if isinstance(value, (str, Path)):
+            try:
+                str(value).encode("utf-8")
+            except UnicodeEncodeError as exc:
+                byte = ord(str(value)[exc.start]) & 0xFF
+                raise InputError(f"--{name.replace('_', '-')}: not UTF-8 text (byte 0x{byte:02x} at character "
+                                 f"{exc.start + 1}); pass UTF-8") from None
     problem = argument_problem(args)
     if problem:
         raise InputError(problem)
@@ -135,16 +151,59 @@ def argument_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def template_errors(source: Path) -> Iterator[None]:
+    """A chat template that jinja's sandbox refuses (or cannot render) as one line naming the model."""
+    from jinja2 import TemplateError as JinjaError
+
+    try:
+        yield
+    except TemplateError as exc:  # refused by the sandbox, or unusable as the pipeline needs it (stages/lib/template.py)
+        raise InputError(f"{source}: {exc}") from None
+    except JinjaError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{source}: its chat template cannot be rendered ({type(exc).__name__}: {reason}); "
+                         f"fix chat_template in its tokenizer files") from None
+
+
+def load_gguf_file(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """The exported GGUF, or one line when the file is empty, truncated or not GGUF."""
+    if path.is_file() and path.stat().st_size == 0:
+        raise InputError(f"{path}: empty; {RESTORE_EXPORT}")
+    try:
+        return load_gguf(path, dtype)
+    except InputError:
+        raise
+    except (OSError, ValueError, KeyError, IndexError, EOFError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: not a readable GGUF file, truncated or corrupted ({reason}); "
+                         f"{RESTORE_EXPORT}") from None
+
+
+def load_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, Path]:
+    """The model and tokenizer `--model` names, with the tokenizer formatting prompts as the pipeline scored them."""
+    if args.model == "export":  # read through transformers' GGUF loader, as the export stage verified it
+        model, tokenizer = load_gguf_file(EXPORT_GGUF, inference_dtype(device))
+        return model.to(device), tokenizer, EXPORT_GGUF
+    source = MODELS.get(args.model, Path(args.model))
+    model, tokenizer = load_causal_lm(source, inference_dtype(device), device)
+    if args.model == "base":  # as score@base renders its prompts: the base template with tokenize.system_prompt applied
+        with template_errors(source):
+            tokenizer = with_system_prompt(tokenizer, load_params().tokenize.system_prompt)
+    return model, tokenizer, source
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     device = pick_device()
-    if args.model == "export":  # read through transformers' GGUF loader, as the export stage verified it
-        model, tokenizer = load_gguf(EXPORT_GGUF, inference_dtype(device))
-        model = model.to(device)
-    else:
-        model, tokenizer = load_causal_lm(MODELS.get(args.model, Path(args.model)), inference_dtype(device), device)
-    chat = Chat(model, tokenizer, args)
+    model, tokenizer, source = load_model(args, device)
+    with template_errors(source):
+        talk(Chat(model, tokenizer, args), args)
+    return 0
+
+
+def talk(chat: Chat, args: argparse.Namespace) -> None:
     if args.prompt is not None:
         print(chat.reply(args.prompt))
     elif args.prompts is not None:
@@ -154,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"prompt": prompt, "reply": chat.reply(prompt)}, ensure_ascii=False), flush=True)
     else:
         interactive(chat)
-    return 0
 
 
 if __name__ == "__main__":
