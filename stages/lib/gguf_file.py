@@ -264,6 +264,10 @@ def write(path: Path, model: Any, vocab: Vocabulary, precision: str, metadata: d
     from tqdm import tqdm
 
     arch = architecture(model.config)
+    if arch.gguf_name == "llama" and "mistral" in metadata.get("name", ""):
+        raise InputError(f"export.name {metadata['name']!r}: transformers' GGUF reader takes a llama-layout file whose name holds "
+                         "'mistral' for a type gguf-py cannot map, so the round trip could not verify it; choose a name without "
+                         "'mistral' (llama.cpp and Ollama read either)")
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[precision]
     writer = gguf.GGUFWriter(path, arch.gguf_name)
     writer.add_type(gguf.GGUFType.MODEL)
