@@ -1,53 +1,77 @@
 """Stage `evaluate`: base and fine-tuned scores side by side, every number with its 95% interval.
 
-Reads data/scores/{base,finetuned}.json (stage `score`) and the test split. Writes
-- metrics/eval.json: fluency, conversational accuracy and generation quality of each model with a seeded
-  bootstrap interval over test conversations (`x`, `x_low`, `x_high`), the paired change fine-tuned − base
-  with its interval and a verdict (better / worse / within noise), the human replies' own values, and the gate;
-- metrics/eval_by_depth.json and metrics/eval_by_topic.json: slices with their support (for `dvc plots`);
+Reads data/scores/{base,finetuned}.json (stage `score`), the test sets and the sentence encoder. Writes
+- metrics/eval.json: for the test set of seen topics and for the held-out topics (`unseen`), each model's
+  metrics with a seeded bootstrap interval over conversations (`x`, `x_low`, `x_high`), the human replies'
+  own values, the paired change fine-tuned − base with its interval, Holm-adjusted p-value and verdict
+  (primary metrics: better / worse; human-referenced ones: closer to / further from human; descriptive ones
+  none), and the gate;
+- metrics/eval_by_depth.json and metrics/eval_by_topic.json: slices with their support and intervals;
 - metrics/eval_conversations.json: per-conversation statistics of both models, so that two revisions can be
-  compared pairwise on the same conversations (`python -m stages.tools.review`).
+  compared pairwise on the same (conversation, turn) (`python -m stages.tools.review`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Hashable
 
-from stages.lib import scoring
+from stages.lib import text_metrics
 from stages.lib.atomic import write_json
 from stages.lib.cli import run
 from stages.lib.conversations import InputError, read_conversations
 from stages.lib.params import EvaluateParams, load_params
-from stages.lib.paths import MODELS, SCORES, TEST
-from stages.lib.stats import (SET_BASED, HEADLINE, ConversationScores, Interval, MetricSet, Reply, bootstrap,
-                              change_verdict, paired_change)
+from stages.lib.paths import MODELS, SCORES, TEST_SETS
+from stages.lib.semantic import load_encoder, similarities
+from stages.lib.stats import (HEADLINE, HUMAN_REFERENCED, PRIMARY, ConversationScores, Interval, MetricSet, Reply,
+                              family_verdicts, metric_interval, paired_change)
 
 EVAL_METRICS = Path("metrics/eval.json")
 BY_DEPTH = Path("metrics/eval_by_depth.json")
 BY_TOPIC = Path("metrics/eval_by_topic.json")
 PER_CONVERSATION = Path("metrics/eval_conversations.json")
-HUMAN_METRICS = ("distinct_1", "distinct_2", "repetition_rate", "mean_reply_words", "empty_reply_rate", "context_relevance")
+HUMAN_METRICS = ("mean_reply_words", "distinct_1", "distinct_2", "generic_reply_share", "context_overlap", "repetition_rate",
+                 "empty_reply_rate")
+SLICE_METRICS = ("perplexity", "semantic_similarity", "stop_rate")
+SETS = tuple(TEST_SETS)  # "test" (seen topics), "unseen" (topics held out of training)
 
 
 def load_scores(name: str) -> dict:
     path = SCORES / f"{name}.json"
     if not path.exists():
         raise InputError(f"{path}: no scores; run the score stage first (dvc repro score@{name})")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        scores = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc}); rerun the score stage (dvc repro -f score@{name})") from None
+    if not isinstance(scores, dict) or "sets" not in scores:
+        raise InputError(f"{path}: written by an older score stage (no 'sets'); rerun it (dvc repro -f score@{name})")
+    return scores
 
 
 def check_same_sample(base: dict, tuned: dict) -> None:
-    same = (base["conversations"] == tuned["conversations"]
-            and [(r["conversation"], r["turn"]) for r in base["replies"]] == [(r["conversation"], r["turn"]) for r in tuned["replies"]])
-    if not same:
-        raise InputError(f"{SCORES}: base and fine-tuned scores cover different test conversations or turns; rerun both (dvc repro)")
+    for name in SETS:
+        a, b = base["sets"].get(name, {}), tuned["sets"].get(name, {})
+        same = (a.get("conversations") == b.get("conversations")
+                and [(r["conversation"], r["turn"]) for r in a.get("replies", [])] == [(r["conversation"], r["turn"]) for r in b.get("replies", [])]
+                and [(r["conversation"], r["turn"], r["distractors"]) for r in a.get("ranking", [])]
+                == [(r["conversation"], r["turn"], r["distractors"]) for r in b.get("ranking", [])])
+        if not same:
+            raise InputError(f"{SCORES}: base and fine-tuned scores cover different {name} conversations, turns or ranking "
+                             "candidates; rerun both (dvc repro)")
 
 
 def context_text(messages: list[dict]) -> str:
     return "\n".join(m["content"] for m in messages if m["role"] != "system")
+
+
+def context_digest(messages: list[dict]) -> str:
+    """What a reply answers, for pairing two revisions' replies by turn."""
+    return hashlib.sha256(json.dumps(messages, ensure_ascii=False).encode("utf-8")).hexdigest()[:12]
 
 
 def depth_bucket(turn: int, edges: list[int]) -> int:
@@ -55,23 +79,33 @@ def depth_bucket(turn: int, edges: list[int]) -> int:
     return max([edge for edge in edges if edge <= turn], default=edges[0])
 
 
-class Scored:
-    """Both models' scores joined to the test conversations, with per-reply relevance computed once."""
+def hit(scores: list[float]) -> float:
+    """1 when the real reply (first) is the most likely; a tie for first shares the win."""
+    best = max(scores)
+    return (scores[0] == best) / sum(score == best for score in scores)
 
-    def __init__(self, base: dict, tuned: dict, test: dict[str, dict]) -> None:
+
+class Scored:
+    """Both models' scores of one test set joined to its conversations, with per-reply relevance and semantic
+    similarity computed once."""
+
+    def __init__(self, name: str, base: dict, tuned: dict, test: dict[str, dict], encoder: tuple[Any, Any]) -> None:
         self.conversations = base["conversations"]
         missing = [c["id"] for c in self.conversations if c["id"] not in test]
         if missing:
-            raise InputError(f"{TEST}: conversations {missing[:3]} were scored but are not in the test split; rerun the score stages")
+            raise InputError(f"{TEST_SETS[name]}: conversations {missing[:3]} were scored but are not in it; rerun the score stages")
         self.messages = [test[c["id"]]["messages"] for c in self.conversations]
         self.scores = {"base": base, "finetuned": tuned}
         generated = [r for r in base["replies"] if "reply" in r]
         contexts = [context_text(self.messages[r["conversation"]][: r["turn"]]) for r in generated]
+        self.contexts = [context_digest(self.messages[r["conversation"]][: r["turn"]]) for r in generated]
         humans = [self.messages[r["conversation"]][r["turn"]]["content"] for r in generated]
-        texts = {name: [r["reply"] for r in self.scores[name]["replies"] if "reply" in r] for name in MODELS}
-        relevance = scoring.Relevance(contexts + humans + texts["base"] + texts["finetuned"])
-        self.relevance = {name: relevance.each(contexts, texts[name]) for name in MODELS}
+        texts = {model: [r["reply"] for r in self.scores[model]["replies"] if "reply" in r] for model in MODELS}
+        relevance = text_metrics.Relevance(contexts + humans + texts["base"] + texts["finetuned"])
+        self.relevance = {model: relevance.each(contexts, texts[model]) for model in MODELS}
         self.relevance["human"] = relevance.each(contexts, humans)
+        self.semantic = {model: similarities(*encoder, texts[model], humans) for model in MODELS}
+        self.semantic["human"] = [1.0] * len(humans)
 
     def units(self, name: str, key: Callable[[int, int], Hashable] = lambda conversation, turn: None) -> dict[Hashable, list[ConversationScores]]:
         """ConversationScores of model `name` ('human' for the human replies), one per (conversation, key) with
@@ -91,50 +125,94 @@ class Scored:
                 unit.tokens += t["tokens"]
                 unit.correct += t["correct"]
                 unit.n_bytes += t["bytes"]
+            for r in source["ranking"]:
+                piece(r["conversation"], r["turn"]).ranked.append([r["turn"], hit(r["scores"])])
         generated = [r for r in source["replies"] if "reply" in r]
         for index, r in enumerate(generated):
             human = self.messages[r["conversation"]][r["turn"]]["content"]
             text, stopped = (human, r["human_fits_max_new_tokens"]) if name == "human" else (r["reply"], r["stopped"])
-            piece(r["conversation"], r["turn"]).replies.append(Reply(r["turn"], text, human, stopped, self.relevance[name][index]))
+            piece(r["conversation"], r["turn"]).replies.append(
+                Reply(r["turn"], text, human, stopped, self.relevance[name][index], self.semantic[name][index], self.contexts[index]))
         grouped: dict[Hashable, list[ConversationScores]] = {}
         for (conversation, k), unit in sorted(pieces.items(), key=lambda item: item[0][0]):
             grouped.setdefault(k, []).append(unit)
         return grouped
 
 
-def interval_fields(name: str, interval: Interval) -> dict[str, float]:
-    fields = interval.as_dict()
+def interval_fields(name: str, interval: Interval) -> dict[str, float | None]:
+    fields = {k: (v if math.isfinite(v) else None) for k, v in interval.as_dict().items()}
     return {name: fields["value"], f"{name}_low": fields["low"], f"{name}_high": fields["high"]}
 
 
-def model_summary(metrics: MetricSet, names: tuple[str, ...], params: EvaluateParams, seed: int) -> dict[str, float]:
-    summary: dict[str, float] = {}
+def model_summary(metrics: MetricSet, names: tuple[str, ...], params: EvaluateParams, seed: int) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    boot = params.bootstrap
     for name in names:
-        summary.update(interval_fields(name, bootstrap(lambda idx, n=name: metrics.metric(n, idx), len(metrics),
-                                                       params.bootstrap.resamples, params.bootstrap.confidence, seed,
-                                                       recenter=name in SET_BASED)))
+        summary.update(interval_fields(name, metric_interval(metrics, name, boot.resamples, boot.confidence, seed)))
     summary["scored_tokens"] = int(metrics.tokens.sum())
     return summary
 
 
+def compare(sets: dict[str, MetricSet], params: EvaluateParams, seed: int) -> dict[str, dict]:
+    """The paired change fine-tuned − base of every headline metric, with Holm-adjusted verdicts."""
+    boot = params.bootstrap
+    everything = list(range(len(sets["base"])))
+    intervals, identical = {}, {}
+    for name in HEADLINE:
+        intervals[name] = paired_change(name, sets["finetuned"], sets["base"], boot.resamples, boot.confidence, seed,
+                                        human=sets["human"] if name in HUMAN_REFERENCED else None)
+        a, b = sets["finetuned"].metric(name, everything), sets["base"].metric(name, everything)
+        identical[name] = a == b or (math.isnan(a) and math.isnan(b))
+    verdicts = family_verdicts(intervals, 1.0 - boot.confidence, identical)
+    change = {}
+    for name in HEADLINE:
+        p, word = verdicts[name]
+        interval = {k: (v if math.isfinite(v) else None) for k, v in intervals[name].as_dict().items()}
+        change["perplexity_improvement" if name == "perplexity" else name] = {
+            **interval, "measures": "distance_to_human" if name in HUMAN_REFERENCED else "change",
+            "p_holm": round(p, 4) if math.isfinite(p) else None, "verdict": word}
+    return change
+
+
+def bound_of(summary: dict, name: str, bound: str) -> float:
+    """A model summary's `name` at `bound` (value, low or high); NaN when it is missing or null."""
+    return _nan(summary.get(name if bound == "value" else f"{name}_{bound}"))
+
+
 def quality_gate(change: dict, tuned: dict, params: EvaluateParams) -> dict:
-    """Each check compares the interval's lower bound (or the point estimate) with its threshold."""
-    bound = "low" if params.gate.use_lower_bound else "value"
+    """Each check compares the interval's conservative bound (or the point estimate) with its threshold. A
+    value that is not a number fails its check."""
+    gate = params.gate
+    low, high = ("low", "high") if gate.use_lower_bound else ("value", "value")
+    checks: dict[str, dict] = {}
+
+    def check(name: str, value: float, bound: float, threshold: float, at_least: bool) -> None:
+        passed = math.isfinite(bound) and (bound >= threshold if at_least else bound <= threshold)
+        checks[name] = {"value": value, "bound": bound if math.isfinite(bound) else None,
+                        ("minimum" if at_least else "maximum"): threshold, "passed": bool(passed)}
+
     improvement = change["perplexity_improvement"]
-    stop = {"value": tuned["stop_rate"], "low": tuned["stop_rate_low"]}
-    checks = {
-        "perplexity_improvement": {"value": improvement["value"], "low": improvement["low"],
-                                   "minimum": params.gate.min_perplexity_improvement,
-                                   "passed": improvement[bound] >= params.gate.min_perplexity_improvement},
-        "stop_rate": {"value": stop["value"], "low": stop["low"], "minimum": params.gate.min_stop_rate,
-                      "passed": stop[bound] >= params.gate.min_stop_rate},
-    }
-    return {"passed": all(c["passed"] for c in checks.values()), "compares": "lower bound" if bound == "low" else "point estimate", **checks}
+    check("perplexity_improvement", improvement["value"], _nan(improvement[low]), gate.min_perplexity_improvement, True)
+    check("stop_rate", tuned["stop_rate"], bound_of(tuned, "stop_rate", low), gate.min_stop_rate, True)
+    check("empty_reply_rate", tuned["empty_reply_rate"], bound_of(tuned, "empty_reply_rate", high), gate.max_empty_reply_rate, False)
+    if gate.max_generic_reply_share is not None:
+        check("generic_reply_share", tuned["generic_reply_share"], bound_of(tuned, "generic_reply_share", high),
+              gate.max_generic_reply_share, False)
+    if gate.min_ranking_change is not None:
+        ranking = change["next_reply_hits_at_1"]
+        check("next_reply_hits_at_1_change", ranking["value"], _nan(ranking[low]), gate.min_ranking_change, True)
+    return {"passed": all(c["passed"] for c in checks.values()),
+            "compares": "interval bound" if gate.use_lower_bound else "point estimate", **checks}
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def slice_table(scored: Scored, key_name: str, key: Callable[[int, int], Hashable], order: list, merge: Callable[[list], list],
-                min_replies: int) -> list[dict]:
-    """Per-slice values with their support; slices with fewer than `min_replies` generated replies are merged."""
+                params: EvaluateParams, seed: int) -> list[dict]:
+    """Per-slice values with their intervals and support; slices with fewer than `min_slice_replies` generated
+    replies are merged."""
     by_model = {name: scored.units(name, key) for name in MODELS}
     support = {k: sum(len(u.replies) for u in by_model["finetuned"].get(k, [])) for k in order}
     groups = merge([(k, support[k]) for k in order if k in by_model["finetuned"]])
@@ -147,10 +225,9 @@ def slice_table(scored: Scored, key_name: str, key: Callable[[int, int], Hashabl
         row["tokens"] = sum(u.tokens for u in units["finetuned"])
         for name in MODELS:
             metrics = MetricSet(units[name])
-            everything = list(range(len(metrics)))
-            row[f"{name}_perplexity"] = round(metrics.metric("perplexity", everything), 4) if row["tokens"] else None
-            for metric in ("chrf", "stop_rate"):
-                row[f"{name}_{metric}"] = round(metrics.metric(metric, everything), 4) if row["replies"] else None
+            for metric in SLICE_METRICS:
+                interval = metric_interval(metrics, metric, params.bootstrap.resamples, params.bootstrap.confidence, seed)
+                row.update(interval_fields(f"{name}_{metric}", interval))
         rows.append(row)
     return rows
 
@@ -177,43 +254,64 @@ def merge_small_depths(min_replies: int) -> Callable[[list], list]:
     return merge
 
 
-def evaluate(params: EvaluateParams, seed: int) -> dict[str, Any]:
-    base, tuned = load_scores("base"), load_scores("finetuned")
-    check_same_sample(base, tuned)
-    test = {c["id"]: c for c in read_conversations(TEST)}
-    scored = Scored(base, tuned, test)
-    whole = {name: scored.units(name)[None] for name in (*MODELS, "human")}  # one unit per conversation
-    metric_sets = {name: MetricSet(units) for name, units in whole.items()}
-    boot = params.bootstrap
+def evaluate_set(name: str, scored: Scored, params: EvaluateParams, seed: int) -> tuple[dict, list, list, list]:
+    whole = {model: scored.units(model)[None] if scored.conversations else [] for model in (*MODELS, "human")}
+    metric_sets = {model: MetricSet(units) for model, units in whole.items()}
+    base = scored.scores["base"]
     results: dict[str, Any] = {
         "test_conversations": len(scored.conversations),
         "generated_replies": sum("reply" in r for r in base["replies"]),
         "skipped_replies": sum("reply" not in r for r in base["replies"]),
-        "precision": {name: scored.scores[name]["precision"] for name in MODELS},
-        "bootstrap": {"unit": "conversation", "resamples": boot.resamples, "confidence": boot.confidence, "seed": seed},
+        "ranked_turns": len(base["ranking"]),
     }
-    for name in MODELS:
-        results[name] = model_summary(metric_sets[name], HEADLINE, params, seed)
+    if not scored.conversations:
+        return results, [], [], []
+    for model in MODELS:
+        results[model] = model_summary(metric_sets[model], HEADLINE, params, seed)
     everything = list(range(len(metric_sets["human"])))  # the human replies are the reference: values, no intervals
-    results["human"] = {name: round(metric_sets["human"].metric(name, everything), 4) for name in HUMAN_METRICS}
+    results["human"] = {metric: round(metric_sets["human"].metric(metric, everything), 4) for metric in HUMAN_METRICS}
     results["human"]["within_max_new_tokens"] = round(metric_sets["human"].metric("stop_rate", everything), 4)
-    change = {}
-    for name in HEADLINE:
-        interval = paired_change(name, metric_sets["finetuned"], metric_sets["base"], boot.resamples, boot.confidence, seed)
-        change["perplexity_improvement" if name == "perplexity" else name] = {**interval.as_dict(), "verdict": change_verdict(name, interval)}
-    results["change"] = change
-    results["gate"] = quality_gate(change, results["finetuned"], params)
+    results["change"] = compare(metric_sets, params, seed)
     edges = params.depth_buckets
     depth_key = lambda conversation, turn: depth_bucket(turn + 1, edges)  # noqa: E731
-    by_depth = slice_table(scored, "depth", depth_key, edges, merge_small_depths(params.min_slice_replies), params.min_slice_replies)
+    by_depth = slice_table(scored, "depth", depth_key, edges, merge_small_depths(params.min_slice_replies), params, seed) \
+        if name == "test" else []  # one curve per plot: the seen-topic test set
     topics = sorted({c["topic"] for c in scored.conversations})
-    by_topic = slice_table(scored, "topic", lambda conversation, turn: scored.conversations[conversation]["topic"], topics,
-                           merge_small_topics(params.min_slice_replies), params.min_slice_replies)
-    by_id = {name: {unit.id: unit for unit in units} for name, units in whole.items()}
-    per_conversation = [{"id": meta["id"], "topic": meta["topic"],
-                         **{name: _plain(by_id[name].get(meta["id"], ConversationScores(meta["id"], meta["topic"])))
-                            for name in (*MODELS, "human")}}
+    by_topic = [{"set": name, **row} for row in
+                slice_table(scored, "topic", lambda conversation, turn: scored.conversations[conversation]["topic"], topics,
+                            merge_small_topics(params.min_slice_replies), params, seed)]
+    by_id = {model: {unit.id: unit for unit in units} for model, units in whole.items()}
+    per_conversation = [{"id": meta["id"], "topic": meta["topic"], "set": name,
+                         **{model: _plain(by_id[model].get(meta["id"], ConversationScores(meta["id"], meta["topic"])))
+                            for model in (*MODELS, "human")}}
                         for meta in scored.conversations]
+    return results, by_depth, by_topic, per_conversation
+
+
+def evaluate(params: EvaluateParams, seed: int) -> dict[str, Any]:
+    base, tuned = load_scores("base"), load_scores("finetuned")
+    check_same_sample(base, tuned)
+    encoder = load_encoder()
+    results: dict[str, Any] = {
+        "precision": {name: {"base": base, "finetuned": tuned}[name]["precision"] for name in MODELS},
+        "bootstrap": {"unit": "conversation", "resamples": params.bootstrap.resamples,
+                      "confidence": params.bootstrap.confidence, "seed": seed, "multiplicity": "Holm within each family",
+                      "primary": list(PRIMARY), "human_referenced": list(HUMAN_REFERENCED)},
+        "setup": base.get("setup", {}),
+    }
+    by_depth, by_topic, per_conversation = [], [], []
+    for name in SETS:
+        test = {c["id"]: c for c in read_conversations(TEST_SETS[name])} if TEST_SETS[name].exists() else {}
+        scored = Scored(name, base["sets"][name], tuned["sets"][name], test, encoder)
+        summary, depth, topic, conversations = evaluate_set(name, scored, params, seed)
+        if name == "test":
+            results.update(summary)
+        else:
+            results[name] = summary
+        by_depth += depth
+        by_topic += topic
+        per_conversation += conversations
+    results["gate"] = quality_gate(results["change"], results["finetuned"], params)
     return {"results": results, "by_depth": by_depth, "by_topic": by_topic, "per_conversation": per_conversation}
 
 
@@ -223,7 +321,20 @@ def _plain(unit: ConversationScores) -> dict:
     data["nll"] = round(data["nll"], 6)
     for reply in data["replies"]:
         reply["relevance"] = round(reply["relevance"], 6)
+        reply["semantic"] = round(reply["semantic"], 6)
     return data
+
+
+def summary_line(results: dict) -> str:
+    base, tuned, change = results["base"], results["finetuned"], results["change"]
+    improvement, ranking, semantic = change["perplexity_improvement"], change["next_reply_hits_at_1"], change["semantic_similarity"]
+    gate = results["gate"]
+    return (f"evaluate: {results['test_conversations']} conversations, {results['generated_replies']} replies; perplexity "
+            f"{base['perplexity']:.2f} -> {tuned['perplexity']:.2f} ({improvement['verdict']}); next-reply hits@1 "
+            f"{base['next_reply_hits_at_1']} -> {tuned['next_reply_hits_at_1']} ({ranking['verdict']}); semantic similarity "
+            f"{base['semantic_similarity']} -> {tuned['semantic_similarity']} ({semantic['verdict']}); generic replies "
+            f"{tuned['generic_reply_share']} (human {results['human']['generic_reply_share']}); "
+            f"gate {'passed' if gate['passed'] else 'FAILED'} ({gate['compares']})")
 
 
 def main() -> int:
@@ -234,14 +345,8 @@ def main() -> int:
     write_json(BY_DEPTH, out["by_depth"])
     write_json(BY_TOPIC, out["by_topic"])
     write_json(PER_CONVERSATION, out["per_conversation"])
-    base, tuned, gate, change = results["base"], results["finetuned"], results["gate"], results["change"]
-    improvement = change["perplexity_improvement"]
-    print(f"evaluate: {results['test_conversations']} conversations, {results['generated_replies']} replies; perplexity "
-          f"{base['perplexity']:.2f} -> {tuned['perplexity']:.2f} ({100 * improvement['value']:.1f}% better, 95% CI "
-          f"{100 * improvement['low']:.1f}..{100 * improvement['high']:.1f}), stop rate {base['stop_rate']:.2f} -> "
-          f"{tuned['stop_rate']:.2f} [{tuned['stop_rate_low']:.2f}, {tuned['stop_rate_high']:.2f}]; "
-          f"gate {'passed' if gate['passed'] else 'FAILED'} ({gate['compares']})")
-    if params.evaluate.gate.fail_on_gate and not gate["passed"]:
+    print(summary_line(results))
+    if params.evaluate.gate.fail_on_gate and not results["gate"]["passed"]:
         print("error: quality gate failed (evaluate.gate.fail_on_gate is true)", file=sys.stderr)
         return 2
     return 0

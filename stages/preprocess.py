@@ -1,6 +1,9 @@
 """Stage `preprocess`: clean conversations, filter them, and split by conversation into train/val/test.
 
-Writes data/processed/{train,val,test}.jsonl, metrics/data.json (counts, drop reasons, statistics) and
+Whole topics (`preprocess.unseen_topics`, a seeded choice) are held out of all three into test_unseen.jsonl:
+the model never trains or validates on them, so scores there measure adaptability to new topics.
+
+Writes data/processed/{train,val,test,test_unseen}.jsonl, metrics/data.json (counts, drop reasons, statistics) and
 metrics/data_topics.json (conversations per topic, a plot). Streams: memory holds hashes and sizes, not text.
 """
 from __future__ import annotations
@@ -26,7 +29,7 @@ from stages.lib.conversations import (Conversation, InputError, Message, lines_d
 from stages.lib.params import PreprocessParams, load_params
 from stages.lib.paths import PROCESSED, RAW
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "test_unseen")
 DATA_METRICS = Path("metrics/data.json")
 TOPIC_PLOT = Path("metrics/data_topics.json")  # conversations per topic: a table for `dvc plots`, not 1 metric each
 
@@ -206,11 +209,33 @@ def split_indices(labels: list[str], params: PreprocessParams, seed: int) -> tup
     return {"train": sorted(train_idx.tolist()), "val": sorted(val_idx.tolist()), "test": sorted(test_idx.tolist())}, method
 
 
+def unseen_topics(topics: list[str], count: int, seed: int) -> list[str]:
+    """A seeded choice of `count` named topics to hold out whole; none when fewer than count + 1 are named
+    (the model must keep at least one topic to train on)."""
+    import random
+
+    named = sorted({t for t in topics if t != "unknown"})
+    if count == 0 or len(named) <= count:
+        return []
+    return sorted(random.Random(seed).sample(named, count))
+
+
+def split_with_unseen(topics: list[str], params: PreprocessParams, seed: int) -> tuple[dict[str, list[int]], str, list[str]]:
+    """train/val/test over the conversations of the seen topics, and test_unseen: every conversation of the
+    held-out topics."""
+    held = set(unseen_topics(topics, params.unseen_topics, seed))
+    seen = [i for i, topic in enumerate(topics) if topic not in held]
+    assignment, method = split_indices([topics[i] for i in seen], params, seed)
+    assignment = {name: [seen[i] for i in indices] for name, indices in assignment.items()}
+    assignment["test_unseen"] = [i for i, topic in enumerate(topics) if topic in held]
+    return assignment, method, sorted(held)
+
+
 def remove_leakage(assignment: dict[str, list[int]], keys: list[bytes]) -> dict[str, int]:
-    """Drop val/test conversations whose normalised text (`keys[i]`, a digest) also occurs in an earlier split."""
+    """Drop held-out conversations whose normalised text (`keys[i]`, a digest) also occurs in an earlier split."""
     removed = {}
     seen = {keys[i] for i in assignment["train"]}
-    for name in ("val", "test"):
+    for name in ("val", "test", "test_unseen"):
         before = len(assignment[name])
         assignment[name] = [i for i in assignment[name] if keys[i] not in seen]
         removed[name] = before - len(assignment[name])
@@ -284,7 +309,7 @@ def preprocess(raw_path: Path, out_dir: ContextManager[Path], params: Preprocess
                     handle.write(row["line"])
     if not kept.topics:
         raise InputError(f"preprocess: every conversation was dropped ({dict(stats)}); check min_turns and the input")
-    assignment, method = split_indices(kept.topics, params, seed)
+    assignment, method, held_topics = split_with_unseen(kept.topics, params, seed)
     leaked = remove_leakage(assignment, kept.near)
     check_held_out(params, {name: len(assignment[name]) for name in SPLITS}, len(kept.topics))
     split_of = np.full(len(kept.topics), -1, dtype=np.int8)
@@ -310,6 +335,7 @@ def preprocess(raw_path: Path, out_dir: ContextManager[Path], params: Preprocess
         "cleaning": {"empty_turns_removed": stats.get("empty_turns_removed", 0), "turns_merged": stats.get("turns_merged", 0)},
         "leakage_removed": leaked,
         "split_method": method,
+        "unseen_topics": held_topics,
         "splits": {name: split_report(turns[assignment[name]], chars[assignment[name]]) for name in SPLITS},
         "topics": len(topic_counts),
     }
@@ -329,6 +355,7 @@ def main() -> int:
     write_json(TOPIC_PLOT, topics)
     dropped = sum(report["dropped"].values())
     counts = ", ".join(f"{name} {report['splits'][name]['conversations']}" for name in SPLITS)
+    counts += f" (unseen topics: {', '.join(report['unseen_topics']) or 'none'})"
     print(f"preprocess: {report['input']['conversations']} -> {report['output']['conversations']} conversations "
           f"({dropped} dropped, {sum(report['leakage_removed'].values())} leaked near-duplicates removed); {counts}")
     return 0

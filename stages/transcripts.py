@@ -41,7 +41,7 @@ def samples() -> list[dict]:
         path = SCORES / f"{name}.json"
         if not path.exists():
             raise InputError(f"{path}: no scores; run the score stage first (dvc repro score@{name})")
-        scores[name] = json.loads(path.read_text(encoding="utf-8"))
+        scores[name] = json.loads(path.read_text(encoding="utf-8"))["sets"]["test"]
     test = {c["id"]: c for c in read_conversations(TEST)}
     conversations = scores["base"]["conversations"]
     rows = []
@@ -49,7 +49,7 @@ def samples() -> list[dict]:
         if "reply" not in reply:
             continue
         messages = test[conversations[reply["conversation"]]["id"]]["messages"]
-        rows.append({"conversation": reply["conversation"], "turn": reply["turn"], "topic": conversations[reply["conversation"]]["topic"],
+        rows.append({"conversation": conversations[reply["conversation"]]["id"], "turn": reply["turn"], "topic": conversations[reply["conversation"]]["topic"],
                      "context": messages[: reply["turn"]], "human": messages[reply["turn"]]["content"],
                      "replies": {name: scores[name]["replies"][index]["reply"] for name in MODELS},
                      "stopped": {name: scores[name]["replies"][index]["stopped"] for name in MODELS}})

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from conftest import FIXTURES, REPO, write_params
-from tiny import save_tiny
+from tiny import save_tiny, save_tiny_encoder
 
 TINY_TRAIN = {
     "max_steps": 150, "batch_size": 8, "learning_rate": 5.0e-3, "warmup_ratio": 0.1, "eval_steps": 75,
@@ -50,13 +50,16 @@ def make_repo(root: Path, arch: str = "llama", overrides: dict | None = None) ->
     shutil.copy(REPO / "data" / "chitchat.source", repo / "data" / "chitchat.source")
     shutil.copy(FIXTURES / "conversations.jsonl", repo / "data" / "external" / "chats.jsonl")
     save_tiny(repo / "tiny-model", arch)
+    save_tiny_encoder(repo / "tiny-encoder")
     params = {
         "data": {"source": "data/external/chats.jsonl"},
-        "preprocess": {"val_fraction": 0.1, "test_fraction": 0.1},
+        "preprocess": {"val_fraction": 0.1, "test_fraction": 0.1, "unseen_topics": 1},
+        "encoder": {"model": "tiny-encoder"},
         "model": {"base": "tiny-model"},
         "tokenize": {"max_length": 128, "max_val_examples": None},
         "train": dict(TINY_TRAIN),
-        "evaluate": {"max_conversations": 5, "max_new_tokens": 24, "batch_size": 8, "precision": "fp32", "min_slice_replies": 3,
+        "evaluate": {"max_conversations": 5, "max_unseen_conversations": 4, "ranking": {"candidates": 4, "turns_per_conversation": 1},
+                     "max_new_tokens": 24, "batch_size": 8, "precision": "fp32", "min_slice_replies": 3,
                      "bootstrap": {"resamples": 200, "confidence": 0.95}},
     }
     for section, values in (overrides or {}).items():

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from stages.evaluate import depth_bucket, merge_small_depths, merge_small_topics, quality_gate
-from stages.lib import scoring
+from stages.lib import text_metrics
 from stages.lib.params import load_params
-from stages.lib.stats import ConversationScores, Interval, MetricSet, Reply, bootstrap, change_verdict, paired_change, verdict
+from stages.lib.stats import ConversationScores, Interval, MetricSet, Reply, bootstrap, paired_change, verdict
 from stages.score import ReplyRepetitionPenalty, fluency, sample_conversations
 from conftest import REPO
 
@@ -37,7 +37,7 @@ def test_reply_statistics_by_hand():
     assert metrics.metric("stop_rate", everything) == pytest.approx(1 / 3)
 
 
-def test_bleu_and_chrf_equal_sacrebleu_corpus_scores_for_any_sample():
+def test_bleu_and_chrf_with_beta_1_equal_sacrebleu_corpus_scores_for_any_sample():
     import sacrebleu
 
     pairs = [("the cat sat on the mat", "the cat sat on a mat"), ("hello there friend", "hello my friend"),
@@ -46,16 +46,17 @@ def test_bleu_and_chrf_equal_sacrebleu_corpus_scores_for_any_sample():
     for idx in (np.arange(3), np.array([0, 2, 2])):
         hyps, refs = [pairs[i][0] for i in idx], [pairs[i][1] for i in idx]
         assert metrics.metric("bleu", idx) == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
-        assert metrics.metric("chrf", idx) == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
+        # beta = 1: precision counts as much as recall (the default beta = 2 rewards long replies)
+        assert metrics.metric("chrf", idx) == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs], beta=1).score)
 
 
 def test_rouge_l_by_hand():
     # LCS("a b c d", "a c d e") = "a c d" (3): precision 3/4, recall 3/4, F1 0.75.
-    assert scoring.rouge_l_pair("a b c d", "a c d e") == pytest.approx(0.75)
+    assert text_metrics.rouge_l_pair("a b c d", "a c d e") == pytest.approx(0.75)
 
 
-def test_context_relevance_is_a_cosine():
-    relevance = scoring.Relevance(["red blue", "green yellow", "red blue"])
+def test_context_overlap_is_a_tfidf_cosine():
+    relevance = text_metrics.Relevance(["red blue", "green yellow", "red blue"])
     assert relevance.each(["red blue", "red blue"], ["red blue", "green yellow"]) == pytest.approx([1.0, 0.0])
 
 
@@ -96,19 +97,22 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate():
 def test_paired_change_tells_a_real_change_from_noise():
     """Fine-tuned replies stop far more often (real); their length differs by chance only (noise)."""
     rng = np.random.default_rng(1)
-    base, tuned = [], []
+    base, tuned, people = [], [], []
     for i in range(120):
         words = " ".join(["w"] * int(rng.integers(3, 9)))
         base.append(conversation(str(i), [(words, "h")], stopped=bool(rng.random() < 0.5)))
         other = " ".join(["w"] * int(rng.integers(3, 9)))
         tuned.append(conversation(str(i), [(other, "h")], stopped=bool(rng.random() < 0.95)))
-    new, old = MetricSet(tuned), MetricSet(base)
+        people.append(conversation(str(i), [(" ".join(["w"] * int(rng.integers(4, 12))), "h")]))
+    new, old, human = MetricSet(tuned), MetricSet(base), MetricSet(people)
     stop = paired_change("stop_rate", new, old, 1000, 0.95, seed=42)
-    assert stop.low > 0 and change_verdict("stop_rate", stop) == "better"
-    length = paired_change("mean_reply_words", new, old, 1000, 0.95, seed=42)
-    assert length.low < 0 < length.high and change_verdict("mean_reply_words", length) == "within noise"
-    assert verdict("perplexity", Interval(-3.0, -5.0, -1.0)) == "better"  # lower perplexity is better
-    assert verdict("bleu", Interval(-3.0, -5.0, -1.0)) == "worse"
+    assert stop.low > 0 and stop.p < 0.01 and verdict("stop_rate", stop, stop.p, 0.05) == "better"
+    length = paired_change("mean_reply_words", new, old, 1000, 0.95, seed=42, human=human)
+    assert length.p > 0.05 and verdict("mean_reply_words", length, length.p, 0.05) == "no significant change"
+    assert verdict("perplexity", Interval(-0.3, -0.5, -0.1), 0.001, 0.05) == "worse"  # a negative improvement
+    assert verdict("semantic_similarity", Interval(-3.0, -5.0, -1.0), 0.001, 0.05) == "worse"
+    assert verdict("bleu", Interval(-3.0, -5.0, -1.0), 0.001, 0.05) == ""  # descriptive: no verdict
+    assert verdict("stop_rate", Interval(0.0, 0.0, 0.0), 1.0, 0.05, identical=True) == "unchanged"
 
 
 def test_distinct_n_interval_contains_its_estimate_despite_resampling_repeats():
@@ -155,7 +159,8 @@ def test_conversation_sample_is_seeded_and_stratified_by_topic():
 def test_gate_compares_the_lower_bound_when_asked():
     params = load_params(REPO / "params.yaml").evaluate
     change = {"perplexity_improvement": {"value": 0.35, "low": 0.28, "high": 0.4}}
-    tuned = {"stop_rate": 0.95, "stop_rate_low": 0.92}
+    tuned = {"stop_rate": 0.95, "stop_rate_low": 0.92, "empty_reply_rate": 0.0, "empty_reply_rate_high": 0.01,
+             "generic_reply_share": 0.01, "generic_reply_share_high": 0.03}
     gate = quality_gate(change, tuned, params)
     assert params.gate.use_lower_bound and not gate["passed"] and not gate["perplexity_improvement"]["passed"]
     assert gate["stop_rate"]["passed"]

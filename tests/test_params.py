@@ -146,7 +146,7 @@ def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
 @pytest.mark.parametrize("old,new,expected", [
     ("  min_turns: 2", "\tmin_turns: 2", r"^{path}:{line}:1: not valid YAML: found character '\\t'"),
     ("  batch_size: 8 ", "  batch_size: 8\n  batch_size: 4 ", r"^{path}:{next}: duplicate key 'train\.batch_size' \(first set at line {line}\)"),
-    ("seed: 42", "seed: 42\nseed: 7", r"^{path}:{next}: duplicate key 'seed' \(first set at line {line}\)"),
+    ("seed: 42\n\ndata:", "seed: 42\nseed: 7\n\ndata:", r"^{path}:{next}: duplicate key 'seed' \(first set at line {line}\)"),
 ], ids=["tab", "duplicate-key", "duplicate-section"])
 def test_yaml_problem_names_file_line_and_what(tmp_path, old, new, expected):
     """A tab, or a key given twice (YAML loaders silently keep the last), is one line naming where."""
@@ -173,7 +173,7 @@ def test_each_invalid_value_is_one_line_with_its_line_and_no_section_dump(tmp_pa
 
 def test_params_file_that_is_not_utf8_is_one_line(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_bytes((REPO / "params.yaml").read_bytes().replace(b"seed: 42", b"seed: 42 # caf\xe9"))
+    path.write_bytes((REPO / "params.yaml").read_bytes().replace(b"seed: 42\n\ndata:", b"seed: 42 # caf\xe9\n\ndata:"))
     with pytest.raises(ParamsError, match=r"params\.yaml: not UTF-8 text"):
         load_params(path)
 

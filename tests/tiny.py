@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CHATML_TEMPLATE = (
@@ -70,5 +70,17 @@ def save_tiny(directory: Path, arch: str) -> Path:
     model = tiny_model(arch, len(tokenizer))
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def save_tiny_encoder(directory: Path) -> Path:
+    """A sentence encoder as encoder.model accepts it: a tiny BERT in safetensors with the tiny tokenizer."""
+    tokenizer = train_tokenizer("chatml")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    BertModel(config).save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory

@@ -53,6 +53,7 @@ class PreprocessParams(Section):
     val_fraction: float = Field(..., ge=0.0, lt=1.0)
     test_fraction: float = Field(..., ge=0.0, lt=1.0)
     split_by: Literal["random", "stratify_topic", "group_topic"]
+    unseen_topics: int = Field(..., ge=0)  # whole topics held out of every split into test_unseen.jsonl
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> "PreprocessParams":
@@ -98,8 +99,11 @@ class LoraParams(Section):
 
 
 class TrainParams(Section):
+    seed: int = Field(..., ge=0)  # initialisation and data order; the split seed stays fixed for replicates
     method: Literal["full", "lora"]
     processes: int = Field(..., ge=1)
+    nodes: int = Field(..., ge=1)  # machines of one training job (torchrun rendezvous: stages/lib/launch.py)
+    distributed: Literal["ddp", "fsdp"]  # ddp: a full copy per process; fsdp: weights, gradients, optimizer state sharded (FSDP2)
     learning_rate: float = Field(..., gt=0.0, le=1.0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"]
     warmup_ratio: float = Field(..., ge=0.0, lt=1.0)
@@ -132,6 +136,9 @@ class TrainParams(Section):
 class GateParams(Section):
     min_perplexity_improvement: float = Field(..., ge=-1.0, le=1.0)  # relative: 1 - ppl_finetuned / ppl_base
     min_stop_rate: float = Field(..., ge=0.0, le=1.0)
+    max_empty_reply_rate: float = Field(..., ge=0.0, le=1.0)
+    max_generic_reply_share: Optional[float] = Field(..., ge=0.0, le=1.0)
+    min_ranking_change: Optional[float] = Field(..., ge=-1.0, le=1.0)  # hits@1 fine-tuned - base (null: not checked)
     use_lower_bound: bool
     fail_on_gate: bool
 
@@ -141,8 +148,14 @@ class BootstrapParams(Section):
     confidence: float = Field(..., gt=0.5, lt=1.0)
 
 
+class RankingParams(Section):
+    candidates: int = Field(..., ge=2, le=100)  # the real reply and candidates - 1 length-matched distractors
+    turns_per_conversation: int = Field(..., ge=1)
+
+
 class EvaluateParams(Section):
     max_conversations: Optional[int] = Field(..., ge=1)
+    max_unseen_conversations: Optional[int] = Field(..., ge=0)
     turns_per_conversation: int = Field(..., ge=1)
     max_new_tokens: int = Field(..., ge=1)
     batch_size: int = Field(..., ge=1)
@@ -151,6 +164,7 @@ class EvaluateParams(Section):
     temperature: float = Field(..., gt=0.0)
     top_p: float = Field(..., gt=0.0, le=1.0)
     repetition_penalty: float = Field(..., ge=1.0)
+    ranking: RankingParams
     depth_buckets: list[int] = Field(..., min_length=1)
     min_slice_replies: int = Field(..., ge=1)
     bootstrap: BootstrapParams
@@ -187,6 +201,10 @@ class ExportParams(Section):
     round_trip: RoundTripParams
 
 
+class EncoderParams(Section):
+    model: str = Field(..., min_length=1)  # bundled name or a local sentence-encoder directory (safetensors)
+
+
 class Params(Section):
     seed: int = Field(..., ge=0)
     data: DataParams
@@ -194,6 +212,7 @@ class Params(Section):
     model: ModelParams
     tokenize: TokenizeParams
     train: TrainParams
+    encoder: EncoderParams
     evaluate: EvaluateParams
     export: ExportParams
 

@@ -4,6 +4,8 @@ from pathlib import Path
 RAW = Path("data/raw/conversations.jsonl")
 PROCESSED = Path("data/processed")
 TEST = PROCESSED / "test.jsonl"
+TEST_UNSEEN = PROCESSED / "test_unseen.jsonl"  # conversations of topics held out of every other split
+TEST_SETS = {"test": TEST, "unseen": TEST_UNSEEN}
 BASE_MODEL = Path("models/base")
 TOKENIZED = Path("data/tokenized")
 FINETUNED = Path("models/finetuned")

@@ -23,6 +23,20 @@ def repeated_bigrams(reply: str) -> tuple[int, int]:
     return sum(c - 1 for c in Counter(grams).values()), len(grams)
 
 
+def opening(reply: str, length: int = 3) -> str:
+    """The first `length` words, lowercased, without punctuation: "I'm not sure." and "i'm not sure" agree."""
+    cleaned = [word.strip(".,!?;:\"()") for word in words(reply)]
+    return " ".join([word for word in cleaned if word][:length])
+
+
+def matched_prefixes(reply: str, human: str) -> tuple[list[str], list[str]]:
+    """Both texts' words cut to the shorter one's length: distinct-n depends on how many words it counts, so
+    a model is compared with the human replies at the same length (docs/DESIGN.md §Evaluation)."""
+    a, b = words(reply), words(human)
+    m = min(len(a), len(b))
+    return a[:m], b[:m]
+
+
 def rouge_l_pair(hypothesis: str, reference: str) -> float:
     """ROUGE-L F1 of one reply against its human reference (0..1)."""
     from rouge_score import rouge_scorer
