@@ -156,7 +156,12 @@ def preflight(params: Params, check_only: bool = False) -> tuple[PrecisionChoice
     else:
         precision = resolve_precision(params.train.precision, AutoConfig.from_pretrained(BASE_MODEL))
         compiled = choose_compile(params.train.torch_compile, pick_device())
-    if params.train.method == "lora":
+    if params.train.method == "qlora":
+        problem = qlora_problem()
+        if problem:
+            raise InputError(problem)
+        compiled = CompileChoice(False, "train.method qlora: bitsandbytes' 4-bit layers train eagerly")
+    if params.train.method in ("lora", "qlora"):
         read_config(BASE_MODEL)
         with torch.device("meta"):  # the architecture without its weights: instant, no memory
             skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(BASE_MODEL))
@@ -168,19 +173,59 @@ def preflight(params: Params, check_only: bool = False) -> tuple[PrecisionChoice
     return precision, compiled
 
 
+def qlora_problem() -> str | None:
+    """Why train.method qlora cannot run here (None when it can): bitsandbytes' 4-bit kernels need CUDA."""
+    if not torch.cuda.is_available():
+        return ("train.method: qlora quantises the base model to 4 bits with bitsandbytes, which needs a CUDA device; "
+                "this machine has none: use lora (the same adapters on a full-precision base) or full")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return "train.method: qlora needs bitsandbytes (pip install bitsandbytes); use lora or full"
+    return None
+
+
+def lora_config(params: TrainParams) -> Any:
+    from peft import LoraConfig
+
+    lora = params.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM")
+
+
 def load_model(params: TrainParams) -> tuple[Any, Any]:
-    """The base model (float32 weights) and the tokenizer tokenize used, LoRA-wrapped if asked."""
+    """The base model (float32 weights) and the tokenizer tokenize used, LoRA-wrapped if asked; for qlora the
+    base is quantised to 4 bits (NF4, bf16 compute, bitsandbytes) on this process's GPU and LoRA trains on top."""
+    if params.method == "qlora":
+        from peft import get_peft_model, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(BASE_MODEL, quantization_config=quantization, dtype=torch.bfloat16, use_safetensors=True,
+                                                     device_map={"": int(os.environ.get("LOCAL_RANK", 0))})
+        model.set_attn_implementation(attention_implementation(params.attention))
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
+        return get_peft_model(model, lora_config(params)), load_tokenizer()
     model, _ = load_causal_lm(BASE_MODEL)
     model.set_attn_implementation(attention_implementation(params.attention))
     tokenizer = load_tokenizer()
     if params.method == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        lora = params.lora
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                            target_modules=lora.target_modules, task_type="CAUSAL_LM")
-        model = get_peft_model(model, config)
+        model = get_peft_model(model, lora_config(params))
     return model, tokenizer
+
+
+def merged_bf16(model: Any, params: TrainParams) -> Any:
+    """A QLoRA run's adapters merged into the base loaded in bf16 (not into its 4-bit copy, which would round
+    the merged weights to 4 bits): the model score and export read."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapters = {name: value.detach().to("cpu", torch.bfloat16) for name, value in get_peft_model_state_dict(model).items()}
+    base, _ = load_causal_lm(BASE_MODEL, torch.bfloat16)
+    wrapped = get_peft_model(base, lora_config(params))
+    set_peft_model_state_dict(wrapped, adapters)
+    return wrapped.merge_and_unload()
 
 
 def load_tokenizer() -> Any:
@@ -464,7 +509,9 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
 def save_model(model: Any, tokenizer: Any, params: TrainParams, output: Path = OUTPUT) -> str:
     """Save weights (merged LoRA by default), tokenizer, chat template and generation config (DESIGN §4.8)."""
     saved = "full"
-    if params.method == "lora":
+    if params.method == "qlora":
+        model, saved = merged_bf16(model, params), "qlora-merged-bf16"
+    elif params.method == "lora":
         if params.lora.merge:
             model = model.merge_and_unload()
             saved = "lora-merged"

@@ -100,7 +100,7 @@ class LoraParams(Section):
 
 class TrainParams(Section):
     seed: int = Field(..., ge=0)  # initialisation and data order; the split seed stays fixed for replicates
-    method: Literal["full", "lora"]
+    method: Literal["full", "lora", "qlora"]
     processes: int = Field(..., ge=1)
     nodes: int = Field(..., ge=1)  # machines of one training job (torchrun rendezvous: stages/lib/launch.py)
     distributed: Literal["ddp", "fsdp"]  # ddp: a full copy per process; fsdp: weights, gradients, optimizer state sharded (FSDP2)
