@@ -1,14 +1,18 @@
 """Stage `train`: fine-tune models/base on data/tokenized with the Hugging Face Trainer.
 
-Run it through a launcher so the same code runs on one CPU, one GPU or many:
-    torchrun --standalone --nproc_per_node N -m stages.train   (what dvc.yaml runs, N = train.processes;
-                                                                N > 1 on CPU uses gloo DDP; after
-    python -m stages.train --check                              which checks params and inputs in one process)
-    accelerate launch -m stages.train                          (with your accelerate config: DDP/FSDP/DeepSpeed)
+Run it through a launcher so the same code runs on one CPU, one GPU, many GPUs or many machines:
+    python -m stages.train --check                              (what dvc.yaml runs: params and inputs checked in
+    python -m stages.lib.launch --nproc_per_node N -m stages.train    one process, then torchrun --standalone with
+                                                                N = train.processes, or torchrun across train.nodes
+                                                                machines: stages/lib/launch.py)
+    torchrun --standalone --nproc_per_node N -m stages.train   (the same on one machine; N > 1 on CPU uses gloo)
+    accelerate launch -m stages.train                          (with your accelerate config)
+train.distributed picks DDP (a full copy per process) or FSDP2 (weights, gradients and optimizer state sharded).
 dvc.yaml uses torchrun because `accelerate launch` without a config pins CPU runs to one thread.
 
 Writes models/finetuned/ (safetensors + tokenizer + chat template + generation config), metrics/train.json,
-DVCLive curves under dvclive/ for `dvc plots`, and resumable checkpoints under models/checkpoints/.
+DVCLive curves under dvclive/ for `dvc plots`, and resumable checkpoints under models/checkpoints/; only the
+job's first process writes them.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from stages.lib.atomic import atomic_path, write_json
 from stages.lib.cli import ArgumentParser, run
 from stages.lib.conversations import InputError
 from stages.lib.labels import IGNORE_INDEX
+from stages.lib.launch import rendezvous, use_slot
 from stages.lib.modeling import collator, load_causal_lm, pick_device, read_config, trained_logits, unwrap
 from stages.lib.params import Params, TrainParams, load_params
 from stages.lib.paths import BASE_MODEL, FINETUNED as OUTPUT, TOKENIZED
@@ -323,6 +328,15 @@ def compile_blocks(model: Any) -> list[str]:
     return compiled
 
 
+def fsdp_settings(train: TrainParams) -> dict[str, Any]:
+    """The Trainer's FSDP2 settings (accelerate's plugin): every decoder block (the model's `_no_split_modules`)
+    and the whole model sharded across all processes of all nodes, weights gathered block by block inside the
+    forward and freed after it; checkpoints hold the full state dict, so a run resumes on any process count."""
+    return {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
+            "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False,
+            "activation_checkpointing": train.gradient_checkpointing}
+
+
 def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, output_dir: Path,
                   precision: PrecisionChoice | None = None, compiled: CompileChoice | None = None,
                   **overrides: Any) -> tuple[Any, TokenCounter]:
@@ -471,6 +485,9 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
     )
+    if train.distributed == "fsdp":
+        # FSDP's own activation checkpointing: the Trainer's would all-gather each block's weights a second time.
+        arguments.update(fsdp=True, fsdp_config=fsdp_settings(train), activation_checkpointing=False)
     arguments.update(overrides)
     args = TrainingArguments(**arguments)
     callbacks: list[Any] = [Throughput(), NoCheckpointAtTheEnd()]
@@ -504,6 +521,22 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
         callbacks=callbacks,
     )
     return trainer, counter
+
+
+def full_state_dict(trainer: Any) -> dict[str, torch.Tensor]:
+    """The trained weights, whole, on the first process: under FSDP the shards gathered (a collective every process
+    must join; the other processes get an empty dict), else the model's own state dict."""
+    if trainer.is_fsdp_enabled:
+        return trainer.accelerator.get_state_dict(trainer.model)
+    return trainer.model.state_dict()
+
+
+def unsharded(params: TrainParams, weights: dict[str, torch.Tensor]) -> Any:
+    """A whole copy of the trained model (LoRA-wrapped if it was) holding the gathered `weights`, so that an FSDP
+    run saves (and merges) exactly what an unsharded run saves."""
+    model, _ = load_model(params)
+    model.load_state_dict(weights)
+    return model
 
 
 def save_model(model: Any, tokenizer: Any, params: TrainParams, output: Path = OUTPUT) -> str:
@@ -569,6 +602,11 @@ def main(argv: list[str] | None = None) -> int:
     # when it is unset, and a worker that reuses `--check`'s recorded choices reaches compile_settings only after it.
     keep_compile_cache()
     params = load_params()
+    shape = rendezvous(params.train.nodes, os.environ)  # a multi-node job that cannot meet: one line, before any work
+    if params.train.distributed == "fsdp" and params.train.processes * shape.nodes == 1:
+        raise InputError("train.distributed: fsdp shards the model across processes, but train.processes is 1 on 1 node; "
+                         "set train.processes to the GPUs per machine (or run on several nodes), or use ddp")
+    slot = use_slot()  # this experiment's cores and GPUs when queued experiments share the machine (STAGES_SLOTS)
     precision, compiled = preflight(params, check_only=args.check)
     if args.check:
         return 0
@@ -598,12 +636,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             at_end = [loss for step, loss in evals if step == trainer.state.global_step]
             final_eval = at_end[-1] if at_end else trainer.evaluate()["eval_loss"]
+    weights = full_state_dict(trainer) if trainer.is_fsdp_enabled else None  # collective: before the other processes leave
     if not trainer.is_world_process_zero():
         return 0
     world = max(trainer.args.world_size, 1)
     ceiling = gemm_ceiling(unwrap(trainer.model), precision.precision, max(counter.tokens // max(counter.batches, 1), 1),
                            counter.trained / max(counter.tokens, 1))
-    saved = save_model(trainer.model, tokenizer, params.train)
+    saved = save_model(trainer.model if weights is None else unsharded(params.train, weights), tokenizer, params.train)
     # Only what the same params and data reproduce, resumed or not: byte-identical across runs on one machine.
     metrics = {
         "method": saved,
@@ -627,6 +666,9 @@ def main(argv: list[str] | None = None) -> int:
         "compile_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR") if compiled.enabled else None,  # what a later run reuses
         "allocator": allocator,
         "resumed_from_step": int(Path(resume).name.split("-")[-1]) if resume else 0,
+        "distributed": params.train.distributed if world > 1 else None,
+        "nodes": shape.nodes,
+        "slot": slot.as_dict() if slot else None,  # the share of this machine a queued experiment ran in (STAGES_SLOTS)
         "tokens_seen": counter.tokens * world,  # by this process since it started (after the resume point)
         "trained_tokens": counter.trained * world,
         "tokens_per_s": round(counter.tokens * world / wall, 1),

@@ -96,15 +96,47 @@ def test_6_accumulation_is_exact_for_a_model_whose_forward_takes_no_loss_kwargs(
         assert torch.allclose(big[name], small[name], atol=2e-5, rtol=1e-4), name
 
 
-def ddp_step(work: Path, out: Path, processes: int, batch: int) -> tuple[dict[str, torch.Tensor], dict]:
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def ddp_step(work: Path, out: Path, processes: int, batch: int, distributed: str = "ddp",
+             nodes: int = 1) -> tuple[dict[str, torch.Tensor], dict]:
+    """tests/ddp_step.py under torchrun: one launcher (--standalone), or `nodes` launchers on this machine started
+    the way dvc.yaml starts each node of a multi-node job (stages/lib/launch.py: NNODES, NODE_RANK, MASTER_ADDR)."""
     env = {**tool_env(), "PYTHONPATH": str(REPO)}
-    result = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", str(processes), str(REPO / "tests" / "ddp_step.py"),
-                             str(out), str(batch)], cwd=work, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-4000:]
+    script = ["--nproc_per_node", str(processes), str(REPO / "tests" / "ddp_step.py"), str(out), str(batch), distributed]
+    if nodes == 1:
+        launchers = [(["torchrun", "--standalone", *script], env)]
+    else:
+        meet = {"NNODES": str(nodes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+        launchers = [([sys.executable, "-m", "stages.lib.launch", *script], {**env, **meet, "NODE_RANK": str(rank)})
+                     for rank in range(nodes)]
+    running = [subprocess.Popen(command, cwd=work, env=node_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for command, node_env in launchers]
+    for process in running:
+        _, stderr = process.communicate(timeout=900)
+        assert process.returncode == 0, stderr[-4000:]
     return load_file(out), read_json(out.with_suffix(".json"))
 
 
-def test_6_two_ddp_processes_of_4_equal_one_process_of_8(prepared, tmp_path):
+@pytest.fixture(scope="module")
+def reference_steps(prepared, tmp_path_factory) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
+    """One SGD step of 1 process × 8 examples and of 2 DDP processes × 4: what every other layout must equal."""
+    out = tmp_path_factory.mktemp("reference")
+    return {"one": ddp_step(prepared, out / "one.safetensors", 1, 8), "ddp": ddp_step(prepared, out / "two.safetensors", 2, 4)}
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b)
+    return max(float((a[name] - b[name]).abs().max()) for name in a)
+
+
+def test_6_two_ddp_processes_of_4_equal_one_process_of_8(prepared, reference_steps, tmp_path):
     """Gradients averaged by DDP, losses normalised by the global trained-token count: one SGD step of 2 × 4
     gives the weights of 1 × 8 (a wrong scale, e.g. a mean of per-process means, would not). And the validation
     loss over 2 processes is the one over 1: the examples the sampler repeats to even out the processes' batches
@@ -112,14 +144,33 @@ def test_6_two_ddp_processes_of_4_equal_one_process_of_8(prepared, tmp_path):
     import datasets
 
     assert len(datasets.load_from_disk(str(prepared / "data" / "tokenized"))["val"]) % 8 != 0
-    one, one_eval = ddp_step(prepared, tmp_path / "one.safetensors", 1, 8)
-    two, two_eval = ddp_step(prepared, tmp_path / "two.safetensors", 2, 4)
+    one, one_eval = reference_steps["one"]
+    two, two_eval = reference_steps["ddp"]
     control, _ = ddp_step(prepared, tmp_path / "control.safetensors", 1, 4)  # half the batch: a different step
     for name in one:
         assert torch.allclose(one[name], two[name], atol=2e-6, rtol=1e-5), name
     assert any(not torch.allclose(one[name], control[name], atol=1e-4) for name in one)
     assert two_eval["eval_tokens"] == one_eval["eval_tokens"]
     assert two_eval["eval_loss"] == pytest.approx(one_eval["eval_loss"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_nodes_and_fsdp_take_the_step_of_one_process_with_the_global_batch(prepared, reference_steps, tmp_path):
+    """2 nodes × 1 process (two launchers meeting through c10d on 127.0.0.1) and FSDP2 across 2 processes give the
+    weights of 1 process × 8 after one optimizer step, and FSDP those of DDP: the length-grouped sampler forms the
+    same global batch whatever the layout, and FSDP's gathered state dict is the whole model."""
+    one, one_eval = reference_steps["one"]
+    ddp, _ = reference_steps["ddp"]
+    nodes, nodes_eval = ddp_step(prepared, tmp_path / "nodes.safetensors", 1, 4, nodes=2)
+    fsdp, fsdp_eval = ddp_step(prepared, tmp_path / "fsdp.safetensors", 2, 4, distributed="fsdp")
+    differences = {"2 nodes vs 1 process": max_difference(nodes, one), "fsdp vs 1 process": max_difference(fsdp, one),
+                   "fsdp vs ddp": max_difference(fsdp, ddp), "2 nodes vs 2 processes": max_difference(nodes, ddp)}
+    print(differences)
+    assert nodes_eval["world_size"] == fsdp_eval["world_size"] == 2
+    assert max(differences.values()) < 2e-6, differences
+    base = load_file(prepared / "models" / "base" / "model.safetensors")
+    assert max(float((one[name] - base[name]).abs().max()) for name in base) > 1e-3  # the step moved the weights
+    assert nodes_eval["eval_loss"] == pytest.approx(one_eval["eval_loss"], abs=1e-6) == fsdp_eval["eval_loss"]
 
 
 def run_train(work: Path, *launcher: str) -> subprocess.CompletedProcess:
@@ -163,17 +214,7 @@ def test_killed_run_resumes_to_the_same_weights(prepared, tmp_path):
     assert run_train(straight).returncode == 0
 
     killed = workspace(prepared, tmp_path / "b", settings)
-    env = {**tool_env(), "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=killed, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    state = killed / "models" / "checkpoints" / "checkpoint-10" / "trainer_state.json"
-    while not state.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "training finished before it could be killed"
-    assert not (killed / "models" / "finetuned").exists() and not (killed / "metrics" / "train.json").exists()
+    kill_after_checkpoint(killed, [sys.executable, "-m", "stages.train"], 10)
 
     resumed = run_train(killed)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -200,6 +241,80 @@ def test_two_cpu_processes_train_with_ddp_and_save_once(prepared, tmp_path):
     assert (work / "models" / "finetuned" / "model.safetensors").exists()
 
 
+def kill_after_checkpoint(work: Path, command: list[str] | str, step: int) -> None:
+    """Start the train stage, SIGKILL its whole process group once checkpoint-`step` is complete."""
+    env = {**tool_env(), "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=work, env=env, shell=isinstance(command, str),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    state = work / "models" / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json"
+    while not state.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (work / "models" / "finetuned").exists() and not (work / "metrics" / "train.json").exists()
+
+
+def dvc_command(work: Path) -> str:
+    import yaml
+
+    command = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["cmd"]
+    return command.replace("${train.processes}", str(load_params(work / "params.yaml").train.processes))
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_after_a_kill_to_the_same_weights_and_saves_a_model_score_loads(prepared, tmp_path):
+    """FSDP2 across 2 processes through dvc.yaml's command: a run killed after a checkpoint resumes to the weights
+    and metrics of an uninterrupted one, and the saved model is a whole safetensors model that score loads."""
+    settings = {"distributed": "fsdp", "processes": 2, "max_steps": 30, "save_steps": 10, "eval_steps": 30, "logging_steps": 10,
+                "batch_size": 2}
+    straight = workspace(prepared, tmp_path / "a", settings)
+    result = dvc_train(straight)
+    assert result.returncode == 0, result.stderr[-3000:]
+    killed = workspace(prepared, tmp_path / "b", settings)
+    kill_after_checkpoint(killed, dvc_command(killed), 10)
+    resumed = dvc_train(killed)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    runtime = read_json(killed / "metrics" / "runtime" / "train.json")
+    assert 10 <= runtime["resumed_from_step"] < 30 and runtime["distributed"] == "fsdp"
+    assert (killed / "metrics" / "train.json").read_bytes() == (straight / "metrics" / "train.json").read_bytes()
+    a = load_file(straight / "models" / "finetuned" / "model.safetensors")
+    b = load_file(killed / "models" / "finetuned" / "model.safetensors")
+    base = load_file(prepared / "models" / "base" / "model.safetensors")
+    assert set(a) == set(b) == set(base)  # the whole model, not a shard
+    print({"fsdp straight vs resumed": max(float((a[k] - b[k]).abs().max()) for k in a)})
+    for key in a:
+        assert a[key].shape == base[key].shape and torch.allclose(a[key], b[key], atol=1e-6), key
+    scored = run_stage("score", killed, "--model", "finetuned")
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert (killed / "data" / "scores" / "finetuned.json").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_trains_lora_in_bf16_with_gradient_checkpointing_as_ddp_does(prepared, tmp_path):
+    """LoRA, bf16 and FSDP's activation checkpointing under FSDP2: the merged model it saves is the one DDP saves,
+    to bf16's rounding."""
+    settings = {"method": "lora", "precision": "bf16", "gradient_checkpointing": True, "processes": 2, "max_steps": 4,
+                "eval_steps": 4, "save_steps": 4, "logging_steps": 2, "learning_rate": 1.0e-2,
+                "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "merge": True}}
+    runs = {}
+    for mode in ("ddp", "fsdp"):
+        work = workspace(prepared, tmp_path / mode, {**settings, "distributed": mode})
+        result = dvc_train(work)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[mode] = read_json(work / "metrics" / "train.json"), load_file(work / "models" / "finetuned" / "model.safetensors")
+    base = load_file(prepared / "models" / "base" / "model.safetensors")
+    (ddp_metrics, ddp), (fsdp_metrics, fsdp) = runs["ddp"], runs["fsdp"]
+    assert fsdp_metrics["method"] == "lora-merged" and fsdp_metrics["precision"] == "bf16" and set(fsdp) == set(base)
+    moved = max(float((ddp[k] - base[k]).abs().max()) for k in base)
+    apart = max(float((fsdp[k] - ddp[k]).abs().max()) for k in base)
+    print({"lora bf16 update": moved, "fsdp vs ddp": apart})
+    assert moved > 1e-3 and apart < 0.05 * moved, (moved, apart)
+    assert fsdp_metrics["val_loss_after"] == pytest.approx(ddp_metrics["val_loss_after"], abs=0.02)
+    assert fsdp_metrics["val_loss_after"] < fsdp_metrics["val_loss_before"]
+
+
 def test_auto_precision_is_measured_and_explained():
     from transformers import LlamaConfig
 
@@ -216,10 +331,7 @@ def test_auto_precision_is_measured_and_explained():
 
 def dvc_train(work: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """The train stage's command exactly as dvc.yaml runs it (pre-flight check, then the real torchrun)."""
-    import yaml
-
-    command = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["cmd"]
-    command = command.replace("${train.processes}", str(load_params(work / "params.yaml").train.processes))
+    command = dvc_command(work)
     env = {key: value for key, value in {**tool_env(), "PYTHONPATH": str(REPO), **(env or {})}.items() if value is not None}
     return subprocess.run(command, shell=True, cwd=work, env=env, capture_output=True, text=True, timeout=600)
 
