@@ -24,8 +24,9 @@ from stages.train import build_trainer, full_state_dict  # noqa: E402
 def main(out: Path, batch: int, distributed: str = "ddp") -> None:
     params = load_params()
     params = params.model_copy(update={"train": params.train.model_copy(update={
-        "batch_size": batch, "gradient_accumulation": 1, "max_steps": 1, "warmup_ratio": 0.0, "lr_scheduler": "constant",
-        "learning_rate": 0.5, "max_grad_norm": 1e9, "precision": "fp32", "distributed": distributed})})
+        "batch_size": batch, "gradient_accumulation": 1, "max_steps": 1, "warmup_ratio": 0.0,
+        "lr_scheduler": "constant", "learning_rate": 0.5, "max_grad_norm": 1e9, "precision": "fp32",
+        "distributed": distributed})})
     model, tokenizer = load_causal_lm(BASE_MODEL)
     data = datasets.load_from_disk(str(TOKENIZED))
     trainer, _ = build_trainer(params, model.train(), tokenizer, data, out.parent / f"run-{out.stem}", optim="sgd",

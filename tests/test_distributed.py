@@ -19,7 +19,7 @@ from stages.lib.launch import HELD, Rendezvous, rendezvous, share, use_slot
 def test_one_node_is_torchrun_standalone_whatever_else_the_environment_says():
     assert rendezvous(1, {}).torchrun_args() == ["--standalone"]
     assert rendezvous(1, {"MASTER_ADDR": "10.0.0.1", "NODE_RANK": "1"}).torchrun_args() == ["--standalone"]
-    assert rendezvous(2, {"SKYPILOT_NUM_NODES": "1"}).torchrun_args() == ["--standalone"]  # the environment's count wins
+    assert rendezvous(2, {"SKYPILOT_NUM_NODES": "1"}).torchrun_args() == ["--standalone"]  # the environment wins
 
 
 def test_skypilot_nodes_meet_at_the_head_node():
@@ -33,7 +33,8 @@ def test_skypilot_nodes_meet_at_the_head_node():
 
 @pytest.mark.parametrize("nodes, env, message", [
     (2, {}, "train.nodes: 2 nodes, but no rendezvous host: set MASTER_ADDR"),
-    (1, {"SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_RANK": "2", "MASTER_ADDR": "h"}, "SKYPILOT_NODE_RANK=2: a node rank must be below the node count (SKYPILOT_NUM_NODES: 2)"),
+    (1, {"SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_RANK": "2", "MASTER_ADDR": "h"},
+     "SKYPILOT_NODE_RANK=2: a node rank must be below the node count (SKYPILOT_NUM_NODES: 2)"),
     (1, {"NNODES": "two"}, "NNODES='two': expected a whole number"),
     (2, {"MASTER_ADDR": "h", "MASTER_PORT": "http"}, "MASTER_PORT='http': expected a port number"),
 ])
@@ -47,7 +48,7 @@ def test_slots_split_cores_and_gpus_evenly():
     cpus = tuple(range(8))
     assert [share(k, 2, 1, cpus, None).cpus for k in (0, 1)] == [(0, 1, 2, 3), (4, 5, 6, 7)]
     assert share(1, 2, 2, cpus, None).threads == 2  # two torchrun processes share the slot's four cores
-    assert share(0, 4, 1, (0, 1), None).cpus == (0,) and share(3, 4, 1, (0, 1), None).cpus == (1,)  # more slots than cores
+    assert share(0, 4, 1, (0, 1), None).cpus == (0,) and share(3, 4, 1, (0, 1), None).cpus == (1,)  # slots > cores
     gpus = ("0", "1", "2", "3")
     assert [share(k, 2, 1, cpus, gpus).gpus for k in (0, 1)] == [("0", "1"), ("2", "3")]
     assert [share(k, 3, 1, cpus, ("0", "1")).gpus for k in (0, 1, 2)] == [("0",), ("1",), ("0",)]
@@ -68,11 +69,15 @@ def test_concurrent_stages_take_different_slots_and_a_third_waits_for_one(tmp_pa
     env = {**os.environ, "PYTHONPATH": str(REPO), "STAGES_SLOTS": "2", "STAGES_SLOTS_DIR": str(tmp_path / "slots"),
            "CUDA_VISIBLE_DEVICES": "0,1"}
     env.pop(HELD, None)
-    first = subprocess.Popen([sys.executable, "-c", HOLD_A_SLOT, "8"], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
-    second = subprocess.Popen([sys.executable, "-c", HOLD_A_SLOT, "2"], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    def hold(seconds: str) -> subprocess.Popen:
+        command = [sys.executable, "-c", HOLD_A_SLOT, seconds]
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+
+    first, second = hold("8"), hold("2")
     a, b = json.loads(first.stdout.readline()), json.loads(second.stdout.readline())
     started = time.monotonic()
-    third = subprocess.run([sys.executable, "-c", HOLD_A_SLOT, "0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    third = subprocess.run([sys.executable, "-c", HOLD_A_SLOT, "0"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=60)
     waited = time.monotonic() - started
     first.wait(), second.wait()
     c = json.loads(third.stdout)
@@ -94,10 +99,11 @@ def test_without_stages_slots_nothing_changes(monkeypatch):
 
 
 @pytest.mark.parametrize("train, message", [
-    ({"nodes": 2}, "error: train.nodes: 2 nodes, but no rendezvous host: set MASTER_ADDR (the first node's address) or run "
-                   "under SkyPilot (SKYPILOT_NODE_IPS)"),
+    ({"nodes": 2}, "error: train.nodes: 2 nodes, but no rendezvous host: set MASTER_ADDR (the first node's address) "
+                   "or run under SkyPilot (SKYPILOT_NODE_IPS)"),
     ({"distributed": "fsdp", "processes": 1}, "error: train.distributed: fsdp shards the model across processes, but "
-     "train.processes is 1 on 1 node; set train.processes to the GPUs per machine (or run on several nodes), or use ddp"),
+     "train.processes is 1 on 1 node; set train.processes to the GPUs per machine (or run on several nodes), "
+     "or use ddp"),
 ])
 def test_the_train_command_rejects_an_impossible_layout_in_one_line_before_any_work(tmp_path, train, message):
     """dvc.yaml's command, as dvc runs it: the pre-flight check stops with one line, torchrun never starts."""
@@ -106,7 +112,8 @@ def test_the_train_command_rejects_an_impossible_layout_in_one_line_before_any_w
     from conftest import write_params
 
     write_params(tmp_path, {"train": train})
-    command = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["cmd"].replace("${train.processes}", "1")
+    command = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["cmd"]
+    command = command.replace("${train.processes}", "1")
     env = {key: value for key, value in {**tool_env(), "PYTHONPATH": str(REPO)}.items()
            if key not in ("MASTER_ADDR", "SKYPILOT_NODE_IPS", "SKYPILOT_NUM_NODES", "NNODES")}
     result = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -133,19 +140,24 @@ def applied(repo: Path, name: str) -> tuple[bytes, dict, bytes]:
 
 
 @pytest.mark.slow
-def test_two_queued_experiments_run_at_once_in_their_own_slots_and_train_as_they_do_alone(tmp_path):
+def test_two_queued_experiments_run_at_once_in_their_own_slots_and_train_as_they_do_alone(tmp_path, monkeypatch):
     """`dvc queue start -j 2` with STAGES_SLOTS=2: both experiments train at the same time, each on its own half of
-    the cores (slots 0 and 1), and each trains the model, byte for byte, and the metrics it trains alone."""
+    the cores (slots 0 and 1), and each trains the model, byte for byte, and the metrics it trains alone (there
+    on every core)."""
     import shutil
 
-    repo = make_repo(tmp_path, "llama", {"train": {"max_steps": 8, "eval_steps": 8, "save_steps": 8, "logging_steps": 4}})
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "STAGES_SLOTS", HELD):
+        monkeypatch.delenv(name, raising=False)
+
+    short = {"max_steps": 8, "eval_steps": 8, "save_steps": 8, "logging_steps": 4}
+    repo = make_repo(tmp_path, "llama", {"train": short})
     dvc(repo, "repro", "train")
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "baseline")
     rates = ("1.0e-3", "3.0e-3")
     for rate in rates:
         dvc(repo, "exp", "run", "--temp", "-n", f"alone-{rate}", "-S", f"train.learning_rate={rate}", "train")
-    shutil.rmtree(repo / ".dvc" / "cache" / "runs")  # or the queued experiments restore these results instead of training
+    shutil.rmtree(repo / ".dvc" / "cache" / "runs")  # else the queued experiments restore these results, untrained
     for rate in rates:
         dvc(repo, "exp", "run", "--queue", "-n", f"queued-{rate}", "-S", f"train.learning_rate={rate}", "train")
     env = {**tool_env(), "STAGES_SLOTS": "2", "STAGES_SLOTS_DIR": str(tmp_path / "slots")}

@@ -61,7 +61,8 @@ def slot_count(env: Mapping[str, str]) -> int | None:
     if not value:
         return None
     if not value.isdigit() or int(value) < 1:
-        raise InputError(f"{SLOTS}={value!r}: expected the number of experiments run at once (dvc queue start -j N), e.g. {SLOTS}=2")
+        raise InputError(f"{SLOTS}={value!r}: expected the number of experiments run at once (dvc queue start -j N), "
+                         f"e.g. {SLOTS}=2")
     return int(value)
 
 
@@ -69,7 +70,7 @@ def visible_gpus(env: Mapping[str, str]) -> tuple[str, ...] | None:
     """The GPUs this process may use (CUDA_VISIBLE_DEVICES, else those nvidia-smi lists), None when there are none.
     Read without importing torch: CUDA must not be initialised before CUDA_VISIBLE_DEVICES is narrowed."""
     if env.get("CUDA_VISIBLE_DEVICES") is not None:
-        listed = tuple(gpu.strip() for gpu in env["CUDA_VISIBLE_DEVICES"].split(",") if gpu.strip() and gpu.strip() != "-1")
+        listed = tuple(gpu.strip() for gpu in env["CUDA_VISIBLE_DEVICES"].split(",") if gpu.strip() not in ("", "-1"))
         return listed or None
     if shutil.which("nvidia-smi") is None:
         return None
@@ -131,14 +132,16 @@ def use_slot(processes: int = 1, env: MutableMapping[str, str] | None = None) ->
     if count is None:
         return None
     index, _, of = env.get(HELD, "").partition("/")
-    affinity = tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else tuple(range(os.cpu_count() or 1))
+    has_affinity = hasattr(os, "sched_getaffinity")
+    affinity = tuple(sorted(os.sched_getaffinity(0))) if has_affinity else tuple(range(os.cpu_count() or 1))
     if of == str(count):  # a parent holds the slot and confined this process already
         gpus = env.get("CUDA_VISIBLE_DEVICES")
-        return Slot(int(index), count, affinity, int(env.get("OMP_NUM_THREADS") or 1), tuple(gpus.split(",")) if gpus else None)
+        threads = int(env.get("OMP_NUM_THREADS") or 1)
+        return Slot(int(index), count, affinity, threads, tuple(gpus.split(",")) if gpus else None)
     if int(env.get("LOCAL_WORLD_SIZE", "1")) > 1:
         return None  # a torchrun worker started without stages.lib.launch: a slot per process would split one job
     slot = share(_claim_index(count, env), count, processes, affinity, visible_gpus(env))
-    if hasattr(os, "sched_setaffinity"):
+    if has_affinity:
         os.sched_setaffinity(0, slot.cpus)
     env[HELD] = f"{slot.index}/{count}"
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(slot.threads)
@@ -203,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     shape = rendezvous(load_params().train.nodes, os.environ)
-    processes = next((int(argv[i + 1]) for i, arg in enumerate(argv[:-1]) if arg in ("--nproc_per_node", "--nproc-per-node")
-                      and argv[i + 1].isdigit()), 1)
+    per_node = ("--nproc_per_node", "--nproc-per-node")
+    counts = (argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in per_node)
+    processes = next((int(count) for count in counts if count.isdigit()), 1)
     use_slot(processes)
     command = ["torchrun", *shape.torchrun_args(), *argv]
     sys.stdout.flush()
