@@ -7,10 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from tiny import corpus
+
+# tokenizer.json's Split regexes: Meta-Llama-3's and Qwen2.5's/Qwen3's (transformers' Qwen2Tokenizer.PRETOKENIZE_REGEX)
+LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 TEMPLATES = Path(__file__).resolve().parent / "fixtures" / "templates"
 
@@ -27,15 +31,16 @@ class Family:
     pad: str | None = None
     adds_bos: bool = False       # the tokenizer's post-processor adds a BOS (the template writes one too)
     extra: tuple[str, ...] = ()  # added tokens that are not special (Qwen 3's <think>)
+    split: str | None = None     # the family's splitting regex before byte-level BPE (Llama 3's, Qwen's; else GPT-2's)
 
 
 FAMILIES = {
     "llama3": Family("llama3", "llama", ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-                     "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", adds_bos=True),
+                     "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", adds_bos=True, split=LLAMA3_SPLIT),
     "qwen2_5": Family("qwen2_5", "qwen2", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>", "<|im_end|>",
-                      pad="<|endoftext|>"),
+                      pad="<|endoftext|>", split=QWEN_SPLIT),
     "qwen3": Family("qwen3", "qwen3", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>", "<|im_end|>",
-                    pad="<|endoftext|>", extra=("<think>", "</think>")),
+                    pad="<|endoftext|>", extra=("<think>", "</think>"), split=QWEN_SPLIT),
     "mistral": Family("mistral", "mistral", ("<unk>", "<s>", "</s>"), "<s>", "</s>", "</s>", unk="<unk>", adds_bos=True),
     "gemma2": Family("gemma2", "gemma2", ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"), "<bos>", "<eos>",
                      "<end_of_turn>", unk="<unk>", pad="<pad>", adds_bos=True),
@@ -55,6 +60,11 @@ def family_tokenizer(name: str) -> PreTrainedTokenizerFast:
     family = FAMILIES[name]
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if family.split:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(family.split), behavior="isolated"),
+                                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if family.split == QWEN_SPLIT:
+        backend.normalizer = normalizers.NFC()
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=list(family.specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(corpus(), trainer)

@@ -209,6 +209,13 @@ class Vocabulary:
     chat_template: str
 
 
+# The splitting regexes of tokenizer.json files llama.cpp names (its convert_hf_to_gguf.py get_vocab_base_pre).
+SPLIT_REGEXES = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+}
+
+
 def _pre_tokenizer(spec: dict | None) -> str:
     """llama.cpp's pre-tokenizer name for the splitting this tokenizer does."""
     if spec and spec.get("type") == "ByteLevel" and spec.get("use_regex", True):
@@ -218,8 +225,12 @@ def _pre_tokenizer(spec: dict | None) -> str:
         if ([p.get("type") for p in parts] == ["Digits", "ByteLevel"] and parts[0].get("individual_digits")
                 and parts[1].get("use_regex", True)):
             return "smollm"  # GPT-2 splitting with every digit on its own (SmolLM2's tokenizer.json)
+        regex = (parts[0].get("pattern") or {}).get("Regex") if parts and parts[0].get("type") == "Split" else None
+        if (len(parts) == 2 and regex in SPLIT_REGEXES and parts[0].get("behavior") == "Isolated"
+                and parts[1].get("type") == "ByteLevel" and not parts[1].get("use_regex", True)):
+            return SPLIT_REGEXES[regex]
     raise InputError(f"models/finetuned/tokenizer.json: pre-tokenizer {json.dumps(spec)[:160]}; the GGUF writer represents "
-                     "byte-level BPE with GPT-2 splitting (optionally with single digits) only")
+                     "byte-level BPE with GPT-2 splitting (optionally with single digits), Llama 3's or Qwen 2's only")
 
 
 def vocabulary(tokenizer: Any, vocab_size: int) -> Vocabulary:
