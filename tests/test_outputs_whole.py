@@ -119,8 +119,8 @@ def test_a_file_size_limit_is_one_line_naming_the_output_and_keeps_the_old_set(w
     result = publish(work, "new", FSIZE="4096", REPEAT="10000")
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines() == [
-        "error: models/x/weights: cannot write (File too large); the file-size limit (ulimit -f) is below this output's "
-        "size; raise it; the previous outputs are unchanged"]
+        "error: models/x/weights: cannot write (File too large); the file-size limit (ulimit -f) is below this "
+        "output's size; raise it; the previous outputs are unchanged"]
     assert state(work) == ("old",) * 3 and leftovers(work) == []
 
 
@@ -131,7 +131,8 @@ def test_a_file_where_a_directory_belongs_is_one_line_before_any_work(work):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: metrics/runtime/b.json: cannot write ("), lines
-    assert lines[0].endswith("a file stands where a directory is needed; move it away; the previous outputs are unchanged")
+    assert lines[0].endswith("a file stands where a directory is needed; move it away; the previous outputs are "
+                             "unchanged")
     assert (work / "metrics" / "a.json").read_text() and state(work)[0] == "old" and state(work)[2] == "old"
 
 
@@ -144,3 +145,107 @@ def test_a_read_only_directory_is_one_line_naming_it(work):
         (work / "models").chmod(0o755)
     assert result.returncode == 1 and result.stderr.startswith("error: models/x: cannot write (Permission denied)")
     assert state(work) == ("old",) * 3
+
+
+# The export stage itself (models/export, metrics/export.json, metrics/runtime/export.json), run as `python -m
+# stages.export` would run, with the same kill and limit hooks as DRIVER.
+EXPORT_DRIVER = (DRIVER.split("from stages.lib.atomic")[0]
+                 + "import runpy\nrunpy.run_module('stages.export', run_name='__main__')\n")
+EXPORTED = ("models/export", "metrics/export.json", "metrics/runtime/export.json")
+
+
+def run_export(work: Path, **env: str) -> subprocess.CompletedProcess:
+    (work / "export_driver.py").write_text(EXPORT_DRIVER)
+    return subprocess.run([sys.executable, str(work / "export_driver.py")], cwd=work, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **env}, timeout=600)
+
+
+def exported_set(work: Path) -> dict[str, bytes]:
+    files = {}
+    for name in EXPORTED:
+        path = work / name
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            files[str(file.relative_to(work))] = file.read_bytes()
+    return files
+
+
+def consistent(work: Path, name: str) -> bool:
+    """The three outputs belong to one run: the export named `name`, whose GGUF size metrics/export.json records."""
+    summary = json.loads((work / "metrics" / "export.json").read_text())
+    gguf = work / "models" / "export" / "model.gguf"
+    card = (work / "models" / "export" / "README.md").read_text()
+    timings = json.loads((work / "metrics" / "runtime" / "export.json").read_text())
+    return summary["size_bytes"] == gguf.stat().st_size and f"ollama create {name} " in card and "verify_s" in timings
+
+
+@pytest.fixture(scope="module")
+def export_work(tmp_path_factory) -> Path:
+    from test_export import make_workdir
+
+    work = make_workdir(tmp_path_factory.mktemp("export-whole"), "llama", {"name": "old-name"})
+    result = run_export(work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert consistent(work, "old-name")
+    return work
+
+
+def rename_export(work: Path, name: str) -> None:
+    import yaml
+
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["export"]["name"] = name
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.mark.slow
+def test_export_killed_between_its_renames_is_finished_whole_by_the_next_run(export_work):
+    rename_export(export_work, "new-name")
+    result = run_export(export_work, KILL_AT="4")  # the journal, the two metrics files, then the old model aside
+    assert result.returncode == -9, result.stderr[-3000:]
+    assert not consistent(export_work, "new-name")  # new metrics beside the old model: a mix on disk...
+    reader = subprocess.run([sys.executable, "-m", "stages.check_params"], cwd=export_work, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert reader.returncode == 0, reader.stderr
+    assert consistent(export_work, "new-name")  # ...that the next stage finished before doing anything
+    assert leftovers(export_work) == []
+
+
+@pytest.mark.slow
+def test_export_under_a_file_size_limit_is_one_line_and_keeps_the_old_outputs(export_work):
+    before = exported_set(export_work)
+    rename_export(export_work, "limited-name")
+    result = run_export(export_work, FSIZE="20000")  # the f32 GGUF of the tiny model is larger
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: models/export/model.gguf: cannot write (File too large); the file-size limit "
+                      "(ulimit -f) is below this output's size; raise it; the previous outputs are unchanged"], errors
+    assert exported_set(export_work) == before and leftovers(export_work) == []
+
+
+@pytest.mark.slow
+def test_export_into_an_unwritable_place_is_one_line_naming_it(export_work):
+    before = exported_set(export_work)
+    runtime = export_work / "metrics" / "runtime"
+    kept = runtime.with_name("runtime-kept")
+    runtime.rename(kept)
+    runtime.write_text("a file where the directory belongs")
+    try:
+        result = run_export(export_work)
+    finally:
+        runtime.unlink()
+        kept.rename(runtime)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert errors[0].startswith("error: metrics/runtime/export.json: cannot write ("), errors
+    assert exported_set(export_work) == before
+
+
+def test_zero_round_trip_prompts_is_rejected_with_the_key():
+    import yaml
+
+    from stages.lib.params import ParamsError, parse_params
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["export"]["round_trip"]["prompts"] = 0
+    with pytest.raises(ParamsError, match=r"export\.round_trip\.prompts: .*greater than or equal to 1 \(got 0\)"):
+        parse_params(raw)
