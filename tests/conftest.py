@@ -52,9 +52,10 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-# Fixtures that take minutes on 2 cores: a test that uses one is `slow`, like every test on the bundled model
-# (deselect them with `-m "not slow"`; CI runs everything).
-SLOW_FIXTURES = {"llama_repo"}
+# A test that uses one of these fixtures is `slow`, like every test on the bundled model (deselect them with
+# `-m "not slow"`; CI runs everything): the fixture pipeline takes minutes on 2 cores, and every chat_dir test
+# starts a process that imports torch and transformers.
+SLOW_FIXTURES = {"llama_repo", "chat_dir"}
 
 
 def pytest_collection_modifyitems(config, items):

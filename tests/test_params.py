@@ -76,6 +76,7 @@ def stage_error(result) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_unknown_model_base_names_the_key(workdir):
     write_params(workdir, {"model": {"base": "no-such-org/no-such-model"}})
     message = stage_error(run_stage("base_model", workdir))
@@ -90,6 +91,7 @@ def test_missing_data_source_names_the_key_and_path(workdir):
     assert not (workdir / "data" / "raw").exists()
 
 
+@pytest.mark.slow
 def test_max_length_below_one_template_turn_is_rejected_before_work(workdir):
     save_tiny(workdir / "models" / "base", "llama")
     write_params(workdir, {"tokenize": {"max_length": 16}, "evaluate": {"max_new_tokens": 4}})

@@ -22,6 +22,7 @@ def test_casting_to_bf16_keeps_rope_frequencies_float32():
     assert not torch.equal(frequencies.to(torch.bfloat16).float(), frequencies)  # what `.to` would have done
 
 
+@pytest.mark.slow
 def test_bf16_training_records_its_attention_and_its_fraction_of_the_measured_ceiling(prepared, tmp_path):  # noqa: F811
     work = workspace(prepared, tmp_path, {"precision": "bf16", "attention": "auto", "max_steps": 6, "eval_steps": 6,
                                           "save_steps": 6, "logging_steps": 3})

@@ -146,6 +146,7 @@ def test_empty_test_split_is_an_error_naming_the_param(tmp_path):
         run_preprocess(tmp_path, params, raw)
 
 
+@pytest.mark.slow
 def test_cli_is_deterministic(workdir):
     raw = workdir / "data" / "raw"
     raw.mkdir(parents=True)
