@@ -153,6 +153,7 @@ def kill_group(process: subprocess.Popen, signum: int) -> None:
     assert process.returncode != 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_repro_killed_during_preprocess_leaves_no_torn_output(tmp_path, signum):
     repo = make_repo(tmp_path, "llama", {"data": {"source": "data/chitchat.source"}})  # 7k conversations: ~10 s of work
