@@ -176,3 +176,16 @@ def test_two_queued_experiments_run_at_once_in_their_own_slots_and_train_as_they
         if (os.cpu_count() or 1) >= 2:
             assert len(runtime["slot"]["cpus"]) == (os.cpu_count() or 1) // 2
     assert slots == {0, 1}  # the second experiment found slot 0 held: they ran at the same time
+
+
+def test_fsdp_with_qlora_is_refused_by_the_params_check():
+    import yaml
+
+    from stages.lib.params import ParamsError, parse_params
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"].update(method="qlora", distributed="fsdp")
+    with pytest.raises(ParamsError) as error:
+        parse_params(raw, "params.yaml")
+    assert str(error.value) == ("params.yaml: train: distributed: fsdp cannot shard the 4-bit bitsandbytes weights of "
+                                "method qlora; use ddp (or method lora to shard)")

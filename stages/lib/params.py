@@ -103,7 +103,7 @@ class TrainParams(Section):
     method: Literal["full", "lora", "qlora"]
     processes: int = Field(..., ge=1)
     nodes: int = Field(..., ge=1)  # machines of one training job (torchrun rendezvous: stages/lib/launch.py)
-    distributed: Literal["ddp", "fsdp"]  # ddp: a full copy per process; fsdp: weights, gradients, optimizer state sharded (FSDP2)
+    distributed: Literal["ddp", "fsdp"]  # ddp: a copy per process; fsdp: weights, gradients, optimizer state sharded
     learning_rate: float = Field(..., gt=0.0, le=1.0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"]
     warmup_ratio: float = Field(..., ge=0.0, lt=1.0)
@@ -130,6 +130,9 @@ class TrainParams(Section):
         if self.save_steps % self.logging_steps:
             # A resumed run restarts its loss average at the checkpoint: on a logging step, its curve is the same.
             raise ValueError(f"save_steps ({self.save_steps}) must be a multiple of logging_steps ({self.logging_steps})")
+        if self.distributed == "fsdp" and self.method == "qlora":
+            raise ValueError("distributed: fsdp cannot shard the 4-bit bitsandbytes weights of method qlora; use ddp "
+                             "(or method lora to shard)")
         return self
 
 
