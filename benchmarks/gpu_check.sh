@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_check.sh              # from anywhere in the repository
 #   PEAK_TFLOPS=989 bash benchmarks/gpu_check.sh   # a device the table below does not know
 #
-# Uses the active Python environment when it has the pinned packages, else makes .venv-gpu and installs
+# Uses the active Python environment when it has the pinned packages, else makes GPU_CHECK_VENV (default
+# ~/.cache/stages/venv-gpu, outside the repository) and installs
 # requirements.txt, requirements-nodeps.txt and benchmarks/requirements.txt there (the CUDA build of the
 # pinned torch comes from PyPI; installing is not counted in the 10 minutes). GPU_CHECK_SECONDS (default 600)
 # bounds the pipeline and the benchmark together; whatever finished by then is written.
@@ -37,8 +38,9 @@ PEAK=${PEAK_TFLOPS:-$(peak_for "$DEVICE")}
 installed() { python -c "import torch, transformers, dvc, trl; assert torch.cuda.is_available()" 2>/dev/null; }
 install_started=$SECONDS
 if ! installed; then
-  if [ ! -x .venv-gpu/bin/python ]; then python3 -m venv .venv-gpu; fi
-  . .venv-gpu/bin/activate
+  VENV=${GPU_CHECK_VENV:-$HOME/.cache/stages/venv-gpu}
+  if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
+  . "$VENV/bin/activate"
   if ! installed; then
     pip install -q --upgrade pip
     pip install -q -r requirements.txt -r benchmarks/requirements.txt
