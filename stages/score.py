@@ -30,6 +30,7 @@ from tqdm import tqdm
 from stages.lib.atomic import write_json
 from stages.lib.cli import ArgumentParser, run
 from stages.lib.conversations import Conversation, InputError, read_conversations, topic_of
+from stages.lib.decoding import decoding
 from stages.lib.labels import IGNORE_INDEX, TemplateCost, WindowStats, encode, windows
 from stages.lib.launch import use_slot
 from stages.lib.machine import describe as describe_machine
@@ -40,29 +41,6 @@ from stages.lib.precision import choose, inference_fraction
 from stages.lib.template import TemplateError, fit_prompt, stop_token_ids, trim_history, with_system_prompt
 
 RUNTIME = "metrics/runtime/score_{model}.json"  # wall-clock: kept apart so the scores are reproducible
-
-
-class ReplyRepetitionPenalty:
-    """CTRL-style repetition penalty over the tokens of the reply being generated only.
-
-    transformers' `repetition_penalty` also penalises every prompt token, and the end-of-turn token closes the
-    system block and every earlier turn of the prompt: the token that ends a reply would be penalised at every
-    step, pushing the stop rate down and replies longer, and reusing words of the context (which chrF rewards)
-    would be penalised too. Here the prompt is never penalised and the stop tokens never are.
-    """
-
-    def __init__(self, penalty: float, prompt_length: int, exempt_ids: list[int]) -> None:
-        self.penalty, self.prompt_length = penalty, prompt_length
-        self.exempt = torch.tensor(sorted(set(exempt_ids)), dtype=torch.long)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        generated = input_ids[:, self.prompt_length :]
-        if generated.shape[1] == 0 or self.penalty == 1.0:
-            return scores
-        original = torch.gather(scores, 1, generated)
-        penalised = torch.where(original < 0, original * self.penalty, original / self.penalty)
-        penalised = torch.where(torch.isin(generated, self.exempt.to(generated.device)), original, penalised)
-        return scores.scatter(1, generated, penalised)
 
 
 def sample_conversations(test: list[Conversation], count: int | None, seed: int) -> list[Conversation]:
@@ -266,12 +244,7 @@ def generate(model: Any, tokenizer: Any, conversations: list[Conversation], turn
             chunk = order[start : start + params.batch_size]
             batch = {k: v.to(model.device) for k, v in left_pad([{"input_ids": prompts[i]} for i in chunk]).items()}
             width = batch["input_ids"].shape[1]
-            output = model.generate(
-                **batch, max_new_tokens=params.max_new_tokens, do_sample=params.do_sample,
-                temperature=params.temperature if params.do_sample else None, top_p=params.top_p if params.do_sample else None,
-                logits_processor=[ReplyRepetitionPenalty(params.repetition_penalty, width, stop_ids)],
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids,
-            )
+            output = model.generate(**batch, **decoding(params, width, stop_ids), pad_token_id=tokenizer.pad_token_id)
             if prefills is not None and steps is not None:  # the prompt pass, then one position per row per new token
                 rows = len(chunk)
                 prefills.calls.append((rows * width, rows if keeps_last_logits else rows * width))

@@ -41,7 +41,7 @@ def test_one_prompt_prints_the_models_own_greedy_reply(chat_dir):
     model.save_pretrained(chat_dir / "varied-model")
     tokenizer.save_pretrained(chat_dir / "varied-model")
 
-    result = chat(chat_dir, "--model", "varied-model", "--prompt", "hello there", "--temperature", "0")
+    result = chat(chat_dir, "--model", "varied-model", "--prompt", "hello there", "--temperature", "0", "--repetition-penalty", "1")
     assert result.returncode == 0, result.stderr
     # The same reply straight from transformers: the saved chat template, greedy, stopping at EOS or end of turn.
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hello there"}], add_generation_prompt=True,
@@ -54,6 +54,21 @@ def test_one_prompt_prints_the_models_own_greedy_reply(chat_dir):
     expected = tokenizer.decode(new, skip_special_tokens=True).strip()
     assert expected, "the model stopped at once: the comparison would prove nothing"
     assert result.stdout == expected + "\n"
+
+
+def test_chat_decodes_as_the_metrics_measured_unless_told_otherwise(chat_dir, monkeypatch):
+    """One decoding for users and metrics: chat's defaults are params.yaml's evaluate decoding and seed."""
+    from stages.lib.params import load_params
+    from stages.tools.chat import parse_args
+
+    monkeypatch.chdir(chat_dir)
+    params = load_params()
+    args = parse_args(["--model", "base"])
+    measured = params.evaluate
+    assert (args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens, args.seed) == (
+        measured.temperature if measured.do_sample else 0.0, measured.top_p, measured.repetition_penalty,
+        measured.max_new_tokens, params.seed)
+    assert parse_args(["--temperature", "0", "--top-p", "0.5"]).top_p == 0.5
 
 
 def test_prompts_file_gives_one_json_line_each(chat_dir):

@@ -9,7 +9,8 @@ from stages.evaluate import depth_bucket, merge_small_depths, merge_small_topics
 from stages.lib import text_metrics
 from stages.lib.params import load_params
 from stages.lib.stats import ConversationScores, Interval, MetricSet, Reply, bootstrap, paired_change, verdict
-from stages.score import ReplyRepetitionPenalty, fluency, sample_conversations
+from stages.lib.decoding import ReplyRepetitionPenalty
+from stages.score import fluency, sample_conversations
 from conftest import REPO
 
 

@@ -16,12 +16,14 @@ import contextlib
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterable, Iterator
 
 import torch
 
 from stages.lib.cli import ArgumentParser, run
 from stages.lib.conversations import InputError, iter_jsonl
+from stages.lib.decoding import decoding
 from stages.lib.gguf_file import load as load_gguf
 from stages.lib.modeling import inference_dtype, load_causal_lm, pick_device
 from stages.lib.params import load_params
@@ -54,14 +56,14 @@ class Chat:
         except TemplateError as exc:
             self.history.pop()
             raise InputError(f"--context-tokens {self.context_tokens} minus --max-new-tokens {self.args.max_new_tokens}: {exc}") from None
-        sampling = self.args.temperature > 0
+        settings = SimpleNamespace(max_new_tokens=self.args.max_new_tokens, do_sample=self.args.temperature > 0,
+                                   temperature=self.args.temperature, top_p=self.args.top_p,
+                                   repetition_penalty=self.args.repetition_penalty)
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=torch.tensor([ids], device=self.model.device),
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.model.device),
-                max_new_tokens=self.args.max_new_tokens, do_sample=sampling,
-                temperature=self.args.temperature if sampling else None, top_p=self.args.top_p if sampling else None,
-                eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
+                **decoding(settings, len(ids), self.stop_ids), pad_token_id=self.tokenizer.pad_token_id,
                 streamer=TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None,
             )
         new = output[0, len(ids):].tolist()
@@ -111,12 +113,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=Path, help="JSONL of {\"prompt\": ...}; each is a new conversation unless --keep-history")
     parser.add_argument("--keep-history", action="store_true", help="with --prompts: one conversation across all lines")
     parser.add_argument("--system", help="system message")
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    # Decoding defaults: params.yaml's evaluate section, the decoding the metrics measured (stages/lib/decoding.py).
+    parser.add_argument("--temperature", type=float, help="0 for greedy decoding (default: evaluate.temperature, 0 when "
+                                                          "evaluate.do_sample is false)")
+    parser.add_argument("--top-p", type=float, help="default: evaluate.top_p")
+    parser.add_argument("--repetition-penalty", type=float, help="on the reply's own tokens (default: evaluate.repetition_penalty)")
+    parser.add_argument("--max-new-tokens", type=int, help="default: evaluate.max_new_tokens")
     parser.add_argument("--context-tokens", type=int, help="prompt + reply budget (default: the model's context window)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="default: params.yaml's seed")
     args = parser.parse_args(argv)
+    if None in (args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens, args.seed):
+        params = load_params()
+        measured = params.evaluate
+        defaults = {"temperature": measured.temperature if measured.do_sample else 0.0, "top_p": measured.top_p,
+                    "repetition_penalty": measured.repetition_penalty, "max_new_tokens": measured.max_new_tokens, "seed": params.seed}
+        for name, value in defaults.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
     for name, value in vars(args).items():  # bytes that are not UTF-8 reach Python as lone surrogates
         if isinstance(value, (str, Path)):
             try:
@@ -139,6 +152,8 @@ def argument_problem(args: argparse.Namespace) -> str | None:
         return f"--temperature {args.temperature}: expected 0 (greedy) or more"
     if not 0 < args.top_p <= 1:
         return f"--top-p {args.top_p}: expected a value in (0, 1]"
+    if not args.repetition_penalty >= 1:
+        return f"--repetition-penalty {args.repetition_penalty}: expected 1 (none) or more"
     if args.context_tokens is not None and args.context_tokens <= args.max_new_tokens:
         return (f"--context-tokens {args.context_tokens}: must exceed --max-new-tokens {args.max_new_tokens}, "
                 f"leaving room for the prompt")
