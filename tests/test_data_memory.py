@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import FIXTURES, REPO, run_stage, write_params
 from tiny import save_tiny
 
@@ -93,6 +95,7 @@ CORPUS_MB = 32
 SMALL_MB = 2  # enough conversations for tokenize to start its map workers too
 
 
+@pytest.mark.slow
 def test_data_stages_finish_in_a_heap_smaller_than_the_corpus(tmp_path):
     """The cap is what each stage needs on a 2 MB corpus plus half the 32 MB one: a stage that held the
     corpus as Python objects (several times its size on disk) could not fit under it."""
