@@ -618,7 +618,10 @@ def main(argv: list[str] | None = None) -> int:
     data = hf_datasets.load_from_disk(str(TOKENIZED))
     model, tokenizer = load_model(params.train)
     identity = fingerprint(params)
-    resume = resumable_checkpoint(identity)
+    nodes = int(os.environ.get("WORLD_SIZE", "1")) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's
+    # Checkpoints live on the first node's disk, which the other nodes do not see: a multi-node run that was
+    # interrupted starts again from step 0 (to the same result), never from a step only one node could load.
+    resume = resumable_checkpoint(identity) if nodes == 1 else None
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if resume is None and rank0:
         reset_checkpoints(identity, "running")
@@ -667,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         "allocator": allocator,
         "resumed_from_step": int(Path(resume).name.split("-")[-1]) if resume else 0,
         "distributed": params.train.distributed if world > 1 else None,
-        "nodes": shape.nodes,
+        "nodes": nodes,
         "slot": slot.as_dict() if slot else None,  # the share of this machine a queued experiment ran in (STAGES_SLOTS)
         "tokens_seen": counter.tokens * world,  # by this process since it started (after the resume point)
         "trained_tokens": counter.trained * world,

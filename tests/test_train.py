@@ -315,6 +315,37 @@ def test_fsdp_trains_lora_in_bf16_with_gradient_checkpointing_as_ddp_does(prepar
     assert fsdp_metrics["val_loss_after"] < fsdp_metrics["val_loss_before"]
 
 
+@pytest.mark.slow
+def test_the_train_command_on_two_nodes_trains_as_two_processes_on_one_and_writes_once(prepared, tmp_path):
+    """dvc.yaml's command on two "machines" (two copies of the inputs, two launchers meeting at 127.0.0.1 through
+    NNODES, NODE_RANK, MASTER_ADDR): the first node writes the model and metrics, the other nothing, and they are
+    those of 1 node × 2 processes."""
+    settings = {"max_steps": 6, "eval_steps": 6, "save_steps": 6, "logging_steps": 3}
+    single = workspace(prepared, tmp_path / "single", {**settings, "processes": 2})
+    result = dvc_train(single)
+    assert result.returncode == 0, result.stderr[-3000:]
+    heads = [workspace(prepared, tmp_path / f"node{rank}", settings) for rank in (0, 1)]
+    meet = {"NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env = {**tool_env(), "PYTHONPATH": str(REPO), **meet}
+    running = [subprocess.Popen(dvc_command(work), shell=True, cwd=work, env={**env, "NODE_RANK": str(rank)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank, work in enumerate(heads)]
+    outputs = [process.communicate(timeout=900) for process in running]
+    for process, (_, stderr) in zip(running, outputs):
+        assert process.returncode == 0, stderr[-3000:]
+    writers = [work for work in heads if (work / "metrics" / "train.json").exists()]
+    assert len(writers) == 1 and sum(stdout.count("train: 6 steps") for stdout, _ in outputs) == 1
+    (writer,) = writers
+    other = heads[1 - heads.index(writer)]
+    assert not (other / "models" / "finetuned").exists() and not (other / "dvclive" / "metrics.json").exists()
+    runtime = read_json(writer / "metrics" / "runtime" / "train.json")
+    assert runtime["nodes"] == 2 and read_json(writer / "metrics" / "train.json")["processes"] == 2
+    assert (writer / "metrics" / "train.json").read_bytes() == (single / "metrics" / "train.json").read_bytes()
+    a = load_file(single / "models" / "finetuned" / "model.safetensors")
+    b = load_file(writer / "models" / "finetuned" / "model.safetensors")
+    print({"2 nodes x 1 vs 1 node x 2, 6 steps": max(float((a[k] - b[k]).abs().max()) for k in a)})
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def test_auto_precision_is_measured_and_explained():
     from transformers import LlamaConfig
 
