@@ -53,9 +53,9 @@ def workdir(tmp_path: Path) -> Path:
 
 
 # A test that uses one of these fixtures is `slow`, like every test on the bundled model (deselect them with
-# `-m "not slow"`; CI runs everything): the fixture pipeline takes minutes on 2 cores, and every chat_dir test
-# starts a process that imports torch and transformers.
-SLOW_FIXTURES = {"llama_repo", "chat_dir"}
+# `-m "not slow"`; CI runs everything): the fixture pipeline takes minutes on 2 cores, and the others run stages or
+# chat in processes that each import torch and transformers (test_chat.py, test_export.py).
+SLOW_FIXTURES = {"llama_repo", "chat_dir", "exported", "bad_workdir"}
 
 
 def pytest_collection_modifyitems(config, items):

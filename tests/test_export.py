@@ -116,6 +116,7 @@ def git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
 
 
+@pytest.mark.slow
 def test_card_yaml_lineage_intervals_and_determinism(tmp_path):
     work = make_workdir(tmp_path)
     (work / "metrics").mkdir()
@@ -149,6 +150,7 @@ def test_card_yaml_lineage_intervals_and_determinism(tmp_path):
     assert {p.name: p.read_bytes() for p in (work / "models" / "export").iterdir()} == first  # byte-identical
 
 
+@pytest.mark.slow
 def test_q8_0_perplexity_within_one_percent(tmp_path):
     from gguf import GGMLQuantizationType, GGUFReader
 
@@ -161,6 +163,7 @@ def test_q8_0_perplexity_within_one_percent(tmp_path):
     assert GGMLQuantizationType.Q8_0 in types
 
 
+@pytest.mark.slow
 def test_lora_adapter_is_merged(tmp_path, monkeypatch):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
