@@ -1,5 +1,5 @@
 """Conversation measured directly: next-reply ranking, semantic similarity, sameness, unseen topics, and the
-statistics behind the verdicts (docs/DESIGN.md §Evaluation)."""
+statistics behind the verdicts (docs/DESIGN.md §5.1)."""
 import math
 import random
 

@@ -126,6 +126,14 @@ def test_bad_input_is_one_line_and_base_takes_revisions_only(tmp_path):
     truncated = review(tmp_path, "--base", "HEAD", "--out", str(tmp_path / "r.md"))
     assert truncated.returncode == 1 and truncated.stderr.startswith("error: metrics/eval_conversations.json at workspace: not valid JSON")
     assert "Traceback" not in truncated.stderr and truncated.stderr.count("\n") == 1
+    (tmp_path / "a-file").write_text("x")
+    under_a_file = review(tmp_path, "--base", "HEAD", "--out", str(tmp_path / "a-file" / "r.md"))
+    assert under_a_file.returncode == 1 and under_a_file.stderr.startswith("error: --out ") and "cannot write there" in under_a_file.stderr
+    nan = records(0.5, 1, range(10))
+    nan[2]["finetuned"]["nll"] = float("nan")
+    (tmp_path / "metrics" / "eval_conversations.json").write_text(json.dumps(nan))  # json writes NaN, and reads it back
+    not_a_number = review(tmp_path, "--base", "HEAD", "--out", str(tmp_path / "r.md"))
+    assert not_a_number.returncode == 1 and "conversation 'c2' has a finetuned score that is not a finite number" in not_a_number.stderr
     (tmp_path / "metrics" / "eval_conversations.json").write_text('{"not": "a list"}')
     mistyped = review(tmp_path, "--base", "HEAD", "--out", str(tmp_path / "r.md"))
     assert mistyped.returncode == 1 and "expected a list of per-conversation records" in mistyped.stderr

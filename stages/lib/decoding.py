@@ -1,5 +1,5 @@
 """One decoding for users and metrics: `evaluate`'s decoding params drive score's generated replies, chat and
-the Ollama Modelfile alike, so the replies that are measured are the ones a user gets."""
+the Ollama Modelfile alike, so the replies that are measured are the ones a user gets (docs/DESIGN.md §5.1)."""
 from __future__ import annotations
 
 from typing import Any

@@ -1,7 +1,7 @@
 """What ran a stage: processor, accelerator, the GEMM instruction set, threads and library versions.
 
 Two runs of the same code and params on different machines train different models (other kernels, other
-rounding), so the review compares these records and warns when they differ (docs/DESIGN.md §Evaluation).
+rounding), so the review compares these records and warns when they differ (docs/DESIGN.md §5.2).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Semantic similarity of two texts: the cosine of their sentence embeddings (SemScore, docs/DESIGN.md
-§Evaluation). The encoder (all-MiniLM-L6-v2 by default, a BERT with mean pooling) is materialised by the
+§5.1). The encoder (all-MiniLM-L6-v2 by default, a BERT with mean pooling) is materialised by the
 `encoder` stage as models/encoder/, safetensors only; nothing reads the wheel at scoring time."""
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ set: perplexity is exp(Σ NLL / Σ tokens) over the resampled conversations, BLE
 n-gram statistics, distinct-n from the union of their n-grams. Intervals come from `scipy.stats.bootstrap`
 (BCa, seeded); a paired interval resamples the same conversations for both sides.
 
-Metrics come in three families (docs/DESIGN.md §Evaluation):
+Metrics come in three families (docs/DESIGN.md §5.1):
 - PRIMARY: what "converses better" means here (fluency, next-reply ranking, meaning, stopping). Each gets a
   verdict, better / worse, at a family-wise error rate of 1 - confidence (Holm over the family).
 - HUMAN_REFERENCED: style, where the human replies set the target. The verdict is about the distance to the
@@ -318,9 +318,11 @@ def verdict(name: str, change: Interval, adjusted_p: float, alpha: float, identi
     below alpha: absence of evidence, not evidence of none), '' for descriptive metrics."""
     if identical:
         return "unchanged"
+    if not math.isfinite(change.value):
+        return "n/a (not a number)"
     if name in DESCRIPTIVE:
         return ""
-    if not (math.isfinite(change.value) and math.isfinite(adjusted_p)) or adjusted_p >= alpha:
+    if not math.isfinite(adjusted_p) or adjusted_p >= alpha:
         return "no significant change"
     up = change.value > 0.0
     if name in HUMAN_REFERENCED:

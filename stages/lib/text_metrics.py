@@ -31,7 +31,7 @@ def opening(reply: str, length: int = 3) -> str:
 
 def matched_prefixes(reply: str, human: str) -> tuple[list[str], list[str]]:
     """Both texts' words cut to the shorter one's length: distinct-n depends on how many words it counts, so
-    a model is compared with the human replies at the same length (docs/DESIGN.md §Evaluation)."""
+    a model is compared with the human replies at the same length (docs/DESIGN.md §5.1)."""
     a, b = words(reply), words(human)
     m = min(len(a), len(b))
     return a[:m], b[:m]

@@ -6,7 +6,7 @@
 Opens with the significance table: for each metric of the fine-tuned model, the base revision's value, the
 new one's, the change with its 95% interval and a verdict. Replies are paired by (conversation, turn), and a
 turn whose context or human reply differs between the revisions is left out and counted. Verdicts are
-Holm-adjusted within the primary and the human-referenced families (docs/DESIGN.md §Evaluation); descriptive
+Holm-adjusted within the primary and the human-referenced families (docs/DESIGN.md §5.2); descriptive
 metrics get none. With one trained model per side the interval covers the test sample only, and the verdict
 is about these two trained models. With training replicates on a side (`dvc exp run --queue -S
 train.seed=1,2,3`; pass the experiments' names), every resample also redraws the replicates, so a verdict
@@ -25,6 +25,7 @@ import math
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,13 @@ def load_run(label: str) -> Run:
     if not isinstance(data, list) or not all(isinstance(r, dict) and {"id", "topic", "finetuned", "human"} <= r.keys() for r in data):
         raise InputError(f"{PER_CONVERSATION} at {label}: expected a list of per-conversation records (id, topic, finetuned, "
                          "human); rerun `dvc repro evaluate` there")
+    for record in data:
+        for model in ("finetuned", "human"):
+            scores = record[model]
+            values = [scores.get(k) for k in ("nll", "tokens")] if isinstance(scores, dict) else [None]
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                raise InputError(f"{PER_CONVERSATION} at {label}: conversation {record['id']!r} has a {model} score that is not a "
+                                 "finite number; rerun `dvc repro evaluate` there")
     return Run(label, commit, {(r.get("set", "test"), str(r["id"])): r for r in data})
 
 
@@ -416,6 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     if out.exists() and out.is_dir():
         raise InputError(f"--out {out}: is a directory; give a file name such as {out / 'review.md'}")
+    try:  # before any work: a report that cannot be written is known at once
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot write there ({exc.strerror}); choose a writable path") from None
     report(args.base, args.new, out)
     print(f"review: {out}")
     return 0
