@@ -68,13 +68,17 @@ def resolve_precision(requested: str, config: Any) -> PrecisionChoice:
     return choose(requested, config)
 
 
-def attention_implementation(requested: str) -> str:
+def attention_implementation(requested: str, model: Any = None) -> str:
     """`auto`: sdpa on a GPU (fused kernels); eager on a CPU, where torch's sdpa kernel for a padded batch (an
     explicit mask) ran a bf16 training step 15% slower than eager attention (benchmarks/NOTES.md; the
-    stage-sdpa variant of benchmarks/train_throughput.py measures it again on any machine)."""
-    if requested != "auto":
-        return requested
-    return "sdpa" if torch.cuda.is_available() else "eager"
+    stage-sdpa variant of benchmarks/train_throughput.py measures it again on any machine). An architecture
+    transformers runs without sdpa (Gemma 2: its attention soft-capping) gets eager under `auto`."""
+    chosen = requested if requested != "auto" else "sdpa" if torch.cuda.is_available() else "eager"
+    if chosen == "sdpa" and model is not None and not getattr(type(unwrap(model)), "_supports_sdpa", True):
+        if requested == "sdpa":
+            raise InputError(f"train.attention: sdpa, but transformers runs {type(unwrap(model)).__name__} without sdpa; use auto or eager")
+        return "eager"
+    return chosen
 
 
 def fingerprint(params: Params) -> str:
@@ -208,11 +212,11 @@ def load_model(params: TrainParams) -> tuple[Any, Any]:
                                           bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(BASE_MODEL, quantization_config=quantization, dtype=torch.bfloat16, use_safetensors=True,
                                                      device_map={"": int(os.environ.get("LOCAL_RANK", 0))})
-        model.set_attn_implementation(attention_implementation(params.attention))
+        model.set_attn_implementation(attention_implementation(params.attention, model))
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
         return get_peft_model(model, lora_config(params)), load_tokenizer()
     model, _ = load_causal_lm(BASE_MODEL)
-    model.set_attn_implementation(attention_implementation(params.attention))
+    model.set_attn_implementation(attention_implementation(params.attention, model))
     tokenizer = load_tokenizer()
     if params.method == "lora":
         from peft import get_peft_model

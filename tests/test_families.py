@@ -301,3 +301,18 @@ def test_unsupported_architecture_is_refused_in_one_line_naming_the_supported():
 
     with pytest.raises(InputError, match=r"architecture 'gpt_neox' .*cannot be exported; the GGUF writer supports \['gemma2', 'gemma3_text', 'gpt2', 'llama', 'mistral', 'phi3', 'qwen2', 'qwen3'\]"):
         gguf_file.architecture(GPTNeoXConfig())
+
+
+def test_gemma2_trains_with_eager_attention_under_auto_and_sdpa_is_one_line():
+    """transformers runs Gemma 2 without sdpa (its attention soft-capping): `auto` (sdpa on a GPU) must not crash."""
+    from unittest import mock
+
+    from stages.lib.errors import InputError
+    from stages.train import attention_implementation
+
+    model = family_model("gemma2", 420)
+    with mock.patch("torch.cuda.is_available", return_value=True):  # auto picks sdpa on a GPU
+        assert attention_implementation("auto", model) == "eager"
+        assert attention_implementation("auto", family_model("qwen2_5", 420)) == "sdpa"
+    with pytest.raises(InputError, match="train.attention: sdpa, but transformers runs Gemma2ForCausalLM without sdpa"):
+        attention_implementation("sdpa", model)
