@@ -9,7 +9,16 @@ import torch
 from families import FAMILIES, family_model, family_tokenizer
 from stages.base_model import prepare_tokenizer
 from stages.lib.errors import TemplateError
-from stages.lib.labels import IGNORE_INDEX, TemplateCost, WindowStats, assistant_spans, encode, prefix_spans, windows, windows_batch
+from stages.lib.labels import (
+    IGNORE_INDEX,
+    TemplateCost,
+    WindowStats,
+    assistant_spans,
+    encode,
+    prefix_spans,
+    windows,
+    windows_batch,
+)
 from stages.lib.ollama import TurnFormat
 from stages.lib.template import accepted, end_of_turn_token, prompt_ids, render, with_system_prompt
 from stages.tokenize import role_swapped
@@ -296,7 +305,6 @@ def test_unsupported_architecture_is_refused_in_one_line_naming_the_supported():
     from transformers import GPTNeoXConfig
 
     from stages.lib import gguf_file
-
     from stages.lib.errors import InputError
 
     with pytest.raises(InputError, match=r"architecture 'gpt_neox' .*cannot be exported; the GGUF writer supports \['gemma2', 'gemma3_text', 'gpt2', 'llama', 'mistral', 'phi3', 'qwen2', 'qwen3'\]"):
