@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from pipeline_repo import dvc, make_repo, read_json, sh, tool_env
+from pipeline_repo import dvc, make_repo, sh, tool_env
 from stages.lib.errors import InputError
 from stages.lib.launch import HELD, Rendezvous, rendezvous, share, use_slot
 
@@ -132,11 +132,17 @@ def wait_for_queue(repo: Path, env: dict, timeout: float = 1200) -> str:
     raise AssertionError(f"the queue did not finish in {timeout} s:\n{status}")
 
 
-def applied(repo: Path, name: str) -> tuple[bytes, dict, bytes]:
-    """An experiment's train metrics, runtime record and trained weights, checked out into the workspace."""
-    dvc(repo, "exp", "apply", name)
-    return ((repo / "metrics" / "train.json").read_bytes(), read_json(repo / "metrics" / "runtime" / "train.json"),
-            (repo / "models" / "finetuned" / "model.safetensors").read_bytes())
+def experiment(repo: Path, name: str) -> tuple[bytes, dict, str]:
+    """An experiment's train metrics, runtime record and trained model's hash, read from its Git ref (the
+    metrics are Git-tracked; dvc.lock holds the model directory's hash)."""
+    import yaml
+
+    refs = sh(repo, "git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps").stdout.splitlines()
+    (rev,) = [line.split()[0] for line in refs if line.endswith(f"/{name}")]
+    show = lambda path: sh(repo, "git", "show", f"{rev}:{path}").stdout  # noqa: E731
+    lock = yaml.safe_load(show("dvc.lock"))
+    (model,) = [out["md5"] for out in lock["stages"]["train"]["outs"] if out["path"] == "models/finetuned"]
+    return show("metrics/train.json").encode(), json.loads(show("metrics/runtime/train.json")), model
 
 
 @pytest.mark.slow
@@ -166,16 +172,20 @@ def test_two_queued_experiments_run_at_once_in_their_own_slots_and_train_as_they
     assert started.returncode == 0, started.stderr
     status = wait_for_queue(repo, env)
     assert status.count("Success") == 2, status
-    slots = set()
+    slots, models = set(), set()
     for rate in rates:
-        metrics, runtime, weights = applied(repo, f"queued-{rate}")
-        alone_metrics, alone_runtime, alone_weights = applied(repo, f"alone-{rate}")
-        assert metrics == alone_metrics and weights == alone_weights, rate
+        metrics, runtime, model = experiment(repo, f"queued-{rate}")
+        alone_metrics, alone_runtime, alone_model = experiment(repo, f"alone-{rate}")
+        print({rate: {"queued": (json.loads(metrics)["val_loss_after"], model, runtime["slot"]),
+                      "alone": (json.loads(alone_metrics)["val_loss_after"], alone_model)}})
+        assert metrics == alone_metrics and model == alone_model, rate
+        models.add(model)
         assert alone_runtime["slot"] is None and runtime["slot"]["count"] == 2
         slots.add(runtime["slot"]["index"])
         if (os.cpu_count() or 1) >= 2:
             assert len(runtime["slot"]["cpus"]) == (os.cpu_count() or 1) // 2
     assert slots == {0, 1}  # the second experiment found slot 0 held: they ran at the same time
+    assert len(models) == 2  # two learning rates, two models: the comparison can tell models apart
 
 
 def test_fsdp_with_qlora_is_refused_by_the_params_check():
