@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Hashable
 
 from stages.lib import text_metrics
-from stages.lib.atomic import write_json
+from stages.lib.atomic import write_json_files
 from stages.lib.cli import run
 from stages.lib.conversations import InputError, read_conversations
 from stages.lib.params import EvaluateParams, load_params
@@ -341,10 +341,9 @@ def main() -> int:
     params = load_params()
     out = evaluate(params.evaluate, params.seed)
     results = out["results"]
-    write_json(EVAL_METRICS, results)
-    write_json(BY_DEPTH, out["by_depth"])
-    write_json(BY_TOPIC, out["by_topic"])
-    write_json(PER_CONVERSATION, out["per_conversation"])
+    # The four files are one result: published together or not at all (docs/DESIGN.md §9).
+    write_json_files({EVAL_METRICS: results, BY_DEPTH: out["by_depth"], BY_TOPIC: out["by_topic"],
+                      PER_CONVERSATION: out["per_conversation"]})
     print(summary_line(results))
     if params.evaluate.gate.fail_on_gate and not results["gate"]["passed"]:
         print("error: quality gate failed (evaluate.gate.fail_on_gate is true)", file=sys.stderr)

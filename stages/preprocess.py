@@ -8,6 +8,7 @@ metrics/data_topics.json (conversations per topic, a plot). Streams: memory hold
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -22,7 +23,7 @@ import ftfy
 import numpy as np
 from tqdm import tqdm
 
-from stages.lib.atomic import atomic_path, write_json
+from stages.lib.atomic import publish_together
 from stages.lib.cli import run
 from stages.lib.conversations import (Conversation, InputError, Message, lines_dataset, map_workers, parse_json_line, topic_of,
                                       validate_conversation)
@@ -235,7 +236,7 @@ def remove_leakage(assignment: dict[str, list[int]], keys: list[bytes]) -> dict[
     """Drop held-out conversations whose normalised text (`keys[i]`, a digest) also occurs in an earlier split."""
     removed = {}
     seen = {keys[i] for i in assignment["train"]}
-    for name in ("val", "test", "test_unseen"):
+    for name in [n for n in ("val", "test", "test_unseen") if n in assignment]:
         before = len(assignment[name])
         assignment[name] = [i for i in assignment[name] if keys[i] not in seen]
         removed[name] = before - len(assignment[name])
@@ -335,11 +336,12 @@ def preprocess(raw_path: Path, out_dir: ContextManager[Path], params: Preprocess
         "cleaning": {"empty_turns_removed": stats.get("empty_turns_removed", 0), "turns_merged": stats.get("turns_merged", 0)},
         "leakage_removed": leaked,
         "split_method": method,
-        "unseen_topics": held_topics,
+        "unseen_topics": len(held_topics),  # named in metrics/data_topics.json, not one metric column each
         "splits": {name: split_report(turns[assignment[name]], chars[assignment[name]]) for name in SPLITS},
         "topics": len(topic_counts),
     }
-    table = [{"topic": topic, "conversations": count} for topic, count in sorted(topic_counts.items())]
+    table = [{"topic": topic, "conversations": count, "held_out": topic in held_topics}
+             for topic, count in sorted(topic_counts.items())]
     return report, table
 
 
@@ -349,13 +351,16 @@ def main() -> int:
         raise InputError(f"{RAW}: not found; run the stage that writes it first (dvc repro)")
     # Scratch (the cleaned corpus, datasets' Arrow files) in the system's temporary directory (TMPDIR): a
     # killed run whose rerun DVC restores from its run-cache leaves nothing beside the outputs.
-    with tempfile.TemporaryDirectory(prefix="preprocess.") as cache:
-        report, topics = preprocess(RAW, atomic_path(PROCESSED, is_dir=True), params.preprocess, params.seed, Path(cache))
-    write_json(DATA_METRICS, report)
-    write_json(TOPIC_PLOT, topics)
+    # The splits and their report are published together, or none of them (docs/DESIGN.md §9).
+    with tempfile.TemporaryDirectory(prefix="preprocess.") as cache, \
+            publish_together(files=[DATA_METRICS, TOPIC_PLOT], dirs=[PROCESSED]) as outputs:
+        report, topics = preprocess(RAW, contextlib.nullcontext(outputs[PROCESSED]), params.preprocess, params.seed, Path(cache))
+        outputs.write_json(DATA_METRICS, report)
+        outputs.write_json(TOPIC_PLOT, topics)
     dropped = sum(report["dropped"].values())
     counts = ", ".join(f"{name} {report['splits'][name]['conversations']}" for name in SPLITS)
-    counts += f" (unseen topics: {', '.join(report['unseen_topics']) or 'none'})"
+    held = [row["topic"] for row in topics if row["held_out"]]
+    counts += f" (topics held out of training: {'; '.join(held) or 'none'})"
     print(f"preprocess: {report['input']['conversations']} -> {report['output']['conversations']} conversations "
           f"({dropped} dropped, {sum(report['leakage_removed'].values())} leaked near-duplicates removed); {counts}")
     return 0

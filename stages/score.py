@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from stages.lib.atomic import write_json
+from stages.lib.atomic import write_json_files
 from stages.lib.cli import ArgumentParser, run
 from stages.lib.conversations import Conversation, InputError, read_conversations, topic_of
 from stages.lib.decoding import decoding
@@ -338,8 +338,7 @@ def main() -> int:
     params = load_params()
     use_slot()  # this experiment's share of the machine when queued experiments run at once (stages/lib/launch.py)
     scores, runtime = score(args.model, params)
-    write_json(SCORES / f"{args.model}.json", scores)
-    write_json(RUNTIME.format(model=args.model), runtime)
+    write_json_files({SCORES / f"{args.model}.json": scores, RUNTIME.format(model=args.model): runtime})
     sizes = ", ".join(f"{name} {len(s['conversations'])}" for name, s in scores["sets"].items())
     print(f"score {args.model}: conversations {sizes}; {runtime['scored_tokens']} scored tokens in "
           f"{runtime['fluency_s']} s ({runtime['fluency_ceiling']['fraction_of_ceiling']:.0%} of the GEMM ceiling measured here), "

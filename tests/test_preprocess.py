@@ -105,13 +105,15 @@ def test_near_duplicates_across_splits_are_removed_from_held_out():
 def run_preprocess(tmp_path, params, raw=FIXTURES / "conversations.jsonl", seed=42):
     out = tmp_path / "processed"
     report, topics = preprocess(raw, atomic_path(out, is_dir=True), params, seed, tmp_path / "cache")
-    return {name: read_conversations(out / f"{name}.jsonl") for name in ("train", "val", "test")}, report, topics
+    return {name: read_conversations(out / f"{name}.jsonl") for name in ("train", "val", "test", "test_unseen")}, report, topics
 
 
 def test_report_counts_are_consistent(tmp_path):
     splits, report, topics = run_preprocess(tmp_path, preprocess_params(val_fraction=0.1, test_fraction=0.1))
     assert report["input"]["conversations"] == 48
-    assert sum(report["splits"][s]["conversations"] for s in ("train", "val", "test")) == report["output"]["conversations"]
+    assert sum(report["splits"][s]["conversations"] for s in ("train", "val", "test", "test_unseen")) == report["output"]["conversations"]
+    held = {row["topic"] for row in topics if row["held_out"]}
+    assert report["unseen_topics"] == len(held) == 2 and {c["meta"]["topic"] for c in splits["test_unseen"]} == held
     assert report["output"]["conversations"] + sum(report["dropped"].values()) + sum(report["leakage_removed"].values()) == 48
     assert {row["topic"] for row in topics} == {"colors", "food", "travel", "pets"} and report["topics"] == 4
     assert sum(row["conversations"] for row in topics) == report["output"]["conversations"]
