@@ -151,8 +151,19 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def optional_imports(tree: ast.AST) -> set[ast.AST]:
+    """Imports inside `try: ... except ImportError`: optional features that say what to install when missing."""
+    optional = set()
+    for node in ast.walk(tree):
+        caught = {h.type.id for h in getattr(node, "handlers", ()) if isinstance(h.type, ast.Name)}
+        if isinstance(node, ast.Try) and caught & {"ImportError", "ModuleNotFoundError"}:
+            optional |= {inner for statement in node.body for inner in ast.walk(statement)}
+    return optional
+
+
 def third_party_imports(folders: tuple[str, ...]) -> dict[str, str]:
-    """Distribution name -> a file importing it, for every import outside the standard library and the project."""
+    """Distribution name -> a file importing it, for every import outside the standard library and the project
+    (optional imports left out)."""
     import importlib.metadata
     import sys
 
@@ -161,7 +172,11 @@ def third_party_imports(folders: tuple[str, ...]) -> dict[str, str]:
     found = {}
     for folder in folders:
         for path in sorted((REPO / folder).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text())):
+            tree = ast.parse(path.read_text())
+            optional = optional_imports(tree)
+            for node in ast.walk(tree):
+                if node in optional:
+                    continue
                 if isinstance(node, ast.Import):
                     modules = [alias.name for alias in node.names]
                 elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
