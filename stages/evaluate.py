@@ -10,6 +10,7 @@ Reads data/scores/{base,finetuned}.json (stage `score`), the test sets and the s
 - metrics/eval_conversations.json: per-conversation statistics of both models, so that two revisions can be
   compared pairwise on the same (conversation, turn) (`python -m stages.tools.review`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,15 +28,32 @@ from stages.lib.conversations import InputError, read_conversations
 from stages.lib.params import EvaluateParams, load_params
 from stages.lib.paths import MODELS, SCORES, TEST_SETS
 from stages.lib.semantic import load_encoder, similarities
-from stages.lib.stats import (HEADLINE, HUMAN_REFERENCED, PRIMARY, ConversationScores, Interval, MetricSet, Reply,
-                              family_verdicts, metric_interval, paired_change)
+from stages.lib.stats import (
+    HEADLINE,
+    HUMAN_REFERENCED,
+    PRIMARY,
+    ConversationScores,
+    Interval,
+    MetricSet,
+    Reply,
+    family_verdicts,
+    metric_interval,
+    paired_change,
+)
 
 EVAL_METRICS = Path("metrics/eval.json")
 BY_DEPTH = Path("metrics/eval_by_depth.json")
 BY_TOPIC = Path("metrics/eval_by_topic.json")
 PER_CONVERSATION = Path("metrics/eval_conversations.json")
-HUMAN_METRICS = ("mean_reply_words", "distinct_1", "distinct_2", "generic_reply_share", "context_overlap", "repetition_rate",
-                 "empty_reply_rate")
+HUMAN_METRICS = (
+    "mean_reply_words",
+    "distinct_1",
+    "distinct_2",
+    "generic_reply_share",
+    "context_overlap",
+    "repetition_rate",
+    "empty_reply_rate",
+)
 SLICE_METRICS = ("perplexity", "semantic_similarity", "stop_rate")
 SETS = tuple(TEST_SETS)  # "test" (seen topics), "unseen" (topics held out of training)
 
@@ -56,13 +74,18 @@ def load_scores(name: str) -> dict:
 def check_same_sample(base: dict, tuned: dict) -> None:
     for name in SETS:
         a, b = base["sets"].get(name, {}), tuned["sets"].get(name, {})
-        same = (a.get("conversations") == b.get("conversations")
-                and [(r["conversation"], r["turn"]) for r in a.get("replies", [])] == [(r["conversation"], r["turn"]) for r in b.get("replies", [])]
-                and [(r["conversation"], r["turn"], r["distractors"]) for r in a.get("ranking", [])]
-                == [(r["conversation"], r["turn"], r["distractors"]) for r in b.get("ranking", [])])
+        same = (
+            a.get("conversations") == b.get("conversations")
+            and [(r["conversation"], r["turn"]) for r in a.get("replies", [])]
+            == [(r["conversation"], r["turn"]) for r in b.get("replies", [])]
+            and [(r["conversation"], r["turn"], r["distractors"]) for r in a.get("ranking", [])]
+            == [(r["conversation"], r["turn"], r["distractors"]) for r in b.get("ranking", [])]
+        )
         if not same:
-            raise InputError(f"{SCORES}: base and fine-tuned scores cover different {name} conversations, turns or ranking "
-                             "candidates; rerun both (dvc repro)")
+            raise InputError(
+                f"{SCORES}: base and fine-tuned scores cover different {name} conversations, turns or ranking "
+                "candidates; rerun both (dvc repro)"
+            )
 
 
 def context_text(messages: list[dict]) -> str:
@@ -93,7 +116,9 @@ class Scored:
         self.conversations = base["conversations"]
         missing = [c["id"] for c in self.conversations if c["id"] not in test]
         if missing:
-            raise InputError(f"{TEST_SETS[name]}: conversations {missing[:3]} were scored but are not in it; rerun the score stages")
+            raise InputError(
+                f"{TEST_SETS[name]}: conversations {missing[:3]} were scored but are not in it; rerun the score stages"
+            )
         self.messages = [test[c["id"]]["messages"] for c in self.conversations]
         self.scores = {"base": base, "finetuned": tuned}
         generated = [r for r in base["replies"] if "reply" in r]
@@ -107,7 +132,9 @@ class Scored:
         self.semantic = {model: similarities(*encoder, texts[model], humans) for model in MODELS}
         self.semantic["human"] = [1.0] * len(humans)
 
-    def units(self, name: str, key: Callable[[int, int], Hashable] = lambda conversation, turn: None) -> dict[Hashable, list[ConversationScores]]:
+    def units(
+        self, name: str, key: Callable[[int, int], Hashable] = lambda conversation, turn: None
+    ) -> dict[Hashable, list[ConversationScores]]:
         """ConversationScores of model `name` ('human' for the human replies), one per (conversation, key) with
         the turns whose key(conversation, turn) is that key; grouped by key."""
         source = self.scores["base" if name == "human" else name]
@@ -132,9 +159,18 @@ class Scored:
             human = self.messages[r["conversation"]][r["turn"]]["content"]
             text, stopped = (human, r["human_fits_max_new_tokens"]) if name == "human" else (r["reply"], r["stopped"])
             piece(r["conversation"], r["turn"]).replies.append(
-                Reply(r["turn"], text, human, stopped, self.relevance[name][index], self.semantic[name][index], self.contexts[index]))
+                Reply(
+                    r["turn"],
+                    text,
+                    human,
+                    stopped,
+                    self.relevance[name][index],
+                    self.semantic[name][index],
+                    self.contexts[index],
+                )
+            )
         grouped: dict[Hashable, list[ConversationScores]] = {}
-        for (conversation, k), unit in sorted(pieces.items(), key=lambda item: item[0][0]):
+        for (_, k), unit in sorted(pieces.items(), key=lambda item: item[0][0]):
             grouped.setdefault(k, []).append(unit)
         return grouped
 
@@ -159,8 +195,15 @@ def compare(sets: dict[str, MetricSet], params: EvaluateParams, seed: int) -> di
     everything = list(range(len(sets["base"])))
     intervals, identical = {}, {}
     for name in HEADLINE:
-        intervals[name] = paired_change(name, sets["finetuned"], sets["base"], boot.resamples, boot.confidence, seed,
-                                        human=sets["human"] if name in HUMAN_REFERENCED else None)
+        intervals[name] = paired_change(
+            name,
+            sets["finetuned"],
+            sets["base"],
+            boot.resamples,
+            boot.confidence,
+            seed,
+            human=sets["human"] if name in HUMAN_REFERENCED else None,
+        )
         a, b = sets["finetuned"].metric(name, everything), sets["base"].metric(name, everything)
         identical[name] = a == b or (math.isnan(a) and math.isnan(b))
     verdicts = family_verdicts(intervals, 1.0 - boot.confidence, identical)
@@ -169,8 +212,11 @@ def compare(sets: dict[str, MetricSet], params: EvaluateParams, seed: int) -> di
         p, word = verdicts[name]
         interval = {k: (v if math.isfinite(v) else None) for k, v in intervals[name].as_dict().items()}
         change["perplexity_improvement" if name == "perplexity" else name] = {
-            **interval, "measures": "distance_to_human" if name in HUMAN_REFERENCED else "change",
-            "p_holm": round(p, 4) if math.isfinite(p) else None, "verdict": word}
+            **interval,
+            "measures": "distance_to_human" if name in HUMAN_REFERENCED else "change",
+            "p_holm": round(p, 4) if math.isfinite(p) else None,
+            "verdict": word,
+        }
     return change
 
 
@@ -188,29 +234,54 @@ def quality_gate(change: dict, tuned: dict, params: EvaluateParams) -> dict:
 
     def check(name: str, value: float, bound: float, threshold: float, at_least: bool) -> None:
         passed = math.isfinite(bound) and (bound >= threshold if at_least else bound <= threshold)
-        checks[name] = {"value": value, "bound": bound if math.isfinite(bound) else None,
-                        ("minimum" if at_least else "maximum"): threshold, "passed": bool(passed)}
+        checks[name] = {
+            "value": value,
+            "bound": bound if math.isfinite(bound) else None,
+            ("minimum" if at_least else "maximum"): threshold,
+            "passed": bool(passed),
+        }
 
     improvement = change["perplexity_improvement"]
     check("perplexity_improvement", improvement["value"], _nan(improvement[low]), gate.min_perplexity_improvement, True)
     check("stop_rate", tuned["stop_rate"], bound_of(tuned, "stop_rate", low), gate.min_stop_rate, True)
-    check("empty_reply_rate", tuned["empty_reply_rate"], bound_of(tuned, "empty_reply_rate", high), gate.max_empty_reply_rate, False)
+    check(
+        "empty_reply_rate",
+        tuned["empty_reply_rate"],
+        bound_of(tuned, "empty_reply_rate", high),
+        gate.max_empty_reply_rate,
+        False,
+    )
     if gate.max_generic_reply_share is not None:
-        check("generic_reply_share", tuned["generic_reply_share"], bound_of(tuned, "generic_reply_share", high),
-              gate.max_generic_reply_share, False)
+        check(
+            "generic_reply_share",
+            tuned["generic_reply_share"],
+            bound_of(tuned, "generic_reply_share", high),
+            gate.max_generic_reply_share,
+            False,
+        )
     if gate.min_ranking_change is not None:
         ranking = change["next_reply_hits_at_1"]
         check("next_reply_hits_at_1_change", ranking["value"], _nan(ranking[low]), gate.min_ranking_change, True)
-    return {"passed": all(c["passed"] for c in checks.values()),
-            "compares": "interval bound" if gate.use_lower_bound else "point estimate", **checks}
+    return {
+        "passed": all(c["passed"] for c in checks.values()),
+        "compares": "interval bound" if gate.use_lower_bound else "point estimate",
+        **checks,
+    }
 
 
 def _nan(value: float | None) -> float:
     return float("nan") if value is None else float(value)
 
 
-def slice_table(scored: Scored, key_name: str, key: Callable[[int, int], Hashable], order: list, merge: Callable[[list], list],
-                params: EvaluateParams, seed: int) -> list[dict]:
+def slice_table(
+    scored: Scored,
+    key_name: str,
+    key: Callable[[int, int], Hashable],
+    order: list,
+    merge: Callable[[list], list],
+    params: EvaluateParams,
+    seed: int,
+) -> list[dict]:
     """Per-slice values with their intervals and support; slices with fewer than `min_slice_replies` generated
     replies are merged."""
     by_model = {name: scored.units(name, key) for name in MODELS}
@@ -226,7 +297,9 @@ def slice_table(scored: Scored, key_name: str, key: Callable[[int, int], Hashabl
         for name in MODELS:
             metrics = MetricSet(units[name])
             for metric in SLICE_METRICS:
-                interval = metric_interval(metrics, metric, params.bootstrap.resamples, params.bootstrap.confidence, seed)
+                interval = metric_interval(
+                    metrics, metric, params.bootstrap.resamples, params.bootstrap.confidence, seed
+                )
                 row.update(interval_fields(f"{name}_{metric}", interval))
         rows.append(row)
     return rows
@@ -237,11 +310,13 @@ def merge_small_topics(min_replies: int) -> Callable[[list], list]:
         kept = [(k, [k]) for k, n in items if n >= min_replies]
         small = [k for k, n in items if n < min_replies]
         return kept + ([(f"other ({len(small)} topics)", small)] if small else [])
+
     return merge
 
 
 def merge_small_depths(min_replies: int) -> Callable[[list], list]:
     """Ordered buckets: a bucket below the minimum joins the one before it (the first joins the next)."""
+
     def merge(items: list) -> list:
         groups: list[list] = []  # [label, members, support]
         for k, n in items:
@@ -251,6 +326,7 @@ def merge_small_depths(min_replies: int) -> Callable[[list], list]:
             else:
                 groups.append([k, [k], n])
         return [(label, members) for label, members, _ in groups]
+
     return merge
 
 
@@ -274,17 +350,37 @@ def evaluate_set(name: str, scored: Scored, params: EvaluateParams, seed: int) -
     results["change"] = compare(metric_sets, params, seed)
     edges = params.depth_buckets
     depth_key = lambda conversation, turn: depth_bucket(turn + 1, edges)  # noqa: E731
-    by_depth = slice_table(scored, "depth", depth_key, edges, merge_small_depths(params.min_slice_replies), params, seed) \
-        if name == "test" else []  # one curve per plot: the seen-topic test set
+    by_depth = (
+        slice_table(scored, "depth", depth_key, edges, merge_small_depths(params.min_slice_replies), params, seed)
+        if name == "test"
+        else []
+    )  # one curve per plot: the seen-topic test set
     topics = sorted({c["topic"] for c in scored.conversations})
-    by_topic = [{"set": name, **row} for row in
-                slice_table(scored, "topic", lambda conversation, turn: scored.conversations[conversation]["topic"], topics,
-                            merge_small_topics(params.min_slice_replies), params, seed)]
+    by_topic = [
+        {"set": name, **row}
+        for row in slice_table(
+            scored,
+            "topic",
+            lambda conversation, turn: scored.conversations[conversation]["topic"],
+            topics,
+            merge_small_topics(params.min_slice_replies),
+            params,
+            seed,
+        )
+    ]
     by_id = {model: {unit.id: unit for unit in units} for model, units in whole.items()}
-    per_conversation = [{"id": meta["id"], "topic": meta["topic"], "set": name,
-                         **{model: _plain(by_id[model].get(meta["id"], ConversationScores(meta["id"], meta["topic"])))
-                            for model in (*MODELS, "human")}}
-                        for meta in scored.conversations]
+    per_conversation = [
+        {
+            "id": meta["id"],
+            "topic": meta["topic"],
+            "set": name,
+            **{
+                model: _plain(by_id[model].get(meta["id"], ConversationScores(meta["id"], meta["topic"])))
+                for model in (*MODELS, "human")
+            },
+        }
+        for meta in scored.conversations
+    ]
     return results, by_depth, by_topic, per_conversation
 
 
@@ -294,9 +390,15 @@ def evaluate(params: EvaluateParams, seed: int) -> dict[str, Any]:
     encoder = load_encoder()
     results: dict[str, Any] = {
         "precision": {name: {"base": base, "finetuned": tuned}[name]["precision"] for name in MODELS},
-        "bootstrap": {"unit": "conversation", "resamples": params.bootstrap.resamples,
-                      "confidence": params.bootstrap.confidence, "seed": seed, "multiplicity": "Holm within each family",
-                      "primary": list(PRIMARY), "human_referenced": list(HUMAN_REFERENCED)},
+        "bootstrap": {
+            "unit": "conversation",
+            "resamples": params.bootstrap.resamples,
+            "confidence": params.bootstrap.confidence,
+            "seed": seed,
+            "multiplicity": "Holm within each family",
+            "primary": list(PRIMARY),
+            "human_referenced": list(HUMAN_REFERENCED),
+        },
         "setup": base.get("setup", {}),
     }
     by_depth, by_topic, per_conversation = [], [], []
@@ -327,14 +429,21 @@ def _plain(unit: ConversationScores) -> dict:
 
 def summary_line(results: dict) -> str:
     base, tuned, change = results["base"], results["finetuned"], results["change"]
-    improvement, ranking, semantic = change["perplexity_improvement"], change["next_reply_hits_at_1"], change["semantic_similarity"]
+    improvement, ranking, semantic = (
+        change["perplexity_improvement"],
+        change["next_reply_hits_at_1"],
+        change["semantic_similarity"],
+    )
     gate = results["gate"]
-    return (f"evaluate: {results['test_conversations']} conversations, {results['generated_replies']} replies; perplexity "
-            f"{base['perplexity']:.2f} -> {tuned['perplexity']:.2f} ({improvement['verdict']}); next-reply hits@1 "
-            f"{base['next_reply_hits_at_1']} -> {tuned['next_reply_hits_at_1']} ({ranking['verdict']}); semantic similarity "
-            f"{base['semantic_similarity']} -> {tuned['semantic_similarity']} ({semantic['verdict']}); generic replies "
-            f"{tuned['generic_reply_share']} (human {results['human']['generic_reply_share']}); "
-            f"gate {'passed' if gate['passed'] else 'FAILED'} ({gate['compares']})")
+    return (
+        f"evaluate: {results['test_conversations']} conversations, {results['generated_replies']} replies; perplexity "
+        f"{base['perplexity']:.2f} -> {tuned['perplexity']:.2f} ({improvement['verdict']}); next-reply hits@1 "
+        f"{base['next_reply_hits_at_1']} -> {tuned['next_reply_hits_at_1']} ({ranking['verdict']}); "
+        "semantic similarity "
+        f"{base['semantic_similarity']} -> {tuned['semantic_similarity']} ({semantic['verdict']}); generic replies "
+        f"{tuned['generic_reply_share']} (human {results['human']['generic_reply_share']}); "
+        f"gate {'passed' if gate['passed'] else 'FAILED'} ({gate['compares']})"
+    )
 
 
 def main() -> int:
@@ -342,8 +451,14 @@ def main() -> int:
     out = evaluate(params.evaluate, params.seed)
     results = out["results"]
     # The four files are one result: published together or not at all (docs/DESIGN.md §9).
-    write_json_files({EVAL_METRICS: results, BY_DEPTH: out["by_depth"], BY_TOPIC: out["by_topic"],
-                      PER_CONVERSATION: out["per_conversation"]})
+    write_json_files(
+        {
+            EVAL_METRICS: results,
+            BY_DEPTH: out["by_depth"],
+            BY_TOPIC: out["by_topic"],
+            PER_CONVERSATION: out["per_conversation"],
+        }
+    )
     print(summary_line(results))
     if params.evaluate.gate.fail_on_gate and not results["gate"]["passed"]:
         print("error: quality gate failed (evaluate.gate.fail_on_gate is true)", file=sys.stderr)

@@ -6,6 +6,7 @@ the model never trains or validates on them, so scores there measure adaptabilit
 Writes data/processed/{train,val,test,test_unseen}.jsonl, metrics/data.json (counts, drop reasons, statistics) and
 metrics/data_topics.json (conversations per topic, a plot). Streams: memory holds hashes and sizes, not text.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,16 @@ from tqdm import tqdm
 
 from stages.lib.atomic import publish_together
 from stages.lib.cli import run
-from stages.lib.conversations import (Conversation, InputError, Message, lines_dataset, map_workers, parse_json_line, topic_of,
-                                      validate_conversation)
+from stages.lib.conversations import (
+    Conversation,
+    InputError,
+    Message,
+    lines_dataset,
+    map_workers,
+    parse_json_line,
+    topic_of,
+    validate_conversation,
+)
 from stages.lib.params import PreprocessParams, load_params
 from stages.lib.paths import PROCESSED, RAW
 
@@ -100,7 +109,9 @@ def drop_reason(messages: list[Message], params: PreprocessParams) -> str | None
     return None
 
 
-def clean_candidate(conversation: Conversation, params: PreprocessParams, stats: Counter) -> tuple[Conversation, str | None]:
+def clean_candidate(
+    conversation: Conversation, params: PreprocessParams, stats: Counter
+) -> tuple[Conversation, str | None]:
     """Clean and merge one conversation; returns it and why it is dropped (None: kept, unless a duplicate)."""
     cleaned: list[Message] = []
     for message in conversation["messages"]:
@@ -152,22 +163,48 @@ def clean_rows(lines: list[str], indices: list[int], params: PreprocessParams, p
     for line, index in zip(lines, indices):
         stats: Counter = Counter()
         if not line.strip():
-            row = {"line": "", "reason": "blank", "exact": b"", "near": b"", "topic": "", "turns": 0, "chars": 0, "raw_turns": 0}
+            row = {
+                "line": "",
+                "reason": "blank",
+                "exact": b"",
+                "near": b"",
+                "topic": "",
+                "turns": 0,
+                "chars": 0,
+                "raw_turns": 0,
+            }
         else:
             where = f"{path}:{index + 1}"
             conversation = validate_conversation(parse_json_line(line, where), where)
             candidate, reason = clean_candidate(conversation, params, stats)
-            row = {"line": json.dumps(candidate, ensure_ascii=False) + "\n", "reason": reason or "",
-                   "exact": digest(exact_key(candidate)), "near": digest(near_key(candidate)), "topic": topic_of(candidate),
-                   "turns": len(candidate["messages"]), "chars": sum(len(m["content"]) for m in candidate["messages"]),
-                   "raw_turns": len(conversation["messages"])}
+            row = {
+                "line": json.dumps(candidate, ensure_ascii=False) + "\n",
+                "reason": reason or "",
+                "exact": digest(exact_key(candidate)),
+                "near": digest(near_key(candidate)),
+                "topic": topic_of(candidate),
+                "turns": len(candidate["messages"]),
+                "chars": sum(len(m["content"]) for m in candidate["messages"]),
+                "raw_turns": len(conversation["messages"]),
+            }
         row.update(empty_turns_removed=stats["empty_turns_removed"], turns_merged=stats["turns_merged"])
         for name in ROW_FIELDS:
             out[name].append(row[name])
     return out
 
 
-ROW_FIELDS = ("line", "reason", "exact", "near", "topic", "turns", "chars", "raw_turns", "empty_turns_removed", "turns_merged")
+ROW_FIELDS = (
+    "line",
+    "reason",
+    "exact",
+    "near",
+    "topic",
+    "turns",
+    "chars",
+    "raw_turns",
+    "empty_turns_removed",
+    "turns_merged",
+)
 
 
 def split_indices(labels: list[str], params: PreprocessParams, seed: int) -> tuple[dict[str, list[int]], str]:
@@ -191,7 +228,11 @@ def split_indices(labels: list[str], params: PreprocessParams, seed: int) -> tup
             inner = GroupShuffleSplit(n_splits=1, test_size=test_share, random_state=seed)
             val_pos, test_pos = next(inner.split(rest_idx, groups=groups[rest_idx]))
             val_idx, test_idx = rest_idx[val_pos], rest_idx[test_pos]
-        return {"train": sorted(train_idx.tolist()), "val": sorted(val_idx.tolist()), "test": sorted(test_idx.tolist())}, method
+        return {
+            "train": sorted(train_idx.tolist()),
+            "val": sorted(val_idx.tolist()),
+            "test": sorted(test_idx.tolist()),
+        }, method
     stratify = None
     if method == "stratify_topic":
         counts = Counter(labels)
@@ -207,7 +248,11 @@ def split_indices(labels: list[str], params: PreprocessParams, seed: int) -> tup
         val_idx, test_idx = (rest_idx, rest_idx[:0]) if test_share < 1.0 else (rest_idx[:0], rest_idx)
     else:
         val_idx, test_idx = train_test_split(rest_idx, test_size=test_share, random_state=seed)
-    return {"train": sorted(train_idx.tolist()), "val": sorted(val_idx.tolist()), "test": sorted(test_idx.tolist())}, method
+    return {
+        "train": sorted(train_idx.tolist()),
+        "val": sorted(val_idx.tolist()),
+        "test": sorted(test_idx.tolist()),
+    }, method
 
 
 def unseen_topics(topics: list[str], count: int, seed: int) -> list[str]:
@@ -221,7 +266,9 @@ def unseen_topics(topics: list[str], count: int, seed: int) -> list[str]:
     return sorted(random.Random(seed).sample(named, count))
 
 
-def split_with_unseen(topics: list[str], params: PreprocessParams, seed: int) -> tuple[dict[str, list[int]], str, list[str]]:
+def split_with_unseen(
+    topics: list[str], params: PreprocessParams, seed: int
+) -> tuple[dict[str, list[int]], str, list[str]]:
     """train/val/test over the conversations of the seen topics, and test_unseen: every conversation of the
     held-out topics."""
     held = set(unseen_topics(topics, params.unseen_topics, seed))
@@ -248,19 +295,33 @@ def describe(values: np.ndarray) -> dict[str, float]:
     if not len(values):
         return {"mean": 0.0, "p50": 0.0, "p95": 0.0}
     array = np.asarray(values, dtype=float)
-    return {"mean": round(float(array.mean()), 2), "p50": float(np.percentile(array, 50)), "p95": round(float(np.percentile(array, 95)), 2)}
+    return {
+        "mean": round(float(array.mean()), 2),
+        "p50": float(np.percentile(array, 50)),
+        "p95": round(float(np.percentile(array, 95)), 2),
+    }
 
 
 def split_report(turns: np.ndarray, chars: np.ndarray) -> dict:
-    return {"conversations": len(turns), "turns": int(turns.sum()), "turns_per_conversation": describe(turns), "chars_per_conversation": describe(chars)}
+    return {
+        "conversations": len(turns),
+        "turns": int(turns.sum()),
+        "turns_per_conversation": describe(turns),
+        "chars_per_conversation": describe(chars),
+    }
 
 
 def check_held_out(params: PreprocessParams, counts: dict[str, int], kept: int) -> None:
     """A held-out split asked for but empty would fail much later (evaluate, after training): stop here."""
-    for name, fraction, key in (("test", params.test_fraction, "test_fraction"), ("val", params.val_fraction, "val_fraction")):
+    for name, fraction, key in (
+        ("test", params.test_fraction, "test_fraction"),
+        ("val", params.val_fraction, "val_fraction"),
+    ):
         if fraction > 0 and counts[name] == 0:
-            raise InputError(f"preprocess: the {name} split is empty ({kept} conversations kept, {key}={fraction}); "
-                             f"raise preprocess.{key} or bring more conversations")
+            raise InputError(
+                f"preprocess: the {name} split is empty ({kept} conversations kept, {key}={fraction}); "
+                f"raise preprocess.{key} or bring more conversations"
+            )
 
 
 class Kept:
@@ -279,7 +340,9 @@ class Kept:
         self.chars.append(row["chars"])
 
 
-def preprocess(raw_path: Path, out_dir: ContextManager[Path], params: PreprocessParams, seed: int, cache: Path) -> tuple[dict, list[dict]]:
+def preprocess(
+    raw_path: Path, out_dir: ContextManager[Path], params: PreprocessParams, seed: int, cache: Path
+) -> tuple[dict, list[dict]]:
     """Stream `raw_path` into {train,val,test}.jsonl in the directory `out_dir` gets (a context manager
     yielding it, entered only for the last pass); returns the report and the per-topic table.
 
@@ -292,12 +355,23 @@ def preprocess(raw_path: Path, out_dir: ContextManager[Path], params: Preprocess
     raw_conversations = raw_turns = 0
     scratch = cache / "kept.jsonl"
     lines = lines_dataset(raw_path, cache)
-    cleaned = lines.map(clean_rows, batched=True, batch_size=CLEAN_BATCH, with_indices=True, input_columns="text",
-                        remove_columns=["text"], num_proc=map_workers(len(lines), CLEAN_BATCH), desc="preprocess clean",
-                        fn_kwargs={"params": params, "path": str(raw_path)}, cache_file_name=str(cache / "cleaned.arrow"),
-                        new_fingerprint=hashlib.sha256(f"{raw_path} {params.model_dump_json()}".encode()).hexdigest()[:16])
+    cleaned = lines.map(
+        clean_rows,
+        batched=True,
+        batch_size=CLEAN_BATCH,
+        with_indices=True,
+        input_columns="text",
+        remove_columns=["text"],
+        num_proc=map_workers(len(lines), CLEAN_BATCH),
+        desc="preprocess clean",
+        fn_kwargs={"params": params, "path": str(raw_path)},
+        cache_file_name=str(cache / "cleaned.arrow"),
+        new_fingerprint=hashlib.sha256(f"{raw_path} {params.model_dump_json()}".encode()).hexdigest()[:16],
+    )
     with scratch.open("w", encoding="utf-8") as handle:
-        for batch in tqdm(cleaned.iter(batch_size=1000), desc="preprocess dedup", unit="batch", mininterval=2.0, leave=False):
+        for batch in tqdm(
+            cleaned.iter(batch_size=1000), desc="preprocess dedup", unit="batch", mininterval=2.0, leave=False
+        ):
             for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
                 stats["empty_turns_removed"] += row["empty_turns_removed"]
                 stats["turns_merged"] += row["turns_merged"]
@@ -332,16 +406,29 @@ def preprocess(raw_path: Path, out_dir: ContextManager[Path], params: Preprocess
     report = {
         "input": {"conversations": raw_conversations, "turns": raw_turns},
         "output": split_report(turns[order], chars[order]),
-        "dropped": {key.removeprefix("dropped_"): stats.get(key, 0) for key in ("dropped_turn_too_long", "dropped_too_few_turns", "dropped_no_assistant_turn", "dropped_duplicate")},
-        "cleaning": {"empty_turns_removed": stats.get("empty_turns_removed", 0), "turns_merged": stats.get("turns_merged", 0)},
+        "dropped": {
+            key.removeprefix("dropped_"): stats.get(key, 0)
+            for key in (
+                "dropped_turn_too_long",
+                "dropped_too_few_turns",
+                "dropped_no_assistant_turn",
+                "dropped_duplicate",
+            )
+        },
+        "cleaning": {
+            "empty_turns_removed": stats.get("empty_turns_removed", 0),
+            "turns_merged": stats.get("turns_merged", 0),
+        },
         "leakage_removed": leaked,
         "split_method": method,
         "unseen_topics": len(held_topics),  # named in metrics/data_topics.json, not one metric column each
         "splits": {name: split_report(turns[assignment[name]], chars[assignment[name]]) for name in SPLITS},
         "topics": len(topic_counts),
     }
-    table = [{"topic": topic, "conversations": count, "held_out": topic in held_topics}
-             for topic, count in sorted(topic_counts.items())]
+    table = [
+        {"topic": topic, "conversations": count, "held_out": topic in held_topics}
+        for topic, count in sorted(topic_counts.items())
+    ]
     return report, table
 
 
@@ -352,17 +439,23 @@ def main() -> int:
     # Scratch (the cleaned corpus, datasets' Arrow files) in the system's temporary directory (TMPDIR): a
     # killed run whose rerun DVC restores from its run-cache leaves nothing beside the outputs.
     # The splits and their report are published together, or none of them (docs/DESIGN.md §9).
-    with tempfile.TemporaryDirectory(prefix="preprocess.") as cache, \
-            publish_together(files=[DATA_METRICS, TOPIC_PLOT], dirs=[PROCESSED]) as outputs:
-        report, topics = preprocess(RAW, contextlib.nullcontext(outputs[PROCESSED]), params.preprocess, params.seed, Path(cache))
+    with (
+        tempfile.TemporaryDirectory(prefix="preprocess.") as cache,
+        publish_together(files=[DATA_METRICS, TOPIC_PLOT], dirs=[PROCESSED]) as outputs,
+    ):
+        report, topics = preprocess(
+            RAW, contextlib.nullcontext(outputs[PROCESSED]), params.preprocess, params.seed, Path(cache)
+        )
         outputs.write_json(DATA_METRICS, report)
         outputs.write_json(TOPIC_PLOT, topics)
     dropped = sum(report["dropped"].values())
     counts = ", ".join(f"{name} {report['splits'][name]['conversations']}" for name in SPLITS)
     held = [row["topic"] for row in topics if row["held_out"]]
     counts += f" (topics held out of training: {'; '.join(held) or 'none'})"
-    print(f"preprocess: {report['input']['conversations']} -> {report['output']['conversations']} conversations "
-          f"({dropped} dropped, {sum(report['leakage_removed'].values())} leaked near-duplicates removed); {counts}")
+    print(
+        f"preprocess: {report['input']['conversations']} -> {report['output']['conversations']} conversations "
+        f"({dropped} dropped, {sum(report['leakage_removed'].values())} leaked near-duplicates removed); {counts}"
+    )
     return 0
 
 

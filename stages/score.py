@@ -12,6 +12,7 @@ scores the same conversation. `evaluate` turns both models' scores into metrics 
 model's scores depend only on the base model, the test sets and the scoring params, so a training
 experiment never re-scores it (DVC restores them from its cache).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,8 +74,14 @@ class Work:
         return (count, round(sum(p for p, _ in self.calls) / count), round(sum(h for _, h in self.calls) / count))
 
 
-def fluency(model: Any, tokenizer: Any, conversations: list[Conversation], max_length: int, batch_size: int,
-            work: Work | None = None) -> list[dict]:
+def fluency(
+    model: Any,
+    tokenizer: Any,
+    conversations: list[Conversation],
+    max_length: int,
+    batch_size: int,
+    work: Work | None = None,
+) -> list[dict]:
     """Per assistant turn: summed NLL, tokens, correct argmax and the reply's own UTF-8 bytes.
 
     Each turn is scored once, in the window that trains it (DESIGN §4.5), with the labels of training."""
@@ -83,7 +90,9 @@ def fluency(model: Any, tokenizer: Any, conversations: list[Conversation], max_l
     for index, conversation in enumerate(conversations):
         messages = conversation["messages"]
         for example in windows(tokenizer, messages, max_length, "assistant", cost, WindowStats()):
-            turns = [(index, t) for t in range(example.turns[0], example.turns[1] + 1) if messages[t]["role"] == "assistant"]
+            turns = [
+                (index, t) for t in range(example.turns[0], example.turns[1] + 1) if messages[t]["role"] == "assistant"
+            ]
             rows.append((example.input_ids, example.labels, turns))
     rows.sort(key=lambda row: len(row[0]))  # similar lengths batch together: less padding
     records: list[dict] = []
@@ -91,7 +100,10 @@ def fluency(model: Any, tokenizer: Any, conversations: list[Conversation], max_l
     with torch.inference_mode():
         for start in tqdm(range(0, len(rows), batch_size), desc="perplexity", unit="batch", leave=False):
             chunk = rows[start : start + batch_size]
-            batch = {k: v.to(model.device) for k, v in collate([{"input_ids": ids, "labels": labels} for ids, labels, _ in chunk]).items()}
+            batch = {
+                k: v.to(model.device)
+                for k, v in collate([{"input_ids": ids, "labels": labels} for ids, labels, _ in chunk]).items()
+            }
             scored = trained_logits(model, batch)
             if work is not None:
                 work.calls.append((batch["input_ids"].numel(), scored.targets.numel()))
@@ -107,11 +119,16 @@ def fluency(model: Any, tokenizer: Any, conversations: list[Conversation], max_l
                 for run_index, (conversation, turn) in enumerate(turns):
                     selected = runs_t == run_index
                     content = conversations[conversation]["messages"][turn]["content"]
-                    records.append({"conversation": conversation, "turn": turn,
-                                    "nll": float(nll[offset : offset + len(positions)][selected].sum()),
-                                    "tokens": int(selected.sum()),
-                                    "correct": int(correct[offset : offset + len(positions)][selected].sum()),
-                                    "bytes": len(content.encode("utf-8"))})
+                    records.append(
+                        {
+                            "conversation": conversation,
+                            "turn": turn,
+                            "nll": float(nll[offset : offset + len(positions)][selected].sum()),
+                            "tokens": int(selected.sum()),
+                            "correct": int(correct[offset : offset + len(positions)][selected].sum()),
+                            "bytes": len(content.encode("utf-8")),
+                        }
+                    )
                 offset += len(positions)
     return sorted(records, key=lambda r: (r["conversation"], r["turn"]))
 
@@ -121,29 +138,41 @@ def turn_order(conversation: Conversation, seed: int) -> list[int]:
     conversation's id alone: the first k are the scored turns, so they do not change when other conversations
     or `turns_per_conversation` do (a larger k adds turns, never swaps them)."""
     messages = conversation["messages"]
-    candidates = [t for t, m in enumerate(messages) if m["role"] == "assistant" and any(p["role"] == "user" for p in messages[:t])]
+    candidates = [
+        t for t, m in enumerate(messages) if m["role"] == "assistant" and any(p["role"] == "user" for p in messages[:t])
+    ]
     random.Random(f"{seed}/{conversation['id']}").shuffle(candidates)
     return candidates
 
 
 def pick_turns(conversations: list[Conversation], per_conversation: int, seed: int) -> list[tuple[int, int]]:
     """(conversation index, assistant turn) pairs: the first `per_conversation` of each `turn_order`."""
-    return [(index, turn) for index, conversation in enumerate(conversations)
-            for turn in sorted(turn_order(conversation, seed)[:per_conversation])]
+    return [
+        (index, turn)
+        for index, conversation in enumerate(conversations)
+        for turn in sorted(turn_order(conversation, seed)[:per_conversation])
+    ]
 
 
 def words_in(text: str) -> int:
     return len(text.split())
 
 
-def distractors(conversations: list[Conversation], index: int, turn: int, count: int, seed: int) -> list[tuple[int, int]]:
+def distractors(
+    conversations: list[Conversation], index: int, turn: int, count: int, seed: int
+) -> list[tuple[int, int]]:
     """`count` (conversation, turn) replies of OTHER conversations with as many words as the real reply (the
     nearest lengths when too few have exactly as many), a seeded choice: length alone cannot pick the real one.
     Any non-system message is a real human reply to something, so any can serve."""
     real = conversations[index]["messages"][turn]["content"]
     target = words_in(real)
-    pool = [(abs(words_in(m["content"]) - target), c, t) for c, conversation in enumerate(conversations) if c != index
-            for t, m in enumerate(conversation["messages"]) if m["role"] != "system" and m["content"].strip() != real.strip()]
+    pool = [
+        (abs(words_in(m["content"]) - target), c, t)
+        for c, conversation in enumerate(conversations)
+        if c != index
+        for t, m in enumerate(conversation["messages"])
+        if m["role"] != "system" and m["content"].strip() != real.strip()
+    ]
     pool.sort()
     if len(pool) < count:
         return []
@@ -168,6 +197,7 @@ def candidate_log_probs(model: Any, tokenizer: Any, history: list, replies: list
 
     The context runs once; its KV cache is repeated for the candidates (it is the same prefix for all of them
     when the tokenizer cuts the text at the reply's start, as byte-level BPE does after a template header)."""
+
     def examples(kept: list) -> list:
         return [encode(tokenizer, [*kept, {"role": "assistant", "content": reply}]) for reply in replies]
 
@@ -182,26 +212,40 @@ def candidate_log_probs(model: Any, tokenizer: Any, history: list, replies: list
         cache.batch_repeat_interleave(len(rows))
         width = max(len(ids) - prefix_length for _, _, ids in rows)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        tails = torch.tensor([ids[prefix_length:] + [pad] * (width - len(ids) + prefix_length) for _, _, ids in rows], device=device)
-        targets = torch.tensor([labels[prefix_length:] + [IGNORE_INDEX] * (width - len(labels) + prefix_length)
-                                for labels, _, _ in rows], device=device)
-        real = torch.tensor([[1] * (len(ids) - prefix_length) + [0] * (width - len(ids) + prefix_length) for _, _, ids in rows],
-                            device=device)
+        tails = torch.tensor(
+            [ids[prefix_length:] + [pad] * (width - len(ids) + prefix_length) for _, _, ids in rows], device=device
+        )
+        targets = torch.tensor(
+            [labels[prefix_length:] + [IGNORE_INDEX] * (width - len(labels) + prefix_length) for labels, _, _ in rows],
+            device=device,
+        )
+        real = torch.tensor(
+            [[1] * (len(ids) - prefix_length) + [0] * (width - len(ids) + prefix_length) for _, _, ids in rows],
+            device=device,
+        )
         mask = torch.cat([torch.ones(len(rows), prefix_length, dtype=torch.long, device=device), real], 1)
         tail_logits = model(input_ids=tails, attention_mask=mask, past_key_values=cache, use_cache=True).logits
         # The context's last position predicts each reply's first token; position t of the tail predicts t + 1.
         logits = torch.cat([context.logits[:, -1:].expand(len(rows), 1, -1), tail_logits[:, :-1]], 1).float()
     else:  # a tokenizer that merges across the reply's start: each candidate in full
-        batch = {k: v.to(device) for k, v in collator(tokenizer)([{"input_ids": ids, "labels": labels} for labels, _, ids in rows]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1].float()
+        batch = {
+            k: v.to(device)
+            for k, v in collator(tokenizer)([{"input_ids": ids, "labels": labels} for labels, _, ids in rows]).items()
+        }
+        logits = (
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            .logits[:, :-1]
+            .float()
+        )
         targets = batch["labels"][:, 1:]
     log_probs = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     trained = targets != IGNORE_INDEX
     return ((log_probs * trained).sum(1) / trained.sum(1)).tolist()
 
 
-def rank(model: Any, tokenizer: Any, conversations: list[Conversation], params: RankingParams, max_length: int,
-         seed: int) -> list[dict]:
+def rank(
+    model: Any, tokenizer: Any, conversations: list[Conversation], params: RankingParams, max_length: int, seed: int
+) -> list[dict]:
     """Next-reply ranking: for the first `params.turns_per_conversation` scored turns of each conversation, the
     model's mean log-probability of the real reply (first) and of `candidates - 1` length-matched distractors."""
     records = []
@@ -217,13 +261,28 @@ def rank(model: Any, tokenizer: Any, conversations: list[Conversation], params: 
                     scores = candidate_log_probs(model, tokenizer, list(messages[:turn]), replies, max_length)
                 except TemplateError:
                     continue  # the last user turn and a candidate do not fit max_length: the same for every model
-                records.append({"conversation": index, "turn": turn, "scores": [round(x, 6) for x in scores],
-                                "distractors": [f"{conversations[c]['id']}/{t}" for c, t in others]})
+                records.append(
+                    {
+                        "conversation": index,
+                        "turn": turn,
+                        "scores": [round(x, 6) for x in scores],
+                        "distractors": [f"{conversations[c]['id']}/{t}" for c, t in others],
+                    }
+                )
     return records
 
 
-def generate(model: Any, tokenizer: Any, conversations: list[Conversation], turns: list[tuple[int, int]],
-             params: EvaluateParams, max_length: int, seed: int, prefills: Work | None = None, steps: Work | None = None) -> list[dict]:
+def generate(
+    model: Any,
+    tokenizer: Any,
+    conversations: list[Conversation],
+    turns: list[tuple[int, int]],
+    params: EvaluateParams,
+    max_length: int,
+    seed: int,
+    prefills: Work | None = None,
+    steps: Work | None = None,
+) -> list[dict]:
     """Batched greedy (or sampled) replies with left padding and the KV cache, one per chosen turn."""
     stop_ids = stop_token_ids(tokenizer, model.generation_config.eos_token_id)
     budget = max_length - params.max_new_tokens
@@ -236,7 +295,9 @@ def generate(model: Any, tokenizer: Any, conversations: list[Conversation], turn
             skipped.append(k)  # its last user turn alone exceeds the prompt budget; the same for every model
     order = sorted(prompts, key=lambda k: (len(prompts[k]), k))
     left_pad = collator(tokenizer, side="left")
-    keeps_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters  # generate's prefill: one head row per prompt
+    keeps_last_logits = (
+        "logits_to_keep" in inspect.signature(model.forward).parameters
+    )  # generate's prefill: one head row per prompt
     replies: dict[int, dict] = {}
     torch.manual_seed(seed)
     with torch.inference_mode():
@@ -252,37 +313,61 @@ def generate(model: Any, tokenizer: Any, conversations: list[Conversation], turn
             for row, k in zip(output[:, width:].tolist(), chunk):
                 stop = next((i for i, token in enumerate(row) if token in stop_ids), None)
                 reply = row if stop is None else row[:stop]
-                replies[k] = {"reply": tokenizer.decode(reply, skip_special_tokens=True).strip(), "stopped": stop is not None}
+                replies[k] = {
+                    "reply": tokenizer.decode(reply, skip_special_tokens=True).strip(),
+                    "stopped": stop is not None,
+                }
     records = []
     for k, (conversation, turn) in enumerate(turns):
         human = conversations[conversation]["messages"][turn]["content"]
         fits = len(tokenizer(human, add_special_tokens=False)["input_ids"]) + 1 <= params.max_new_tokens
         record = {"conversation": conversation, "turn": turn, "human_fits_max_new_tokens": fits}
-        records.append({**record, **replies[k]} if k in replies else {**record, "skipped": "prompt longer than max_length - max_new_tokens"})
+        records.append(
+            {**record, **replies[k]}
+            if k in replies
+            else {**record, "skipped": "prompt longer than max_length - max_new_tokens"}
+        )
     return records
 
 
 def tokenizer_digest(tokenizer: Any) -> str:
     """What decides which tokens perplexity counts: the vocabulary and the chat template."""
-    text = json.dumps({"vocab": sorted(tokenizer.get_vocab().items()), "template": tokenizer.chat_template}, sort_keys=True)
+    text = json.dumps(
+        {"vocab": sorted(tokenizer.get_vocab().items()), "template": tokenizer.chat_template}, sort_keys=True
+    )
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def score_set(model: Any, tokenizer: Any, test: list[Conversation], params: Any, work: dict[str, Work]) -> tuple[dict, dict]:
+def score_set(
+    model: Any, tokenizer: Any, test: list[Conversation], params: Any, work: dict[str, Work]
+) -> tuple[dict, dict]:
     evaluate, seed, max_length = params.evaluate, params.seed, params.tokenize.max_length
     seconds = {}
     started = time.perf_counter()
     turns = fluency(model, tokenizer, test, max_length, evaluate.batch_size, work["scoring"])
     seconds["fluency_s"] = time.perf_counter() - started
     started = time.perf_counter()
-    replies = generate(model, tokenizer, test, pick_turns(test, evaluate.turns_per_conversation, seed), evaluate,
-                       max_length, seed, work["prefills"], work["steps"])
+    replies = generate(
+        model,
+        tokenizer,
+        test,
+        pick_turns(test, evaluate.turns_per_conversation, seed),
+        evaluate,
+        max_length,
+        seed,
+        work["prefills"],
+        work["steps"],
+    )
     seconds["generation_s"] = time.perf_counter() - started
     started = time.perf_counter()
     ranking = rank(model, tokenizer, test, evaluate.ranking, max_length, seed)
     seconds["ranking_s"] = time.perf_counter() - started
-    scores = {"conversations": [{"id": c["id"], "topic": topic_of(c)} for c in test], "turns": turns, "replies": replies,
-              "ranking": ranking}
+    scores = {
+        "conversations": [{"id": c["id"], "topic": topic_of(c)} for c in test],
+        "turns": turns,
+        "replies": replies,
+        "ranking": ranking,
+    }
     return scores, seconds
 
 
@@ -293,7 +378,11 @@ def test_sets(params: Any) -> dict[str, list[Conversation]]:
         raise InputError(f"{TEST_SETS['test']}: no test conversations; raise preprocess.test_fraction")
     unseen_path = TEST_SETS["unseen"]
     unseen = read_conversations(unseen_path) if unseen_path.exists() else []
-    unseen = [] if evaluate.max_unseen_conversations == 0 else sample_conversations(unseen, evaluate.max_unseen_conversations, seed)
+    unseen = (
+        []
+        if evaluate.max_unseen_conversations == 0
+        else sample_conversations(unseen, evaluate.max_unseen_conversations, seed)
+    )
     return {"test": test, "unseen": unseen}
 
 
@@ -311,23 +400,35 @@ def score(name: str, params: Any) -> tuple[dict, dict]:
     for set_name, conversations in sets.items():
         scored[set_name], spent = score_set(model, tokenizer, conversations, params, work)
         seconds = {key: seconds[key] + spent[key] for key in seconds}
-    fluency_ceiling = inference_fraction(model, precision.precision, [work["scoring"].mean()], seconds["fluency_s"], device)
-    generation_ceiling = inference_fraction(model, precision.precision, [work["prefills"].mean(), work["steps"].mean()],
-                                            seconds["generation_s"], device)
-    scores = {"model": name, "precision": precision.precision,
-              "setup": {"tokenizer": tokenizer_digest(tokenizer), "max_length": params.tokenize.max_length},
-              "sets": scored}
+    fluency_ceiling = inference_fraction(
+        model, precision.precision, [work["scoring"].mean()], seconds["fluency_s"], device
+    )
+    generation_ceiling = inference_fraction(
+        model, precision.precision, [work["prefills"].mean(), work["steps"].mean()], seconds["generation_s"], device
+    )
+    scores = {
+        "model": name,
+        "precision": precision.precision,
+        "setup": {"tokenizer": tokenizer_digest(tokenizer), "max_length": params.tokenize.max_length},
+        "sets": scored,
+    }
     tokens = sum(t["tokens"] for s in scored.values() for t in s["turns"])
     generated = sum("reply" in r for s in scored.values() for r in s["replies"])
-    runtime = {"device": str(device), "precision": precision.as_dict(), "machine": describe_machine(),
-               **{key: round(value, 1) for key, value in seconds.items()}, "scored_tokens": tokens,
-               "scored_tokens_per_s": round(tokens / max(seconds["fluency_s"], 1e-9), 1),
-               "fluency_positions_per_s": round(sum(p for p, _ in work["scoring"].calls) / max(seconds["fluency_s"], 1e-9), 1),
-               "fluency_ceiling": fluency_ceiling,
-               "replies": generated, "replies_per_s": round(generated / max(seconds["generation_s"], 1e-9), 2),
-               "generation_forward_calls": len(work["prefills"].calls) + len(work["steps"].calls),
-               "generation_ceiling": generation_ceiling,
-               "ranked_turns": sum(len(s["ranking"]) for s in scored.values())}
+    runtime = {
+        "device": str(device),
+        "precision": precision.as_dict(),
+        "machine": describe_machine(),
+        **{key: round(value, 1) for key, value in seconds.items()},
+        "scored_tokens": tokens,
+        "scored_tokens_per_s": round(tokens / max(seconds["fluency_s"], 1e-9), 1),
+        "fluency_positions_per_s": round(sum(p for p, _ in work["scoring"].calls) / max(seconds["fluency_s"], 1e-9), 1),
+        "fluency_ceiling": fluency_ceiling,
+        "replies": generated,
+        "replies_per_s": round(generated / max(seconds["generation_s"], 1e-9), 2),
+        "generation_forward_calls": len(work["prefills"].calls) + len(work["steps"].calls),
+        "generation_ceiling": generation_ceiling,
+        "ranked_turns": sum(len(s["ranking"]) for s in scored.values()),
+    }
     return scores, runtime
 
 
@@ -340,11 +441,15 @@ def main() -> int:
     scores, runtime = score(args.model, params)
     write_json_files({SCORES / f"{args.model}.json": scores, RUNTIME.format(model=args.model): runtime})
     sizes = ", ".join(f"{name} {len(s['conversations'])}" for name, s in scores["sets"].items())
-    print(f"score {args.model}: conversations {sizes}; {runtime['scored_tokens']} scored tokens in "
-          f"{runtime['fluency_s']} s ({runtime['fluency_ceiling']['fraction_of_ceiling']:.0%} of the GEMM ceiling measured here), "
-          f"{runtime['replies']} replies in {runtime['generation_s']} s ({runtime['generation_ceiling']['fraction_of_ceiling']:.0%}), "
-          f"{runtime['ranked_turns']} turns ranked in {runtime['ranking_s']} s "
-          f"({scores['precision']}, {runtime['device']}) -> {SCORES / (args.model + '.json')}")
+    print(
+        f"score {args.model}: conversations {sizes}; {runtime['scored_tokens']} scored tokens in "
+        f"{runtime['fluency_s']} s ({runtime['fluency_ceiling']['fraction_of_ceiling']:.0%} "
+        "of the GEMM ceiling measured here), "
+        f"{runtime['replies']} replies in {runtime['generation_s']} s "
+        f"({runtime['generation_ceiling']['fraction_of_ceiling']:.0%}), "
+        f"{runtime['ranked_turns']} turns ranked in {runtime['ranking_s']} s "
+        f"({scores['precision']}, {runtime['device']}) -> {SCORES / (args.model + '.json')}"
+    )
     return 0
 
 

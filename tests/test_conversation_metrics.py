@@ -1,5 +1,6 @@
 """Conversation measured directly: next-reply ranking, semantic similarity, sameness, unseen topics, and the
 statistics behind the verdicts (docs/DESIGN.md §5.1)."""
+
 import math
 import random
 
@@ -7,13 +8,22 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import REPO
 from stages.evaluate import hit, quality_gate
 from stages.lib.params import load_params
 from stages.lib.semantic import embed, load_encoder, similarities
-from stages.lib.stats import ConversationScores, Interval, MetricSet, Reply, family_verdicts, holm, metric_interval, wilson
+from stages.lib.stats import (
+    ConversationScores,
+    Interval,
+    MetricSet,
+    Reply,
+    family_verdicts,
+    holm,
+    metric_interval,
+    wilson,
+)
 from stages.preprocess import split_with_unseen
 from stages.score import distractors, pick_turns, rank
-from conftest import REPO
 
 
 def chat(cid: str, replies: list[str], topic: str = "t") -> dict:
@@ -41,7 +51,9 @@ def test_the_scored_turns_of_a_conversation_depend_on_its_id_only():
 def test_distractors_have_the_real_replys_word_count_so_length_alone_picks_at_chance():
     rng = np.random.default_rng(0)
     vocabulary = ["a", "bb", "ccc", "dddd", "eeeee", "ffffff"]
-    test = [chat(f"c{i}", [" ".join(rng.choice(vocabulary, int(rng.integers(2, 9)))) for _ in range(3)]) for i in range(120)]
+    test = [
+        chat(f"c{i}", [" ".join(rng.choice(vocabulary, int(rng.integers(2, 9)))) for _ in range(3)]) for i in range(120)
+    ]
     candidates, hits_by_words, hits_by_characters = 5, [], []
     for index, conversation in enumerate(test):
         turn = 3
@@ -49,7 +61,7 @@ def test_distractors_have_the_real_replys_word_count_so_length_alone_picks_at_ch
         texts = [conversation["messages"][turn]["content"]] + [test[c]["messages"][t]["content"] for c, t in others]
         assert len(others) == candidates - 1 and all(c != index for c, _ in others)
         assert {len(t.split()) for t in texts} == {len(texts[0].split())}  # enough replies have exactly its length
-        hits_by_words.append(hit([len(t.split()) for t in texts]))          # a tie for first shares the win
+        hits_by_words.append(hit([len(t.split()) for t in texts]))  # a tie for first shares the win
         hits_by_characters.append(hit([-len(t) for t in texts]))
     assert np.mean(hits_by_words) == pytest.approx(1 / candidates)
     low, high = wilson(sum(hits_by_characters), len(hits_by_characters), 0.95)
@@ -121,7 +133,9 @@ def test_the_bundled_encoder_tells_paraphrase_from_unrelated(tmp_path, monkeypat
     (tmp_path / "encoder").mkdir()
     materialise("all-minilm-l6-v2", tmp_path / "encoder")
     model, tokenizer = load_encoder(tmp_path / "encoder")
-    close, far = similarities(model, tokenizer, ["How are you today?"] * 2, ["How are you doing?", "The stock market fell."])
+    close, far = similarities(
+        model, tokenizer, ["How are you today?"] * 2, ["How are you doing?", "The stock market fell."]
+    )
     assert close == pytest.approx(0.69, abs=0.01) and far == pytest.approx(0.14, abs=0.01)
 
 
@@ -136,7 +150,9 @@ def test_generic_reply_share_is_one_for_a_model_that_always_says_the_same():
 def test_distinct_n_against_the_human_replies_is_measured_at_the_same_length():
     """A model whose replies are the human replies padded with more words is not 'less diverse' by length."""
     same = ConversationScores("a", "t", replies=[Reply(1, "one two three", "one two three", True, 0.0)])
-    longer = ConversationScores("b", "t", replies=[Reply(1, "four five six and and and and", "four five six", True, 0.0)])
+    longer = ConversationScores(
+        "b", "t", replies=[Reply(1, "four five six and and and and", "four five six", True, 0.0)]
+    )
     metrics = MetricSet([same, longer])
     everything = np.arange(2)
     assert metrics.metric("distinct_1_vs_human", everything) == pytest.approx(1.0)
@@ -150,12 +166,21 @@ def test_an_empty_reply_is_not_a_stop_and_the_gate_fails_on_empty_replies():
     assert half_empty.metric("empty_reply_rate", everything) == pytest.approx(0.5)
     params = load_params(REPO / "params.yaml").evaluate
     change = {"perplexity_improvement": {"value": 0.5, "low": 0.45, "high": 0.55}}
-    tuned = {"stop_rate": 1.0, "stop_rate_low": 0.98, "empty_reply_rate": 0.5, "empty_reply_rate_high": 0.6,
-             "generic_reply_share": 0.0, "generic_reply_share_high": 0.02}
+    tuned = {
+        "stop_rate": 1.0,
+        "stop_rate_low": 0.98,
+        "empty_reply_rate": 0.5,
+        "empty_reply_rate_high": 0.6,
+        "generic_reply_share": 0.0,
+        "generic_reply_share_high": 0.02,
+    }
     gate = quality_gate(change, tuned, params)
     assert not gate["passed"] and not gate["empty_reply_rate"]["passed"]
-    nan = quality_gate({"perplexity_improvement": {"value": float("nan"), "low": None, "high": None}},
-                       {**tuned, "empty_reply_rate": 0.0, "empty_reply_rate_high": 0.0}, params)
+    nan = quality_gate(
+        {"perplexity_improvement": {"value": float("nan"), "low": None, "high": None}},
+        {**tuned, "empty_reply_rate": 0.0, "empty_reply_rate_high": 0.0},
+        params,
+    )
     assert not nan["passed"] and not nan["perplexity_improvement"]["passed"]  # not a number never passes
 
 
@@ -172,9 +197,13 @@ def test_a_proportion_at_one_gets_a_lower_bound_below_one():
 
 def test_holm_adjusts_within_a_family_and_verdicts_need_the_adjusted_p():
     assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
-    changes = {"stop_rate": Interval(0.1, 0.01, 0.2, p=0.02), "semantic_similarity": Interval(0.1, 0.01, 0.2, p=0.02),
-               "next_reply_hits_at_1": Interval(0.1, 0.01, 0.2, p=0.02), "perplexity": Interval(0.1, 0.01, 0.2, p=0.02),
-               "bleu": Interval(1.0, 0.5, 2.0, p=0.001)}
+    changes = {
+        "stop_rate": Interval(0.1, 0.01, 0.2, p=0.02),
+        "semantic_similarity": Interval(0.1, 0.01, 0.2, p=0.02),
+        "next_reply_hits_at_1": Interval(0.1, 0.01, 0.2, p=0.02),
+        "perplexity": Interval(0.1, 0.01, 0.2, p=0.02),
+        "bleu": Interval(1.0, 0.5, 2.0, p=0.001),
+    }
     verdicts = family_verdicts(changes, 0.05, {})
     assert verdicts["stop_rate"] == (pytest.approx(0.08), "no significant change")  # 4 × 0.02: not below 0.05
     assert verdicts["bleu"][1] == ""  # descriptive
@@ -184,8 +213,16 @@ def test_held_out_topics_never_appear_in_train_or_val():
     from stages.lib.params import PreprocessParams
 
     topics = [f"topic{i % 6}" for i in range(300)] + ["unknown"] * 20
-    params = PreprocessParams(min_turns=2, max_turn_chars=2000, scrub_pii=False, lowercase=False, val_fraction=0.1,
-                              test_fraction=0.1, split_by="stratify_topic", unseen_topics=2)
+    params = PreprocessParams(
+        min_turns=2,
+        max_turn_chars=2000,
+        scrub_pii=False,
+        lowercase=False,
+        val_fraction=0.1,
+        test_fraction=0.1,
+        split_by="stratify_topic",
+        unseen_topics=2,
+    )
     assignment, _, held = split_with_unseen(topics, params, seed=4)
     assert len(held) == 2 and "unknown" not in held
     assert {topics[i] for i in assignment["test_unseen"]} == set(held)

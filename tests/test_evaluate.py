@@ -1,22 +1,32 @@
 """Metrics on hand-computable inputs, intervals and verdicts, unbiased decoding and scoring, slicing and the gate."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import REPO
 from stages.evaluate import depth_bucket, merge_small_depths, merge_small_topics, quality_gate
 from stages.lib import text_metrics
+from stages.lib.decoding import ReplyRepetitionPenalty
 from stages.lib.params import load_params
 from stages.lib.stats import ConversationScores, Interval, MetricSet, Reply, bootstrap, paired_change, verdict
-from stages.lib.decoding import ReplyRepetitionPenalty
 from stages.score import fluency, sample_conversations
-from conftest import REPO
 
 
-def conversation(cid: str, replies: list[tuple[str, str]], nll=0.0, tokens=0, stopped=True, topic="t") -> ConversationScores:
-    return ConversationScores(cid, topic, nll=nll, tokens=tokens, correct=0, n_bytes=0,
-                              replies=[Reply(1, text, human, stopped, 0.0) for text, human in replies])
+def conversation(
+    cid: str, replies: list[tuple[str, str]], nll=0.0, tokens=0, stopped=True, topic="t"
+) -> ConversationScores:
+    return ConversationScores(
+        cid,
+        topic,
+        nll=nll,
+        tokens=tokens,
+        correct=0,
+        n_bytes=0,
+        replies=[Reply(1, text, human, stopped, 0.0) for text, human in replies],
+    )
 
 
 def test_distinct_n_counts_over_all_replies_of_the_sample():
@@ -29,8 +39,9 @@ def test_distinct_n_counts_over_all_replies_of_the_sample():
 
 
 def test_reply_statistics_by_hand():
-    metrics = MetricSet([conversation("a", [("to be to be", "x"), ("", "x")], stopped=False),
-                         conversation("b", [("one two", "x")])])
+    metrics = MetricSet(
+        [conversation("a", [("to be to be", "x"), ("", "x")], stopped=False), conversation("b", [("one two", "x")])]
+    )
     everything = np.arange(2)
     assert metrics.metric("repetition_rate", everything) == pytest.approx(1 / 4)  # "to be" repeats once of 3+1 bigrams
     assert metrics.metric("mean_reply_words", everything) == pytest.approx(6 / 3)
@@ -41,8 +52,11 @@ def test_reply_statistics_by_hand():
 def test_bleu_and_chrf_with_beta_1_equal_sacrebleu_corpus_scores_for_any_sample():
     import sacrebleu
 
-    pairs = [("the cat sat on the mat", "the cat sat on a mat"), ("hello there friend", "hello my friend"),
-             ("i like tea", "i like green tea a lot")]
+    pairs = [
+        ("the cat sat on the mat", "the cat sat on a mat"),
+        ("hello there friend", "hello my friend"),
+        ("i like tea", "i like green tea a lot"),
+    ]
     metrics = MetricSet([conversation(str(i), [pair]) for i, pair in enumerate(pairs)])
     for idx in (np.arange(3), np.array([0, 2, 2])):
         hyps, refs = [pairs[i][0] for i in idx], [pairs[i][1] for i in idx]
@@ -75,8 +89,18 @@ def test_perplexity_is_token_weighted_and_bits_per_byte_uses_reply_bytes():
 def test_fluency_counts_the_reply_texts_own_bytes(chatml_model):
     """bits per byte must not count the decoded end-of-turn token: 'cool' is 4 bytes, not 'cool<|im_end|>'."""
     tokenizer, model = chatml_model
-    chats = [{"id": "1", "meta": {}, "messages": [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "cool"},
-                                                  {"role": "user", "content": "why?"}, {"role": "assistant", "content": "café ok"}]}]
+    chats = [
+        {
+            "id": "1",
+            "meta": {},
+            "messages": [
+                {"role": "user", "content": "hi there"},
+                {"role": "assistant", "content": "cool"},
+                {"role": "user", "content": "why?"},
+                {"role": "assistant", "content": "café ok"},
+            ],
+        }
+    ]
     records = fluency(model, tokenizer, chats, max_length=128, batch_size=4)
     assert [(r["turn"], r["bytes"]) for r in records] == [(1, 4), (3, 8)]  # 'é' is two bytes in UTF-8
     assert all(r["tokens"] >= 2 for r in records)  # the reply's tokens and its end-of-turn token
@@ -131,7 +155,14 @@ def test_distinct_n_interval_contains_its_estimate_despite_resampling_repeats():
 
 def test_paired_change_needs_the_same_conversations():
     with pytest.raises(ValueError, match="same conversations"):
-        paired_change("stop_rate", MetricSet([conversation("a", [("x", "y")])]), MetricSet([conversation("b", [("x", "y")])]), 100, 0.95, 0)
+        paired_change(
+            "stop_rate",
+            MetricSet([conversation("a", [("x", "y")])]),
+            MetricSet([conversation("b", [("x", "y")])]),
+            100,
+            0.95,
+            0,
+        )
 
 
 def test_repetition_penalty_never_touches_the_prompt_or_the_stop_tokens():
@@ -142,9 +173,9 @@ def test_repetition_penalty_never_touches_the_prompt_or_the_stop_tokens():
     scores = torch.full((1, 10), 4.0)
     scores[0, 8] = -4.0
     out = processor(input_ids, scores.clone())
-    assert out[0, end_of_turn] == scores[0, end_of_turn]      # the token that ends a reply is never penalised
-    assert out[0, prompt_word] == scores[0, prompt_word]      # a word from the context is not penalised
-    assert out[0, repeated] == pytest.approx(2.0)             # the reply's own repeated token is
+    assert out[0, end_of_turn] == scores[0, end_of_turn]  # the token that ends a reply is never penalised
+    assert out[0, prompt_word] == scores[0, prompt_word]  # a word from the context is not penalised
+    assert out[0, repeated] == pytest.approx(2.0)  # the reply's own repeated token is
     assert processor(input_ids[:, :4], scores.clone()).equal(scores)  # nothing generated yet: nothing changes
 
 
@@ -160,19 +191,30 @@ def test_conversation_sample_is_seeded_and_stratified_by_topic():
 def test_gate_compares_the_lower_bound_when_asked():
     params = load_params(REPO / "params.yaml").evaluate
     change = {"perplexity_improvement": {"value": 0.35, "low": 0.28, "high": 0.4}}
-    tuned = {"stop_rate": 0.95, "stop_rate_low": 0.92, "empty_reply_rate": 0.0, "empty_reply_rate_high": 0.01,
-             "generic_reply_share": 0.01, "generic_reply_share_high": 0.03}
+    tuned = {
+        "stop_rate": 0.95,
+        "stop_rate_low": 0.92,
+        "empty_reply_rate": 0.0,
+        "empty_reply_rate_high": 0.01,
+        "generic_reply_share": 0.01,
+        "generic_reply_share_high": 0.03,
+    }
     gate = quality_gate(change, tuned, params)
     assert params.gate.use_lower_bound and not gate["passed"] and not gate["perplexity_improvement"]["passed"]
     assert gate["stop_rate"]["passed"]
-    point = quality_gate(change, tuned, params.model_copy(update={"gate": params.gate.model_copy(update={"use_lower_bound": False})}))
+    point = quality_gate(
+        change, tuned, params.model_copy(update={"gate": params.gate.model_copy(update={"use_lower_bound": False})})
+    )
     assert point["passed"]
 
 
 def test_depth_buckets_and_small_slices_merge():
     edges = [1, 3, 7, 15]
     assert [depth_bucket(t, edges) for t in (1, 2, 3, 6, 7, 14, 15, 400)] == [1, 1, 3, 3, 7, 7, 15, 15]
-    assert merge_small_depths(20)([(1, 100), (3, 50), (7, 12), (15, 3)]) == [(1, [1]), (3, [3, 7, 15])]  # 7 and 15 hold 15 replies
+    assert merge_small_depths(20)([(1, 100), (3, 50), (7, 12), (15, 3)]) == [
+        (1, [1]),
+        (3, [3, 7, 15]),
+    ]  # 7 and 15 hold 15 replies
     assert merge_small_depths(20)([(1, 5), (3, 50), (7, 30)]) == [(1, [1, 3]), (7, [7])]  # the first joins the next
     assert merge_small_topics(20)([("a", 30), ("b", 5), ("c", 2)]) == [("a", ["a"]), ("other (2 topics)", ["b", "c"])]
 

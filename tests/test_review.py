@@ -1,5 +1,6 @@
 """The review's verdicts: a null change gives none, a real change the right one, replies pair by turn, the
 machine and the tokenizer are compared, and bad input is one line."""
+
 import json
 import subprocess
 import sys
@@ -7,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from stages.tools.review import Run, setup_warnings, significance
 from conftest import REPO
+from stages.tools.review import Run, setup_warnings, significance
 
 
 def records(stop_probability: float, seed: int, ids: range, turn_shift: int = 0, noise: float = 0.0) -> list[dict]:
@@ -20,10 +21,25 @@ def records(stop_probability: float, seed: int, ids: range, turn_shift: int = 0,
         replies = []
         for turn in (1, 3):
             text = " ".join(rng.choice(["so", "well", "yes", "i", "think", "maybe"], int(rng.integers(3, 9))))
-            replies.append({"turn": turn + (turn_shift if i == ids[0] else 0), "text": text, "human": f"human reply {i} {turn}",
-                            "stopped": bool(rng.random() < stop_probability), "relevance": 0.1,
-                            "semantic": float(0.3 + noise * rng.normal()), "context": f"ctx{i}-{turn}"})
-        scores = {"nll": 10.0, "tokens": 5, "correct": 1, "n_bytes": 20, "replies": replies, "ranked": [[1, float(rng.random() < 0.3)]]}
+            replies.append(
+                {
+                    "turn": turn + (turn_shift if i == ids[0] else 0),
+                    "text": text,
+                    "human": f"human reply {i} {turn}",
+                    "stopped": bool(rng.random() < stop_probability),
+                    "relevance": 0.1,
+                    "semantic": float(0.3 + noise * rng.normal()),
+                    "context": f"ctx{i}-{turn}",
+                }
+            )
+        scores = {
+            "nll": 10.0,
+            "tokens": 5,
+            "correct": 1,
+            "n_bytes": 20,
+            "replies": replies,
+            "ranked": [[1, float(rng.random() < 0.3)]],
+        }
         human = {**scores, "replies": [{**r, "text": r["human"], "semantic": 1.0} for r in replies]}
         out.append({"id": f"c{i}", "topic": "t", "set": "test", "base": scores, "finetuned": scores, "human": human})
     return out
@@ -56,7 +72,9 @@ def test_a_real_change_is_better_and_a_null_change_with_replicates_has_no_verdic
 
 
 def test_without_replicates_the_verdict_says_it_concerns_two_trained_models():
-    lines, _ = significance([run("base", records(0.5, 1, range(40)))], [run("new", records(0.5, 1, range(40)))], resamples=200)
+    lines, _ = significance(
+        [run("base", records(0.5, 1, range(40)))], [run("new", records(0.5, 1, range(40)))], resamples=200
+    )
     assert "a verdict is about these two models" in lines[0]
     assert verdict_of(lines, "perplexity") == "unchanged"  # identical values are not 'no significant change'
 
@@ -74,8 +92,9 @@ def test_a_turn_that_answers_another_context_is_left_out_with_a_warning():
 
 
 def test_different_test_sets_are_compared_on_the_shared_conversations_with_a_warning():
-    lines, warnings = significance([run("base", records(0.5, 1, range(0, 100)))], [run("new", records(0.5, 1, range(50, 150)))],
-                                   resamples=200)
+    lines, warnings = significance(
+        [run("base", records(0.5, 1, range(0, 100)))], [run("new", records(0.5, 1, range(50, 150)))], resamples=200
+    )
     assert any("different `test` conversations" in w and "the 50 they share" in w for w in warnings), warnings
     assert "50 conversations" in lines[0]
 
@@ -85,12 +104,23 @@ def commit(repo, files: dict[str, object]) -> None:
         (repo / path).parent.mkdir(parents=True, exist_ok=True)
         (repo / path).write_text(json.dumps(data))
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run(["git", "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qm", "scores"], cwd=repo, check=True)
+    subprocess.run(
+        ["git", "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qm", "scores"], cwd=repo, check=True
+    )
 
 
 def machine(cpu: str, instructions: str) -> dict:
-    return {"device": "cpu (2 threads)", "machine": {"cpu": cpu, "gpu": None, "gemm_instructions": instructions, "threads": 2,
-                                                     "torch": "2.13.0+cpu", "transformers": "5.23.0"}}
+    return {
+        "device": "cpu (2 threads)",
+        "machine": {
+            "cpu": cpu,
+            "gpu": None,
+            "gemm_instructions": instructions,
+            "threads": 2,
+            "torch": "2.13.0+cpu",
+            "transformers": "5.23.0",
+        },
+    }
 
 
 def test_another_machine_precision_or_tokenizer_is_flagged(tmp_path, monkeypatch):
@@ -98,21 +128,42 @@ def test_another_machine_precision_or_tokenizer_is_flagged(tmp_path, monkeypatch
     tokenizer leaves perplexity out of the comparison."""
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     monkeypatch.chdir(tmp_path)
-    commit(tmp_path, {"metrics/runtime/train.json": machine("AMD EPYC", "AVX2"), "metrics/train.json": {"precision": "bf16"},
-                      "metrics/eval.json": {"setup": {"tokenizer": "aaa", "max_length": 256}}})
-    commit(tmp_path, {"metrics/runtime/train.json": machine("Intel Xeon", "AMX+AVX512"), "metrics/train.json": {"precision": "fp32"},
-                      "metrics/eval.json": {"setup": {"tokenizer": "bbb", "max_length": 256}}})
+    commit(
+        tmp_path,
+        {
+            "metrics/runtime/train.json": machine("AMD EPYC", "AVX2"),
+            "metrics/train.json": {"precision": "bf16"},
+            "metrics/eval.json": {"setup": {"tokenizer": "aaa", "max_length": 256}},
+        },
+    )
+    commit(
+        tmp_path,
+        {
+            "metrics/runtime/train.json": machine("Intel Xeon", "AMX+AVX512"),
+            "metrics/train.json": {"precision": "fp32"},
+            "metrics/eval.json": {"setup": {"tokenizer": "bbb", "max_length": 256}},
+        },
+    )
     warnings, comparable = setup_warnings("HEAD~1", "HEAD", "HEAD~1", "HEAD")
     kinds = [w.split(":")[0] for w in warnings]
-    assert {"Different training precision", "Different training processor", "Different training matrix instruction sets"} <= set(kinds)
+    assert {
+        "Different training precision",
+        "Different training processor",
+        "Different training matrix instruction sets",
+    } <= set(kinds)
     assert not comparable and "perplexity and token accuracy" in warnings[-1]
     same, comparable = setup_warnings("HEAD", "HEAD", "HEAD", "HEAD")
     assert same == [] and comparable
 
 
 def review(cwd, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.tools.review", *args], cwd=cwd, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", "stages.tools.review", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_bad_input_is_one_line_and_base_takes_revisions_only(tmp_path):
@@ -124,23 +175,38 @@ def test_bad_input_is_one_line_and_base_takes_revisions_only(tmp_path):
     assert unknown.returncode == 1 and "neither a git revision nor a DVC experiment" in unknown.stderr
     (tmp_path / "metrics" / "eval_conversations.json").write_text('[{"id": "c0", "topic"')  # truncated
     truncated = review(tmp_path, "--base", "HEAD", "--out", str(tmp_path / "r.md"))
-    assert truncated.returncode == 1 and truncated.stderr.startswith("error: metrics/eval_conversations.json at workspace: not valid JSON")
+    assert truncated.returncode == 1 and truncated.stderr.startswith(
+        "error: metrics/eval_conversations.json at workspace: not valid JSON"
+    )
     assert "Traceback" not in truncated.stderr and truncated.stderr.count("\n") == 1
     (tmp_path / "a-file").write_text("x")
     under_a_file = review(tmp_path, "--base", "HEAD", "--out", str(tmp_path / "a-file" / "r.md"))
-    assert under_a_file.returncode == 1 and under_a_file.stderr.startswith("error: --out ") and "cannot write there" in under_a_file.stderr
+    assert (
+        under_a_file.returncode == 1
+        and under_a_file.stderr.startswith("error: --out ")
+        and "cannot write there" in under_a_file.stderr
+    )
     nan = records(0.5, 1, range(10))
     nan[2]["finetuned"]["nll"] = float("nan")
     (tmp_path / "metrics" / "eval_conversations.json").write_text(json.dumps(nan))  # json writes NaN, and reads it back
     not_a_number = review(tmp_path, "--base", "HEAD", "--out", str(tmp_path / "r.md"))
-    assert not_a_number.returncode == 1 and "conversation 'c2' has a finetuned score that is not a finite number" in not_a_number.stderr
+    assert (
+        not_a_number.returncode == 1
+        and "conversation 'c2' has a finetuned score that is not a finite number" in not_a_number.stderr
+    )
     (tmp_path / "metrics" / "eval_conversations.json").write_text('{"not": "a list"}')
     mistyped = review(tmp_path, "--base", "HEAD", "--out", str(tmp_path / "r.md"))
     assert mistyped.returncode == 1 and "expected a list of per-conversation records" in mistyped.stderr
 
 
-@pytest.mark.parametrize("gate,word", [({"passed": True}, "passed"), ({"passed": False}, "FAILED"),
-                                       ({"passed": float("nan")}, "FAILED (not a verdict: nan)")])
+@pytest.mark.parametrize(
+    "gate,word",
+    [
+        ({"passed": True}, "passed"),
+        ({"passed": False}, "FAILED"),
+        ({"passed": float("nan")}, "FAILED (not a verdict: nan)"),
+    ],
+)
 def test_a_gate_that_is_not_a_boolean_is_never_read_as_passed(gate, word):
     from stages.tools.review import gate_word
 

@@ -1,5 +1,6 @@
 """One decoding for users and metrics: `evaluate`'s decoding params drive score's generated replies, chat and
 the Ollama Modelfile alike, so the replies that are measured are the ones a user gets (docs/DESIGN.md §5.1)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -33,7 +34,11 @@ class ReplyRepetitionPenalty:
 def decoding(params: Any, prompt_length: int, stop_ids: list[int]) -> dict[str, Any]:
     """`model.generate` keyword arguments from the decoding params (do_sample, temperature, top_p,
     repetition_penalty, max_new_tokens) for prompts `prompt_length` tokens long (left-padded in a batch)."""
-    return {"max_new_tokens": params.max_new_tokens, "do_sample": params.do_sample,
-            "temperature": params.temperature if params.do_sample else None, "top_p": params.top_p if params.do_sample else None,
-            "logits_processor": [ReplyRepetitionPenalty(params.repetition_penalty, prompt_length, stop_ids)],
-            "eos_token_id": stop_ids}
+    return {
+        "max_new_tokens": params.max_new_tokens,
+        "do_sample": params.do_sample,
+        "temperature": params.temperature if params.do_sample else None,
+        "top_p": params.top_p if params.do_sample else None,
+        "logits_processor": [ReplyRepetitionPenalty(params.repetition_penalty, prompt_length, stop_ids)],
+        "eos_token_id": stop_ids,
+    }

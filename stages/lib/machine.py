@@ -3,6 +3,7 @@
 Two runs of the same code and params on different machines train different models (other kernels, other
 rounding), so the review compares these records and warns when they differ (docs/DESIGN.md §5.2).
 """
+
 from __future__ import annotations
 
 import platform
@@ -29,8 +30,11 @@ def gemm_instructions() -> str:
     import torch
 
     flags = set(_cpuinfo("flags").split())
-    offered = [name for flag, name in (("amx_tile", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"),
-                                       ("avx2", "AVX2")) if flag in flags]
+    offered = [
+        name
+        for flag, name in (("amx_tile", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2"))
+        if flag in flags
+    ]
     return f"{'+'.join(offered) or platform.machine()} (torch kernels: {torch.backends.cpu.get_cpu_capability()})"
 
 
@@ -39,5 +43,11 @@ def describe() -> dict[str, Any]:
     import transformers
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu_model(), "gpu": gpu, "gemm_instructions": gemm_instructions(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__}
+    return {
+        "cpu": cpu_model(),
+        "gpu": gpu,
+        "gemm_instructions": gemm_instructions(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }

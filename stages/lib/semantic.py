@@ -1,6 +1,7 @@
 """Semantic similarity of two texts: the cosine of their sentence embeddings (SemScore, docs/DESIGN.md
 §5.1). The encoder (all-MiniLM-L6-v2 by default, a BERT with mean pooling) is materialised by the
 `encoder` stage as models/encoder/, safetensors only; nothing reads the wheel at scoring time."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,7 +22,9 @@ def load_encoder(directory: Path | str = ENCODER) -> tuple[Any, Any]:
 
     directory = Path(directory)
     if not any(directory.glob("*.safetensors")):
-        raise InputError(f"{directory}: no sentence encoder in safetensors; run the encoder stage first (dvc repro encoder)")
+        raise InputError(
+            f"{directory}: no sentence encoder in safetensors; run the encoder stage first (dvc repro encoder)"
+        )
     try:
         model = AutoModel.from_pretrained(directory, use_safetensors=True).eval()
         tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -37,8 +40,13 @@ def embed(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 64
     rows = []
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
-            batch = tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True, max_length=max_length,
-                              return_tensors="pt")
+            batch = tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
             hidden = model(**batch).last_hidden_state.float()
             mask = batch["attention_mask"].unsqueeze(-1).float()
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)

@@ -14,6 +14,7 @@ Metrics come in three families (docs/DESIGN.md §5.1):
   human value on the same conversations: closer to human / further from human (Holm over this family).
 - DESCRIPTIVE: string overlap and the rest, shown with intervals, never with a verdict.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,9 +27,24 @@ import numpy as np
 from stages.lib import text_metrics
 
 PRIMARY = ("perplexity", "next_reply_hits_at_1", "semantic_similarity", "stop_rate")
-HUMAN_REFERENCED = ("mean_reply_words", "distinct_1_vs_human", "distinct_2_vs_human", "generic_reply_share",
-                    "context_overlap", "repetition_rate")
-DESCRIPTIVE = ("bits_per_byte", "token_accuracy", "chrf", "bleu", "rouge_l", "distinct_1", "distinct_2", "empty_reply_rate")
+HUMAN_REFERENCED = (
+    "mean_reply_words",
+    "distinct_1_vs_human",
+    "distinct_2_vs_human",
+    "generic_reply_share",
+    "context_overlap",
+    "repetition_rate",
+)
+DESCRIPTIVE = (
+    "bits_per_byte",
+    "token_accuracy",
+    "chrf",
+    "bleu",
+    "rouge_l",
+    "distinct_1",
+    "distinct_2",
+    "empty_reply_rate",
+)
 HEADLINE = PRIMARY + HUMAN_REFERENCED + DESCRIPTIVE
 LOWER_IS_BETTER = {"perplexity", "bits_per_byte", "repetition_rate", "empty_reply_rate", "generic_reply_share"}
 RATIO_TO_HUMAN = {"distinct_1_vs_human", "distinct_2_vs_human"}  # already model / human: the target is 1
@@ -42,10 +58,10 @@ class Reply:
     turn: int
     text: str
     human: str
-    stopped: bool          # ended with the end-of-turn token within max_new_tokens
-    relevance: float       # TF-IDF cosine between the reply and its context
+    stopped: bool  # ended with the end-of-turn token within max_new_tokens
+    relevance: float  # TF-IDF cosine between the reply and its context
     semantic: float = 0.0  # cosine of sentence embeddings of the reply and the human reply
-    context: str = ""      # digest of the context the reply answers: pairing by turn checks it
+    context: str = ""  # digest of the context the reply answers: pairing by turn checks it
 
     @property
     def stop(self) -> bool:
@@ -59,18 +75,26 @@ class ConversationScores:
 
     id: str
     topic: str
-    nll: float = 0.0    # summed over the trained tokens of every assistant turn (reply content + end of turn)
+    nll: float = 0.0  # summed over the trained tokens of every assistant turn (reply content + end of turn)
     tokens: int = 0
-    correct: int = 0    # argmax predictions equal to the target
-    n_bytes: int = 0    # UTF-8 bytes of the assistant replies' own text
+    correct: int = 0  # argmax predictions equal to the target
+    n_bytes: int = 0  # UTF-8 bytes of the assistant replies' own text
     replies: list[Reply] = field(default_factory=list)
     ranked: list[list] = field(default_factory=list)  # [turn, hit] per ranked turn: hit 1 when the real reply won
 
     @classmethod
     def from_dict(cls, cid: str, topic: str, data: dict) -> "ConversationScores":
         """From one model's entry of metrics/eval_conversations.json."""
-        return cls(cid, topic, data["nll"], data["tokens"], data["correct"], data["n_bytes"], [Reply(**r) for r in data["replies"]],
-                   [list(r) for r in data.get("ranked", [])])
+        return cls(
+            cid,
+            topic,
+            data["nll"],
+            data["tokens"],
+            data["correct"],
+            data["n_bytes"],
+            [Reply(**r) for r in data["replies"]],
+            [list(r) for r in data.get("ranked", [])],
+        )
 
 
 def column(values: Sequence[float]) -> np.ndarray:
@@ -122,7 +146,11 @@ class MetricSet:
     def _sentence_stats(metric: Any, conversations: Sequence[ConversationScores], width: int) -> np.ndarray:
         hypotheses = [r.text for c in conversations for r in c.replies]
         references = [r.human for c in conversations for r in c.replies]
-        per_reply = np.asarray(metric._extract_corpus_statistics(hypotheses, [references]), dtype=np.float64) if hypotheses else np.zeros((0, width))
+        per_reply = (
+            np.asarray(metric._extract_corpus_statistics(hypotheses, [references]), dtype=np.float64)
+            if hypotheses
+            else np.zeros((0, width))
+        )
         out = np.zeros((len(conversations), per_reply.shape[1] if per_reply.size else width))
         row = 0
         for index, conversation in enumerate(conversations):
@@ -165,7 +193,11 @@ class MetricSet:
             return ratio(self.semantic, self.replies)
         if name in ("bleu", "chrf"):
             scorer, stats = (self._bleu, self.bleu_stats) if name == "bleu" else (self._chrf, self.chrf_stats)
-            return float(scorer._compute_score_from_stats(list(stats[idx].sum(0))).score) if s(self.replies) else float("nan")
+            return (
+                float(scorer._compute_score_from_stats(list(stats[idx].sum(0))).score)
+                if s(self.replies)
+                else float("nan")
+            )
         if name == "rouge_l":
             return 100.0 * ratio(self.rouge, self.replies)
         if name == "stop_rate":
@@ -213,8 +245,14 @@ def p_value(distribution: np.ndarray, shift: float) -> float:
     return min(1.0, 2.0 * (min(below, above) + 1.0) / (finite.size + 1.0))
 
 
-def bootstrap(statistic: Callable[[np.ndarray], float], n: int, resamples: int, confidence: float, seed: int,
-              recenter: bool = False) -> Interval:
+def bootstrap(
+    statistic: Callable[[np.ndarray], float],
+    n: int,
+    resamples: int,
+    confidence: float,
+    seed: int,
+    recenter: bool = False,
+) -> Interval:
     """Seeded BCa bootstrap over `n` conversations of `statistic(indices)`, with its p-value against 0.
 
     `recenter` (set-based metrics such as distinct-n): a resample repeats conversations, and a repeated reply
@@ -233,9 +271,15 @@ def bootstrap(statistic: Callable[[np.ndarray], float], n: int, resamples: int, 
     def run(method: str) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return scipy_bootstrap((everything,), lambda sample: statistic(sample.astype(np.int64)), vectorized=False,
-                                   n_resamples=resamples, confidence_level=confidence, method=method,
-                                   random_state=np.random.default_rng(seed))
+            return scipy_bootstrap(
+                (everything,),
+                lambda sample: statistic(sample.astype(np.int64)),
+                vectorized=False,
+                n_resamples=resamples,
+                confidence_level=confidence,
+                method=method,
+                random_state=np.random.default_rng(seed),
+            )
 
     if not recenter:
         result = run("BCa")
@@ -269,9 +313,14 @@ def metric_interval(metrics: MetricSet, name: str, resamples: int, confidence: f
     """A metric of one model with its interval. A proportion at 0 or 1 (or whose resamples all agree) gets the
     Wilson interval with one observation per conversation: replies of a conversation are not independent, so
     that is the conservative effective sample size."""
-    interval = bootstrap(lambda idx: metrics.metric(name, idx), len(metrics), resamples, confidence, seed,
-                         recenter=name in SET_BASED)
-    if name in PROPORTIONS and math.isfinite(interval.value) and (interval.value in (0.0, 1.0) or interval.low == interval.high):
+    interval = bootstrap(
+        lambda idx: metrics.metric(name, idx), len(metrics), resamples, confidence, seed, recenter=name in SET_BASED
+    )
+    if (
+        name in PROPORTIONS
+        and math.isfinite(interval.value)
+        and (interval.value in (0.0, 1.0) or interval.low == interval.high)
+    ):
         clusters = metrics.clusters(name)
         low, high = wilson(interval.value * clusters, clusters, confidence)
         return Interval(interval.value, min(low, interval.value), max(high, interval.value))
@@ -286,8 +335,15 @@ def distance_to_human(name: str, model: MetricSet, human: MetricSet | None, idx:
     return abs(model.metric(name, idx) - human.metric(name, idx))
 
 
-def paired_change(name: str, new: MetricSet, old: MetricSet, resamples: int, confidence: float, seed: int,
-                  human: MetricSet | None = None) -> Interval:
+def paired_change(
+    name: str,
+    new: MetricSet,
+    old: MetricSet,
+    resamples: int,
+    confidence: float,
+    seed: int,
+    human: MetricSet | None = None,
+) -> Interval:
     """Interval of new − old on the same conversations: the relative improvement 1 − new/old for perplexity,
     the change of the distance to the human value for a human-referenced metric (negative: closer)."""
     if new.ids != old.ids or (human is not None and human.ids != new.ids):
@@ -332,7 +388,9 @@ def verdict(name: str, change: Interval, adjusted_p: float, alpha: float, identi
     return "better" if up != (name in LOWER_IS_BETTER) else "worse"
 
 
-def family_verdicts(changes: dict[str, Interval], alpha: float, identical: dict[str, bool]) -> dict[str, tuple[float, str]]:
+def family_verdicts(
+    changes: dict[str, Interval], alpha: float, identical: dict[str, bool]
+) -> dict[str, tuple[float, str]]:
     """(Holm-adjusted p-value, verdict) of each metric, Holm applied within PRIMARY and HUMAN_REFERENCED."""
     out: dict[str, tuple[float, str]] = {}
     for family in (PRIMARY, HUMAN_REFERENCED):

@@ -3,6 +3,7 @@
 stages/lib/stats.py turns them (and sacreBLEU's sufficient statistics) into corpus metrics of any sample of
 conversations, never by averaging per-slice results.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -25,7 +26,7 @@ def repeated_bigrams(reply: str) -> tuple[int, int]:
 
 def opening(reply: str, length: int = 3) -> str:
     """The first `length` words, lowercased, without punctuation: "I'm not sure." and "i'm not sure" agree."""
-    cleaned = [word.strip(".,!?;:\"()") for word in words(reply)]
+    cleaned = [word.strip('.,!?;:"()') for word in words(reply)]
     return " ".join([word for word in cleaned if word][:length])
 
 
@@ -57,5 +58,7 @@ class Relevance:
 
         if not replies:
             return []
-        return [float(1.0 - d) for d in paired_cosine_distances(self.vectorizer.transform(contexts), self.vectorizer.transform(replies))]
-
+        return [
+            float(1.0 - d)
+            for d in paired_cosine_distances(self.vectorizer.transform(contexts), self.vectorizer.transform(replies))
+        ]

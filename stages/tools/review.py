@@ -15,6 +15,7 @@ libraries, precisions), the gate, `dvc params diff`, the other metrics, every to
 a PNG (base dashed) and the diff of the sample transcripts. The GitHub workflow (.github/workflows/review.yml)
 only installs, reproduces and posts this file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,18 @@ import yaml
 
 from stages.lib.cli import ArgumentParser, run
 from stages.lib.errors import InputError
-from stages.lib.stats import (DESCRIPTIVE, HEADLINE, HUMAN_REFERENCED, PRIMARY, SET_BASED, ConversationScores, Interval,
-                              MetricSet, p_value, distance_to_human, family_verdicts)
+from stages.lib.stats import (
+    HEADLINE,
+    HUMAN_REFERENCED,
+    PRIMARY,
+    SET_BASED,
+    ConversationScores,
+    Interval,
+    MetricSet,
+    distance_to_human,
+    family_verdicts,
+    p_value,
+)
 
 TRANSCRIPTS = "metrics/transcripts.md"
 EVAL = "metrics/eval.json"
@@ -68,16 +79,22 @@ def resolve(revision: str) -> str | None:
         return None
     if not revision or revision.startswith("-") or any(c.isspace() or ord(c) < 32 for c in revision):
         raise InputError(f"--base/--new: {revision!r} is not a git revision or experiment name")
-    found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "--end-of-options", f"{revision}^{{commit}}"],
-                           capture_output=True, text=True)
+    found = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", "--end-of-options", f"{revision}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
     if found.returncode == 0:
         return found.stdout.strip()
-    refs = subprocess.run(["git", "for-each-ref", "--format=%(objectname)", f"refs/exps/*/*/{revision}"],
-                          capture_output=True, text=True).stdout.split()
+    refs = subprocess.run(
+        ["git", "for-each-ref", "--format=%(objectname)", f"refs/exps/*/*/{revision}"], capture_output=True, text=True
+    ).stdout.split()
     if len(refs) == 1:
         return refs[0]
-    raise InputError(f"--base/--new: {revision!r} is neither a git revision nor a DVC experiment here "
-                     "(git log, dvc exp show list them)")
+    raise InputError(
+        f"--base/--new: {revision!r} is neither a git revision nor a DVC experiment here "
+        "(git log, dvc exp show list them)"
+    )
 
 
 def read_at(commit: str | None, path: str) -> str | None:
@@ -99,7 +116,9 @@ def json_at(commit: str | None, path: str, label: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InputError(f"{path} at {label}: not valid JSON (line {exc.lineno}: {exc.msg}); rerun `dvc repro` there") from None
+        raise InputError(
+            f"{path} at {label}: not valid JSON (line {exc.lineno}: {exc.msg}); rerun `dvc repro` there"
+        ) from None
 
 
 @dataclass
@@ -116,16 +135,22 @@ def load_run(label: str) -> Run:
     data = json_at(commit, PER_CONVERSATION, label)
     if data is None:
         raise InputError(f"{PER_CONVERSATION}: none at {label}; run `dvc repro` there to compare with intervals")
-    if not isinstance(data, list) or not all(isinstance(r, dict) and {"id", "topic", "finetuned", "human"} <= r.keys() for r in data):
-        raise InputError(f"{PER_CONVERSATION} at {label}: expected a list of per-conversation records (id, topic, finetuned, "
-                         "human); rerun `dvc repro evaluate` there")
+    if not isinstance(data, list) or not all(
+        isinstance(r, dict) and {"id", "topic", "finetuned", "human"} <= r.keys() for r in data
+    ):
+        raise InputError(
+            f"{PER_CONVERSATION} at {label}: expected a list of per-conversation records (id, topic, finetuned, "
+            "human); rerun `dvc repro evaluate` there"
+        )
     for record in data:
         for model in ("finetuned", "human"):
             scores = record[model]
             values = [scores.get(k) for k in ("nll", "tokens")] if isinstance(scores, dict) else [None]
             if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-                raise InputError(f"{PER_CONVERSATION} at {label}: conversation {record['id']!r} has a {model} score that is not a "
-                                 "finite number; rerun `dvc repro evaluate` there")
+                raise InputError(
+                    f"{PER_CONVERSATION} at {label}: conversation {record['id']!r} has a {model} score that is not a "
+                    "finite number; rerun `dvc repro evaluate` there"
+                )
     return Run(label, commit, {(r.get("set", "test"), str(r["id"])): r for r in data})
 
 
@@ -133,9 +158,15 @@ def conversation_scores(record: dict, model: str, turns: set[int], ranked: set[i
     try:
         unit = ConversationScores.from_dict(record["id"], record["topic"], record[model])
     except (KeyError, TypeError) as exc:
-        raise InputError(f"{PER_CONVERSATION}: conversation {record.get('id')!r} has no valid {model} scores ({exc}); "
-                         "rerun `dvc repro evaluate`") from None
-    return replace(unit, replies=[r for r in unit.replies if r.turn in turns], ranked=[r for r in unit.ranked if r[0] in turns | ranked])
+        raise InputError(
+            f"{PER_CONVERSATION}: conversation {record.get('id')!r} has no valid {model} scores ({exc}); "
+            "rerun `dvc repro evaluate`"
+        ) from None
+    return replace(
+        unit,
+        replies=[r for r in unit.replies if r.turn in turns],
+        ranked=[r for r in unit.ranked if r[0] in turns | ranked],
+    )
 
 
 @dataclass
@@ -157,21 +188,27 @@ def pair(old: list[Run], new: list[Run], test_set: str) -> Paired | None:
     excluded = shared = 0
     chosen: dict[tuple[str, str], tuple[set[int], set[int]]] = {}
     for key in keys:
-        replies = [{r["turn"]: (r["human"], r.get("context", "")) for r in run.records[key]["finetuned"]["replies"]} for run in runs]
+        replies = [
+            {r["turn"]: (r["human"], r.get("context", "")) for r in run.records[key]["finetuned"]["replies"]}
+            for run in runs
+        ]
         ranked = [{turn for turn, _ in run.records[key]["finetuned"].get("ranked", [])} for run in runs]
         every = set.intersection(*(set(r) for r in replies))
         same = {t for t in every if len({r[t] for r in replies}) == 1}
         excluded += sum(len(r) for r in replies[:1]) - len(same)
         shared += len(same)
         chosen[key] = (same, set.intersection(*ranked))
-    sides = {name: [MetricSet([conversation_scores(run.records[k], "finetuned", *chosen[k]) for k in keys]) for run in group]
-             for name, group in (("old", old), ("new", new))}
+    sides = {
+        name: [MetricSet([conversation_scores(run.records[k], "finetuned", *chosen[k]) for k in keys]) for run in group]
+        for name, group in (("old", old), ("new", new))
+    }
     human = MetricSet([conversation_scores(new[0].records[k], "human", *chosen[k]) for k in keys])
     return Paired(keys, sides, human, excluded, shared)
 
 
 def statistic(name: str, paired: Paired, idx: np.ndarray, picks: dict[str, np.ndarray]) -> float:
     """Mean over the picked replicates of each side, then new − old (as in stats.paired_change)."""
+
     def side(which: str) -> float:
         metric_sets = [paired.sides[which][r] for r in picks[which]]
         if name in HUMAN_REFERENCED:
@@ -218,8 +255,9 @@ def fmt(value: float, signed: bool = False) -> str:
     return f"{value:+.4g}" if signed else f"{value:.4g}"
 
 
-def significance(old: list[Run], new: list[Run], test_set: str = "test", comparable: bool = True,
-                 resamples: int = RESAMPLES) -> tuple[list[str], list[str]]:
+def significance(
+    old: list[Run], new: list[Run], test_set: str = "test", comparable: bool = True, resamples: int = RESAMPLES
+) -> tuple[list[str], list[str]]:
     """The significance table's lines and the warnings about what was compared."""
     warnings: list[str] = []
     paired = pair(old, new, test_set)
@@ -227,70 +265,110 @@ def significance(old: list[Run], new: list[Run], test_set: str = "test", compara
         return [f"_The two sides share no `{test_set}` conversation: nothing can be compared pairwise._"], warnings
     sizes = {run.label: sum(1 for k in run.records if k[0] == test_set) for run in old + new}
     if len(set(sizes.values())) > 1 or any(size != len(paired.keys) for size in sizes.values()):
-        warnings.append(f"The runs scored different `{test_set}` conversations ({', '.join(f'{k}: {v}' for k, v in sizes.items())}); "
-                        f"the changes below are over the {len(paired.keys)} they share.")
+        warnings.append(
+            f"The runs scored different `{test_set}` conversations "
+            f"({', '.join(f'{k}: {v}' for k, v in sizes.items())}); "
+            f"the changes below are over the {len(paired.keys)} they share."
+        )
     if paired.excluded_turns:
-        warnings.append(f"{paired.excluded_turns} generated `{test_set}` turns were left out: another turn was scored, or its "
-                        "context or human reply differs between the runs; "
-                        f"{paired.shared_turns} turns are paired.")
+        warnings.append(
+            f"{paired.excluded_turns} generated `{test_set}` turns were left out: another turn was scored, or its "
+            "context or human reply differs between the runs; "
+            f"{paired.shared_turns} turns are paired."
+        )
     replicated = any(len(runs) > 1 for runs in paired.sides.values())
-    scope = ("the change exceeds the test-sample noise and the spread between training replicates" if replicated else
-             "one trained model per side: a verdict is about these two models, not about the change (training "
-             "replicates separate it from run-to-run variation: README, Experiments)")
+    scope = (
+        "the change exceeds the test-sample noise and the spread between training replicates"
+        if replicated
+        else "one trained model per side: a verdict is about these two models, not about the change (training "
+        "replicates separate it from run-to-run variation: README, Experiments)"
+    )
     names = [n for n in HEADLINE if comparable or n not in NOT_TOKEN_COMPARABLE]
     intervals = {name: change_interval(name, paired, resamples, SEED) for name in names}
-    identical = {name: intervals[name].value == 0 and intervals[name].low == intervals[name].high == 0 for name in names}
+    identical = {
+        name: intervals[name].value == 0 and intervals[name].low == intervals[name].high == 0 for name in names
+    }
     verdicts = family_verdicts(intervals, 1 - CONFIDENCE, identical)
     old_label, new_label = " + ".join(r.label for r in old), " + ".join(r.label for r in new)
-    lines = [f"Fine-tuned model, `{test_set}` set: {len(paired.keys)} conversations, {paired.shared_turns} paired turns; "
-             f"change = new − base with its {CONFIDENCE:.0%} interval; {scope}. Verdicts are Holm-adjusted within the "
-             "primary and the human-referenced families; human-referenced changes are of the distance to the human value "
-             "(negative: closer).", "",
-             f"| family | metric | base (`{old_label}`) | new (`{new_label}`) | change [95% interval] | p (Holm) | verdict |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Fine-tuned model, `{test_set}` set: {len(paired.keys)} conversations, {paired.shared_turns} paired turns; "
+        f"change = new − base with its {CONFIDENCE:.0%} interval; {scope}. Verdicts are Holm-adjusted within the "
+        "primary and the human-referenced families; human-referenced changes are of the distance to the human value "
+        "(negative: closer).",
+        "",
+        f"| family | metric | base (`{old_label}`) | new (`{new_label}`) | change [95% interval] "
+        "| p (Holm) | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
     everything = np.arange(len(paired.keys))
     for name in names:
         family = "primary" if name in PRIMARY else "human-referenced" if name in HUMAN_REFERENCED else "descriptive"
-        values = {side: float(np.mean([m.metric(name, everything) for m in sets])) for side, sets in paired.sides.items()}
+        values = {
+            side: float(np.mean([m.metric(name, everything) for m in sets])) for side, sets in paired.sides.items()
+        }
         interval, (p, word) = intervals[name], verdicts[name]
-        lines.append(f"| {family} | {name} | {fmt(values['old'])} | {fmt(values['new'])} | {fmt(interval.value, True)} "
-                     f"[{fmt(interval.low, True)}, {fmt(interval.high, True)}] | {fmt(p)} | {word or '—'} |")
+        lines.append(
+            f"| {family} | {name} | {fmt(values['old'])} | {fmt(values['new'])} | {fmt(interval.value, True)} "
+            f"[{fmt(interval.low, True)}, {fmt(interval.high, True)}] | {fmt(p)} | {word or '—'} |"
+        )
     if replicated:
-        lines += ["", "Seed-to-seed spread (standard deviation across replicates) of the primary metrics:", "",
-                  "| metric | base side | new side |", "|---|---|---|"]
+        lines += [
+            "",
+            "Seed-to-seed spread (standard deviation across replicates) of the primary metrics:",
+            "",
+            "| metric | base side | new side |",
+            "|---|---|---|",
+        ]
         for name in PRIMARY:
             if name in names:
-                lines.append(f"| {name} | {fmt(seed_spread(paired.sides['old'], name))} | {fmt(seed_spread(paired.sides['new'], name))} |")
+                spreads = [fmt(seed_spread(paired.sides[side], name)) for side in ("old", "new")]
+                lines.append(f"| {name} | {spreads[0]} | {spreads[1]} |")
     return lines, warnings
 
 
-MACHINE_FIELDS = {"cpu": "processor", "gpu": "GPU", "gemm_instructions": "matrix instruction sets", "threads": "thread count",
-                  "torch": "torch version", "transformers": "transformers version"}
+MACHINE_FIELDS = {
+    "cpu": "processor",
+    "gpu": "GPU",
+    "gemm_instructions": "matrix instruction sets",
+    "threads": "thread count",
+    "torch": "torch version",
+    "transformers": "transformers version",
+}
 
 
 def setup_warnings(old: str | None, new: str | None, old_label: str, new_label: str) -> tuple[list[str], bool]:
     """Differences in what ran: precision, device, compilation, machine, libraries, tokenizer. Returns the
     warnings and whether per-token metrics stay comparable (same tokenizer, template and max_length)."""
     warnings = []
-    pairs = {"evaluation precision": (EVAL, lambda d: d.get("precision")), "training precision": (TRAIN, lambda d: d.get("precision")),
-             "training device": (TRAIN_RUNTIME, lambda d: d.get("device")),
-             "training compilation": (TRAIN_RUNTIME, lambda d: {True: "compiled", False: "eager"}.get((d.get("compile") or {}).get("enabled")))}
+    pairs = {
+        "evaluation precision": (EVAL, lambda d: d.get("precision")),
+        "training precision": (TRAIN, lambda d: d.get("precision")),
+        "training device": (TRAIN_RUNTIME, lambda d: d.get("device")),
+        "training compilation": (
+            TRAIN_RUNTIME,
+            lambda d: {True: "compiled", False: "eager"}.get((d.get("compile") or {}).get("enabled")),
+        ),
+    }
     for field, label in MACHINE_FIELDS.items():
         pairs[f"training {label}"] = (TRAIN_RUNTIME, lambda d, f=field: (d.get("machine") or {}).get(f))
     for label, (path, pick) in pairs.items():
         before, after = (json_at(commit, path, name) for commit, name in ((old, old_label), (new, new_label)))
         a, b = (pick(r) if isinstance(r, dict) else None for r in (before, after))
         if None not in (a, b) and a != b:
-            warnings.append(f"Different {label}: {a} at `{old_label}`, {b} at `{new_label}`. Two trainings of the same code "
-                            "differ by other kernels' rounding as much as by another training seed (README, Reproducibility): "
-                            "read verdicts with replicates.")
+            warnings.append(
+                f"Different {label}: {a} at `{old_label}`, {b} at `{new_label}`. Two trainings of the same code "
+                "differ by other kernels' rounding as much as by another training seed (README, Reproducibility): "
+                "read verdicts with replicates."
+            )
     setups = [(json_at(commit, EVAL, name) or {}).get("setup") for commit, name in ((old, old_label), (new, new_label))]
     comparable = True
     if all(isinstance(s, dict) and s for s in setups) and setups[0] != setups[1]:
         comparable = False
         changed = ", ".join(k for k in sorted(set(setups[0]) | set(setups[1])) if setups[0].get(k) != setups[1].get(k))
-        warnings.append(f"The tokenizer, chat template or max_length differs ({changed}): perplexity and token accuracy count "
-                        "other tokens and are left out; bits per byte, ranking and the reply metrics stay comparable.")
+        warnings.append(
+            f"The tokenizer, chat template or max_length differs ({changed}): perplexity and token accuracy count "
+            "other tokens and are left out; bits per byte, ranking and the reply metrics stay comparable."
+        )
     return warnings, comparable
 
 
@@ -304,9 +382,15 @@ def gate_word(gate: Any) -> str:
 def gate_lines(old: str | None, new: str | None, old_label: str, new_label: str) -> list[str]:
     before, after = (json_at(commit, EVAL, label) or {} for commit, label in ((old, old_label), (new, new_label)))
     old_gate, new_gate = before.get("gate"), after.get("gate")
-    lines = [f"| check | `{old_label}` | `{new_label}` |", "|---|---|---|", f"| **gate** | {gate_word(old_gate)} | {gate_word(new_gate)} |"]
+    lines = [
+        f"| check | `{old_label}` | `{new_label}` |",
+        "|---|---|---|",
+        f"| **gate** | {gate_word(old_gate)} | {gate_word(new_gate)} |",
+    ]
     for check in sorted({k for g in (old_gate or {}, new_gate or {}) for k, v in g.items() if isinstance(v, dict)}):
-        lines.append(f"| {check} | {gate_word((old_gate or {}).get(check))} | {gate_word((new_gate or {}).get(check))} |")
+        lines.append(
+            f"| {check} | {gate_word((old_gate or {}).get(check))} | {gate_word((new_gate or {}).get(check))} |"
+        )
     return lines
 
 
@@ -392,16 +476,26 @@ def report(old_labels: list[str], new_labels: list[str], out: Path) -> str:
         params = dvc("params", "diff", base.commit, "--md").strip()
         sections += ["## Parameters", "", params or "_No parameter changed._", ""]
         existing = [path for path in OTHER_METRICS if Path(path).exists()]
-        others = dvc("metrics", "diff", base.commit, "--md", "--precision", "4", "--targets", *existing).strip() if existing else ""
+        others = (
+            dvc("metrics", "diff", base.commit, "--md", "--precision", "4", "--targets", *existing).strip()
+            if existing
+            else ""
+        )
         sections += ["## Data and training metrics", "", others or "_No data or training metric changed._", ""]
         sections += ["## Plots", ""]
         for title, x, ys in plot_definitions():
             image = out.parent / f"{out.stem}-{slug(title)}.png"
             if render_plot(title, x, ys, base.commit, base.label, image):
                 sections += [f"![{title}]({image.name})", ""]
-        transcripts = subprocess.run(["git", "diff", "--no-color", base.commit, "--", TRANSCRIPTS], capture_output=True, text=True).stdout
+        transcripts = subprocess.run(
+            ["git", "diff", "--no-color", base.commit, "--", TRANSCRIPTS], capture_output=True, text=True
+        ).stdout
         sections += ["## Transcripts", ""]
-        sections += ["```diff", transcripts.strip(), "```", ""] if transcripts.strip() else ["_Sample transcripts unchanged._", ""]
+        sections += (
+            ["```diff", transcripts.strip(), "```", ""]
+            if transcripts.strip()
+            else ["_Sample transcripts unchanged._", ""]
+        )
     text = "\n".join(sections)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -413,11 +507,23 @@ def report(old_labels: list[str], new_labels: list[str], out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", nargs="+", default=["main"], metavar="REV",
-                        help="git revision to compare with, then (optional) more revisions or experiments: its training replicates")
-    parser.add_argument("--new", nargs="+", default=[WORKSPACE], metavar="REV",
-                        help=f"'{WORKSPACE}' (default) or a revision, then (optional) its training replicates")
-    parser.add_argument("--out", type=Path, default=Path("review/review.md"), help="markdown file; PNG plots go beside it")
+    parser.add_argument(
+        "--base",
+        nargs="+",
+        default=["main"],
+        metavar="REV",
+        help="git revision to compare with, then (optional) more revisions or experiments: its training replicates",
+    )
+    parser.add_argument(
+        "--new",
+        nargs="+",
+        default=[WORKSPACE],
+        metavar="REV",
+        help=f"'{WORKSPACE}' (default) or a revision, then (optional) its training replicates",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("review/review.md"), help="markdown file; PNG plots go beside it"
+    )
     args = parser.parse_args(argv)
     for label in args.base + args.new:  # checked before any work
         resolve(label)
