@@ -55,7 +55,8 @@ class Chat:
             ids = fit_prompt(self.tokenizer, self.system + self.history, budget)
         except TemplateError as exc:
             self.history.pop()
-            raise InputError(f"--context-tokens {self.context_tokens} minus --max-new-tokens {self.args.max_new_tokens}: {exc}") from None
+            raise InputError(f"--context-tokens {self.context_tokens} minus --max-new-tokens "
+                             f"{self.args.max_new_tokens}: {exc}") from None
         settings = SimpleNamespace(max_new_tokens=self.args.max_new_tokens, do_sample=self.args.temperature > 0,
                                    temperature=self.args.temperature, top_p=self.args.top_p,
                                    repetition_penalty=self.args.repetition_penalty)
@@ -110,23 +111,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="finetuned", help="finetuned, base, export (the GGUF), or a model directory")
     parser.add_argument("--prompt", help="answer this one prompt and exit")
-    parser.add_argument("--prompts", type=Path, help="JSONL of {\"prompt\": ...}; each is a new conversation unless --keep-history")
+    parser.add_argument("--prompts", type=Path,
+                        help="JSONL of {\"prompt\": ...}; each is a new conversation unless --keep-history")
     parser.add_argument("--keep-history", action="store_true", help="with --prompts: one conversation across all lines")
     parser.add_argument("--system", help="system message")
     # Decoding defaults: params.yaml's evaluate section, the decoding the metrics measured (stages/lib/decoding.py).
-    parser.add_argument("--temperature", type=float, help="0 for greedy decoding (default: evaluate.temperature, 0 when "
-                                                          "evaluate.do_sample is false)")
+    parser.add_argument("--temperature", type=float,
+                        help="0 for greedy (default: evaluate.temperature, 0 when evaluate.do_sample is false)")
     parser.add_argument("--top-p", type=float, help="default: evaluate.top_p")
-    parser.add_argument("--repetition-penalty", type=float, help="on the reply's own tokens (default: evaluate.repetition_penalty)")
+    parser.add_argument("--repetition-penalty", type=float,
+                        help="on the reply's own tokens (default: evaluate.repetition_penalty)")
     parser.add_argument("--max-new-tokens", type=int, help="default: evaluate.max_new_tokens")
-    parser.add_argument("--context-tokens", type=int, help="prompt + reply budget (default: the model's context window)")
+    parser.add_argument("--context-tokens", type=int,
+                        help="prompt + reply budget (default: the model's context window)")
     parser.add_argument("--seed", type=int, help="default: params.yaml's seed")
     args = parser.parse_args(argv)
     if None in (args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens, args.seed):
         params = load_params()
         measured = params.evaluate
         defaults = {"temperature": measured.temperature if measured.do_sample else 0.0, "top_p": measured.top_p,
-                    "repetition_penalty": measured.repetition_penalty, "max_new_tokens": measured.max_new_tokens, "seed": params.seed}
+                    "repetition_penalty": measured.repetition_penalty, "max_new_tokens": measured.max_new_tokens,
+                    "seed": params.seed}
         for name, value in defaults.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
@@ -173,7 +178,7 @@ def template_errors(source: Path) -> Iterator[None]:
 
     try:
         yield
-    except TemplateError as exc:  # refused by the sandbox, or unusable as the pipeline needs it (stages/lib/template.py)
+    except TemplateError as exc:  # refused by the sandbox, or unusable as the pipeline needs it (lib/template.py)
         raise InputError(f"{source}: {exc}") from None
     except JinjaError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
