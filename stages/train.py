@@ -43,6 +43,7 @@ from stages.lib.cli import ArgumentParser, run
 from stages.lib.conversations import InputError
 from stages.lib.labels import IGNORE_INDEX
 from stages.lib.launch import rendezvous, use_slot
+from stages.lib.machine import describe as describe_machine
 from stages.lib.modeling import collator, load_causal_lm, pick_device, read_config, trained_logits, unwrap
 from stages.lib.params import Params, TrainParams, load_params
 from stages.lib.paths import BASE_MODEL, FINETUNED as OUTPUT, TOKENIZED
@@ -83,7 +84,7 @@ def attention_implementation(requested: str, model: Any = None) -> str:
 
 def fingerprint(params: Params) -> str:
     """Identity of a training run: a checkpoint is resumed only by the run that wrote it."""
-    parts = [json.dumps(params.train.model_dump(), sort_keys=True), str(params.seed)]
+    parts = [json.dumps(params.train.model_dump(), sort_keys=True), str(params.train.seed)]
     for path in (TOKENIZED / "train" / "state.json", TOKENIZED / "val" / "state.json", BASE_MODEL / "model_card.json", BASE_MODEL / "config.json"):
         parts.append(path.read_text() if path.exists() else "")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -455,8 +456,8 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
 
     arguments = dict(
         output_dir=str(output_dir),
-        seed=params.seed,
-        data_seed=params.seed,
+        seed=params.train.seed,
+        data_seed=params.train.seed,
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler,
         warmup_steps=train.warmup_ratio,
@@ -618,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     import datasets as hf_datasets
     from transformers import set_seed
 
-    set_seed(params.seed)
+    set_seed(params.train.seed)
     data = hf_datasets.load_from_disk(str(TOKENIZED))
     model, tokenizer = load_model(params.train)
     identity = fingerprint(params)
@@ -667,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     runtime = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
+        "machine": describe_machine(),
         "precision": precision.as_dict(),  # the choice and why (measured GFLOP/s where `auto` measured)
         "attention": unwrap(trainer.model).config._attn_implementation,
         "compile": compiled.as_dict(),  # whether inductor compiled the decoder blocks and the loss, and why
