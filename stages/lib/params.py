@@ -80,7 +80,7 @@ class TokenizeParams(Section):
     max_val_examples: Optional[int] = Field(..., ge=1)
     # message content holding the tokenizer's special-token strings (`<|im_start|>system`): 'text' trains it as the
     # plain text it is, 'drop' leaves those conversations out; counted in metrics/tokenize.json either way
-    special_token_text: Literal["text", "drop"] = "text"
+    special_token_text: Literal["text", "drop"]
 
 
 class LoraParams(Section):
