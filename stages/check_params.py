@@ -6,6 +6,7 @@ its last good outputs are gone. Every other stage depends on this stage's output
 edit reruns this stage (a second) and, that dependency unchanged, only the stages whose own params changed
 (docs/DESIGN.md §Reliability).
 """
+
 from __future__ import annotations
 
 import os
@@ -32,9 +33,11 @@ def main() -> int:
     except ParamsError as exc:
         if not workspace_experiment():
             raise
-        raise ParamsError(f"{exc}\n{PARAMS_FILE}: `dvc exp run` wrote the rejected value into the workspace's "
-                          f"params.yaml and removed no output; fix it, or restore the committed file with "
-                          f"`git checkout HEAD -- {PARAMS_FILE}` (which also drops uncommitted edits to it)") from None
+        raise ParamsError(
+            f"{exc}\n{PARAMS_FILE}: `dvc exp run` wrote the rejected value into the workspace's "
+            f"params.yaml and removed no output; fix it, or restore the committed file with "
+            f"`git checkout HEAD -- {PARAMS_FILE}` (which also drops uncommitted edits to it)"
+        ) from None
     write_text(OUTPUT, CONTENT)
     print(f"check_params: {PARAMS_FILE} is valid")
     return 0

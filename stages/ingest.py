@@ -5,6 +5,7 @@ or a Hugging Face hub dataset id (where a hub is reachable).
 Formats (auto-detected, or forced with `data.format`): OpenAI `messages`, ShareGPT `conversations`,
 flat rows (one message per row) and the chitchat JSON.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +21,16 @@ from tqdm import tqdm
 
 from stages.lib.atomic import atomic_path, write_jsonl
 from stages.lib.cli import run
-from stages.lib.conversations import Conversation, InputError, Message, dataset_name, iter_jsonl, make_conversation, parse_json_line, read_text_utf8
+from stages.lib.conversations import (
+    Conversation,
+    InputError,
+    Message,
+    dataset_name,
+    iter_jsonl,
+    make_conversation,
+    parse_json_line,
+    read_text_utf8,
+)
 from stages.lib.params import DataParams, RowColumns, load_params
 from stages.lib.paths import RAW as OUTPUT
 
@@ -35,8 +45,10 @@ ROLE_ALIASES = {
     "model": "assistant",
     "chatgpt": "assistant",
 }
-EXPECTED_SHAPES = ("expected one of the shapes in README.md, 'Bring your own conversations': OpenAI messages, "
-                   "ShareGPT conversations, rows (one message per row) or the chitchat JSON")
+EXPECTED_SHAPES = (
+    "expected one of the shapes in README.md, 'Bring your own conversations': OpenAI messages, "
+    "ShareGPT conversations, rows (one message per row) or the chitchat JSON"
+)
 
 
 def to_role(value: Any, where: str) -> str:
@@ -53,8 +65,10 @@ def checked_text(value: str, where: str) -> str:
     """A string that UTF-8 can hold: JSON's \\ud800-style escapes can name half of a character."""
     match = _SURROGATE.search(value)
     if match:
-        raise InputError(f"{where}: invalid Unicode escape \\u{ord(match.group()):04x} (half of a surrogate pair); "
-                         "fix the escape in the file")
+        raise InputError(
+            f"{where}: invalid Unicode escape \\u{ord(match.group()):04x} (half of a surrogate pair); "
+            "fix the escape in the file"
+        )
     return value
 
 
@@ -109,7 +123,9 @@ def from_message_list(obj: dict, where: str, index: int, source: str, keys: tupl
             raise InputError(f"{at}: expected an object with {role_key!r} and {text_key!r}")
         role = to_role(require(message, role_key, at), at)
         messages.append({"role": role, "content": content_text(require(message, text_key, at), at)})
-    return make_conversation(conversation_id(obj.get("id", f"conv-{index:06d}"), where), messages, topic_of(obj), source)
+    return make_conversation(
+        conversation_id(obj.get("id", f"conv-{index:06d}"), where), messages, topic_of(obj), source
+    )
 
 
 MESSAGE_LIST_KEYS = {"openai": ("messages", "role", "content"), "sharegpt": ("conversations", "from", "value")}
@@ -156,7 +172,10 @@ def from_rows(rows: Iterable[tuple[int, dict]], columns: RowColumns, path: str, 
                     "set data.columns in params.yaml to map your column names"
                 )
         conv_id = str(row[columns.conversation_id])
-        message: Message = {"role": to_role(row[columns.speaker], where), "content": content_text(row[columns.text], where)}
+        message: Message = {
+            "role": to_role(row[columns.speaker], where),
+            "content": content_text(row[columns.text], where),
+        }
         order = row[columns.order] if columns.order else row_no
         grouped.setdefault(conv_id, []).append((order, row_no, message))
         if columns.topic and conv_id not in topics:
@@ -196,7 +215,9 @@ def detect_format(sample: Any, columns: RowColumns) -> str:
     return "unknown"
 
 
-def convert_records(records: Iterable[tuple[int, Any]], fmt: str, columns: RowColumns, path: str, source: str) -> Iterator[Conversation]:
+def convert_records(
+    records: Iterable[tuple[int, Any]], fmt: str, columns: RowColumns, path: str, source: str
+) -> Iterator[Conversation]:
     """Records are (number, JSON object) pairs: JSONL lines, items of a JSON list, or hub rows."""
     records = iter(records)
     first = next(records, None)
@@ -210,7 +231,10 @@ def convert_records(records: Iterable[tuple[int, Any]], fmt: str, columns: RowCo
         return
     if fmt not in MESSAGE_LIST_KEYS:
         keys = sorted(first[1]) if isinstance(first[1], dict) else type(first[1]).__name__
-        raise InputError(f"{path}: unrecognised record shape (first record: {keys}); set data.format or convert the file; {EXPECTED_SHAPES}")
+        raise InputError(
+            f"{path}: unrecognised record shape (first record: {keys}); "
+            f"set data.format or convert the file; {EXPECTED_SHAPES}"
+        )
     for index, (number, record) in enumerate(records):
         where = f"{path}:{number}"
         if not isinstance(record, dict):
@@ -224,8 +248,10 @@ def csv_separator_hint(path: Path) -> None:
         header = handle.readline()
     for name, separator in (("semicolon", ";"), ("tab", "\t")):
         if "," not in header and separator in header:
-            raise InputError(f"{path}:1: the header {header.strip()[:80]!r} is {name}-separated; "
-                             "save the file with commas between columns (CSV), or as .parquet or .jsonl")
+            raise InputError(
+                f"{path}:1: the header {header.strip()[:80]!r} is {name}-separated; "
+                "save the file with commas between columns (CSV), or as .parquet or .jsonl"
+            )
 
 
 def read_rows(path: Path, params: DataParams) -> Iterator[Conversation]:
@@ -233,21 +259,31 @@ def read_rows(path: Path, params: DataParams) -> Iterator[Conversation]:
 
     suffix = path.suffix.lower()
     if params.format not in ("auto", "rows"):
-        raise InputError(f"data.format: {params.format!r} does not apply to {path}: {suffix} files are read as rows "
-                         "(one message per row, columns named in data.columns); set data.format to auto or rows")
+        raise InputError(
+            f"data.format: {params.format!r} does not apply to {path}: {suffix} files are read as rows "
+            "(one message per row, columns named in data.columns); set data.format to auto or rows"
+        )
     if suffix == ".csv":
         read_text_utf8(path)  # a clear error with the byte offset for non-UTF-8 files
         csv_separator_hint(path)
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig") if suffix == ".csv" else pd.read_parquet(path)
+        frame = (
+            pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+            if suffix == ".csv"
+            else pd.read_parquet(path)
+        )
     except pd.errors.EmptyDataError:
         raise InputError(f"{path}: the file is empty") from None
     except Exception as exc:  # parser errors carry their own detail
-        raise InputError(f"{path}: cannot be read as {suffix[1:]}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise InputError(
+            f"{path}: cannot be read as {suffix[1:]}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
     # CSV rows are numbered as in a text editor: the header is line 1.
     first = 2 if suffix == ".csv" else 0
     rows = enumerate(frame.to_dict("records"), start=first)
-    yield from convert_records(rows, "rows", params.columns, str(path) + ("" if suffix == ".csv" else " row"), path.name)
+    yield from convert_records(
+        rows, "rows", params.columns, str(path) + ("" if suffix == ".csv" else " row"), path.name
+    )
 
 
 def read_file(path: Path, params: DataParams) -> Iterator[Conversation]:
@@ -273,7 +309,9 @@ def bundled_file(distribution: str, suffix: str) -> Path:
     try:
         dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
-        raise InputError(f"the bundled package {distribution!r} is not installed; run: pip install -r requirements.txt") from None
+        raise InputError(
+            f"the bundled package {distribution!r} is not installed; run: pip install -r requirements.txt"
+        ) from None
     for file in dist.files or []:
         if str(file).endswith(suffix):
             return Path(dist.locate_file(file))
@@ -282,7 +320,9 @@ def bundled_file(distribution: str, suffix: str) -> Path:
 
 def read_hub(dataset_id: str, params: DataParams) -> Iterator[Conversation]:
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        raise InputError(f"data.source {dataset_id!r} looks like a hub dataset id, but HF_HUB_OFFLINE=1; use a local file")
+        raise InputError(
+            f"data.source {dataset_id!r} looks like a hub dataset id, but HF_HUB_OFFLINE=1; use a local file"
+        )
     from huggingface_hub import HfApi
 
     try:  # a short probe, so an unreachable hub fails in seconds instead of hanging
@@ -316,10 +356,14 @@ def load_source(params: DataParams) -> Iterator[Conversation]:
     if path.suffix.lower() in FILE_EXTENSIONS or "\\" in source or source.startswith((".", "/", "~")):
         raise InputError(f"data.source {source!r}: file does not exist")
     if path.suffix:
-        raise InputError(f"data.source {source!r}: unsupported extension {path.suffix!r}; expected one of {list(FILE_EXTENSIONS)}")
+        raise InputError(
+            f"data.source {source!r}: unsupported extension {path.suffix!r}; expected one of {list(FILE_EXTENSIONS)}"
+        )
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         return read_hub(source, params)
-    raise InputError(f"data.source {source!r}: not 'chitchat', not an existing file, and not a hub id of the form owner/name")
+    raise InputError(
+        f"data.source {source!r}: not 'chitchat', not an existing file, and not a hub id of the form owner/name"
+    )
 
 
 def ingest(params: DataParams, output: Path = OUTPUT) -> dict[str, int]:
@@ -353,8 +397,10 @@ def ingest(params: DataParams, output: Path = OUTPUT) -> dict[str, int]:
 def main() -> int:
     params = load_params()
     summary = ingest(params.data)
-    print(f"ingest: {summary['conversations']} conversations, {summary['messages']} messages "
-          f"({summary['skipped_empty']} with no text skipped) from {params.data.source!r} -> {OUTPUT}")
+    print(
+        f"ingest: {summary['conversations']} conversations, {summary['messages']} messages "
+        f"({summary['skipped_empty']} with no text skipped) from {params.data.source!r} -> {OUTPUT}"
+    )
     return 0
 
 

@@ -4,6 +4,7 @@ Writes data/tokenized/ (a `datasets` DatasetDict with train and val: input_ids, 
 length) and metrics/tokenize.json. `python -m stages.tokenize --show N` prints example N of the train
 split with the trained tokens marked, so you can see exactly what the model learns.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,10 +18,18 @@ from typing import Any, Iterator
 
 from stages.lib.atomic import atomic_path, write_json
 from stages.lib.cli import ArgumentParser, run
-from stages.lib.conversations import Conversation, InputError, lines_dataset, map_workers, parse_json_line, validate_conversation
+from stages.lib.conversations import (
+    Conversation,
+    InputError,
+    lines_dataset,
+    map_workers,
+    parse_json_line,
+    validate_conversation,
+)
 from stages.lib.labels import IGNORE_INDEX, TemplateCost, WindowStats, windows_batch
 from stages.lib.params import ParamsError, TokenizeParams, load_params
-from stages.lib.paths import BASE_MODEL, PROCESSED, TOKENIZED as OUTPUT
+from stages.lib.paths import BASE_MODEL, PROCESSED
+from stages.lib.paths import TOKENIZED as OUTPUT
 from stages.lib.template import has_special_text, with_system_prompt
 
 TOKEN_METRICS = Path("metrics/tokenize.json")
@@ -51,13 +60,17 @@ def check_max_length(params: TokenizeParams, cost: TemplateCost, model_dir: Path
     """Before any work: a window must fit one exchange of the template and the model's positions."""
     smallest = cost.preamble + 2 * cost.per_message + 2  # one user word and one assistant word
     if params.max_length < smallest:
-        raise ParamsError(f"tokenize.max_length: {params.max_length} is smaller than one exchange of {model_dir}'s chat "
-                          f"template ({smallest} tokens with one word per turn); expected a value well above it, e.g. 256")
+        raise ParamsError(
+            f"tokenize.max_length: {params.max_length} is smaller than one exchange of {model_dir}'s chat "
+            f"template ({smallest} tokens with one word per turn); expected a value well above it, e.g. 256"
+        )
     card = model_dir / "model_card.json"
     positions = json.loads(card.read_text()).get("max_position_embeddings") if card.exists() else None
     if isinstance(positions, int) and params.max_length > positions:
-        raise ParamsError(f"tokenize.max_length: {params.max_length} is more than the {positions} positions the base model "
-                          f"has (max_position_embeddings in {card}); expected at most {positions}")
+        raise ParamsError(
+            f"tokenize.max_length: {params.max_length} is more than the {positions} positions the base model "
+            f"has (max_position_embeddings in {card}); expected at most {positions}"
+        )
 
 
 def window_features() -> Any:
@@ -72,15 +85,28 @@ def example_features() -> Any:
     """One row per window; the types `Dataset.from_list` gave these columns before (input_ids int32, mask int8)."""
     from datasets import Features, List, Value
 
-    return Features({"input_ids": List(Value("int32")), "labels": List(Value("int64")),
-                     "attention_mask": List(Value("int8")), "length": Value("int64")})
+    return Features(
+        {
+            "input_ids": List(Value("int32")),
+            "labels": List(Value("int64")),
+            "attention_mask": List(Value("int8")),
+            "length": Value("int64"),
+        }
+    )
 
 
 STAT_FIELDS = ("conversations",) + tuple(field.name for field in fields(WindowStats))
 
 
-def window_rows(lines: list[str], indices: list[int], tokenizer: Any, cost: TemplateCost, params: TokenizeParams,
-                path: str, swap: bool) -> dict[str, list]:
+def window_rows(
+    lines: list[str],
+    indices: list[int],
+    tokenizer: Any,
+    cost: TemplateCost,
+    params: TokenizeParams,
+    path: str,
+    swap: bool,
+) -> dict[str, list]:
     """datasets.map function: JSONL lines of one split -> each conversation's windows and counts."""
     conversations, special = [], []
     for line, index in zip(lines, indices):
@@ -92,8 +118,14 @@ def window_rows(lines: list[str], indices: list[int], tokenizer: Any, cost: Temp
     stats = [WindowStats(special_token_text=int(flag)) for flag in special]
     kept = [k for k, flag in enumerate(special) if not (flag and params.special_token_text == "drop")]
     out: dict[str, list] = {"input_ids": [], "labels": [], **{name: [] for name in STAT_FIELDS}}
-    batch = windows_batch(tokenizer, [conversations[k]["messages"] for k in kept], params.max_length, params.loss_on, cost,
-                          [stats[k] for k in kept])
+    batch = windows_batch(
+        tokenizer,
+        [conversations[k]["messages"] for k in kept],
+        params.max_length,
+        params.loss_on,
+        cost,
+        [stats[k] for k in kept],
+    )
     windows_of = dict(zip(kept, batch))
     results = iter((windows_of.get(k, []), own) for k, own in enumerate(stats))
     for line in lines:
@@ -146,8 +178,16 @@ def flatten(per_conversation: Any, totals: dict[str, int]) -> Iterator[Any]:
         lengths = pc.list_value_length(ids).cast(pa.int64())
         totals["tokens"] += int(pc.sum(lengths).as_py() or 0)
         totals["trained"] += int(pc.sum(pc.not_equal(pc.list_flatten(labels), IGNORE_INDEX)).as_py() or 0)
-        yield pa.table({"input_ids": ids, "labels": labels, "attention_mask": pa.ListArray.from_arrays(pa.array(np.asarray(ids.offsets) - ids.offsets[0].as_py(), pa.int32()), ones),
-                        "length": lengths})
+        yield pa.table(
+            {
+                "input_ids": ids,
+                "labels": labels,
+                "attention_mask": pa.ListArray.from_arrays(
+                    pa.array(np.asarray(ids.offsets) - ids.offsets[0].as_py(), pa.int32()), ones
+                ),
+                "length": lengths,
+            }
+        )
 
 
 class AlignedWriter:
@@ -182,8 +222,17 @@ class AlignedWriter:
         self.writer.finalize()
 
 
-def tokenize_split(lines: Any, tokenizer: Any, cost: TemplateCost, params: TokenizeParams, path: str, name: str,
-                   swaps: tuple[bool, ...], cache: Path, fingerprint: str) -> tuple[Any, dict]:
+def tokenize_split(
+    lines: Any,
+    tokenizer: Any,
+    cost: TemplateCost,
+    params: TokenizeParams,
+    path: str,
+    name: str,
+    swaps: tuple[bool, ...],
+    cache: Path,
+    fingerprint: str,
+) -> tuple[Any, dict]:
     """Tokenize a split's JSONL lines with datasets.map over all cores, streamed to Arrow on disk."""
     import datasets
     import pyarrow.compute as pc
@@ -196,11 +245,19 @@ def tokenize_split(lines: Any, tokenizer: Any, cost: TemplateCost, params: Token
         writer = AlignedWriter(arrow_writer, SAVE_BATCH_ROWS)
         for swap in swaps:
             per_conversation = lines.map(
-                window_rows, batched=True, batch_size=BATCH_CONVERSATIONS, with_indices=True, input_columns="text",
-                remove_columns=["text"], features=window_features(), num_proc=map_workers(len(lines), BATCH_CONVERSATIONS),
+                window_rows,
+                batched=True,
+                batch_size=BATCH_CONVERSATIONS,
+                with_indices=True,
+                input_columns="text",
+                remove_columns=["text"],
+                features=window_features(),
+                num_proc=map_workers(len(lines), BATCH_CONVERSATIONS),
                 fn_kwargs={"tokenizer": tokenizer, "cost": cost, "params": params, "path": path, "swap": swap},
-                cache_file_name=str(cache / f"{name}-{swap}.arrow"), load_from_cache_file=False,
-                new_fingerprint=f"{fingerprint}-{name}-{swap}", desc=f"tokenize {name}{' (role-swapped)' if swap else ''}",
+                cache_file_name=str(cache / f"{name}-{swap}.arrow"),
+                load_from_cache_file=False,
+                new_fingerprint=f"{fingerprint}-{name}-{swap}",
+                desc=f"tokenize {name}{' (role-swapped)' if swap else ''}",
             )
             for field in STAT_FIELDS:
                 totals[field] += int(pc.sum(per_conversation.data.column(field)).as_py() or 0)
@@ -211,7 +268,11 @@ def tokenize_split(lines: Any, tokenizer: Any, cost: TemplateCost, params: Token
         writer.close()
     table = MemoryMappedTable.from_file(str(target))
     tokens, trained = totals["tokens"], totals["trained"]
-    dataset = datasets.Dataset(table, info=datasets.DatasetInfo(features=example_features()), fingerprint=hashlib.sha256(f"{fingerprint} {name}".encode()).hexdigest()[:16])
+    dataset = datasets.Dataset(
+        table,
+        info=datasets.DatasetInfo(features=example_features()),
+        fingerprint=hashlib.sha256(f"{fingerprint} {name}".encode()).hexdigest()[:16],
+    )
     report = {
         "conversations": totals["conversations"],
         "examples": table.num_rows,
@@ -223,7 +284,8 @@ def tokenize_split(lines: Any, tokenizer: Any, cost: TemplateCost, params: Token
         "dropped_turns_too_long": totals["turns_too_long"],
         "dropped_turns_without_context": totals["turns_without_context"],
         "dropped_rows_without_trained_tokens": totals["rows_without_trained_tokens"],
-        # DESIGN §4.13: content holding special-token strings, trained as plain text or dropped (tokenize.special_token_text)
+        # DESIGN §4.13: content holding special-token strings, trained as plain text or dropped
+        # (tokenize.special_token_text)
         "conversations_with_special_token_text": totals["special_token_text"],
     }
     return dataset, report
@@ -263,22 +325,30 @@ def build(params: TokenizeParams, tokenizer_dir: Path, cache: Path) -> tuple[Any
             raise InputError(f"{path}: not found; run the stage that writes it first (dvc repro)")
     fingerprint = data_fingerprint(params, tokenizer, list(paths.values()))
     splits = {}
-    report = {"max_length": params.max_length, "loss_on": params.loss_on, "role_swap": params.role_swap, "system_prompt": params.system_prompt}
+    report = {
+        "max_length": params.max_length,
+        "loss_on": params.loss_on,
+        "role_swap": params.role_swap,
+        "system_prompt": params.system_prompt,
+    }
     for name, path in paths.items():
         lines = lines_dataset(path, cache)
         if name == "val":
             lines = first_lines(lines, params.max_val_examples)  # the split is already shuffled by the seed
         swaps = (False, True) if name == "train" and params.role_swap else (False,)
-        splits[name], report[name] = tokenize_split(lines, tokenizer, cost, params, str(path), name, swaps, cache, fingerprint)
+        splits[name], report[name] = tokenize_split(
+            lines, tokenizer, cost, params, str(path), name, swaps, cache, fingerprint
+        )
         if name == "train" and not report[name]["examples"]:
-            raise InputError(f"tokenize: no training example fits max_length={params.max_length}; raise tokenize.max_length")
+            raise InputError(
+                f"tokenize: no training example fits max_length={params.max_length}; raise tokenize.max_length"
+            )
     return datasets.DatasetDict(splits), report
 
 
 def show(index: int) -> int:
     """Print one tokenized training example; trained tokens are wrapped in [[ ]]."""
     import datasets
-
     from transformers import AutoTokenizer
 
     if not (OUTPUT / "dataset_dict.json").exists():
@@ -297,14 +367,18 @@ def show(index: int) -> int:
         pieces.append(tokenizer.decode([token_id]))
     pieces.append("]]" if trained else "")
     n_trained = sum(label != IGNORE_INDEX for label in row["labels"])
-    print(f"train example {index} of {len(dataset)}: {len(row['input_ids'])} tokens, {n_trained} trained (inside [[ ]])\n")
+    print(
+        f"train example {index} of {len(dataset)}: {len(row['input_ids'])} tokens, {n_trained} trained (inside [[ ]])\n"
+    )
     print("".join(pieces))
     return 0
 
 
 def main() -> int:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--show", type=int, metavar="N", help="print train example N with trained tokens marked, then exit")
+    parser.add_argument(
+        "--show", type=int, metavar="N", help="print train example N with trained tokens marked, then exit"
+    )
     args = parser.parse_args()
     if args.show is not None:
         return show(args.show)
@@ -315,9 +389,12 @@ def main() -> int:
         dataset.save_to_disk(str(staged), num_proc=save_workers(dataset))
     write_json(TOKEN_METRICS, report)
     train = report["train"]
-    print(f"tokenize: train {train['examples']} examples ({train['trained_tokens']} trained of {train['tokens']} tokens, "
-          f"{train['conversations_split_into_windows']} conversations windowed, {train['dropped_turns_too_long']} turns too long), "
-          f"val {report['val']['examples']} examples -> {OUTPUT}")
+    print(
+        f"tokenize: train {train['examples']} examples ({train['trained_tokens']} trained of {train['tokens']} tokens, "
+        f"{train['conversations_split_into_windows']} conversations windowed, "
+        f"{train['dropped_turns_too_long']} turns too long), "
+        f"val {report['val']['examples']} examples -> {OUTPUT}"
+    )
     return 0
 
 

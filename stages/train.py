@@ -14,6 +14,7 @@ Writes models/finetuned/ (safetensors + tokenizer + chat template + generation c
 DVCLive curves under dvclive/ for `dvc plots`, and resumable checkpoints under models/checkpoints/; only the
 job's first process writes them.
 """
+
 from __future__ import annotations
 
 if __name__ == "__main__":  # first, so that the restart repeats only the interpreter's start
@@ -46,12 +47,22 @@ from stages.lib.launch import rendezvous, use_slot
 from stages.lib.machine import describe as describe_machine
 from stages.lib.modeling import collator, load_causal_lm, pick_device, read_config, trained_logits, unwrap
 from stages.lib.params import Params, TrainParams, load_params
-from stages.lib.paths import BASE_MODEL, FINETUNED as OUTPUT, TOKENIZED
-from stages.lib.precision import CompileChoice, PrecisionChoice, choose, choose_compile, gemm_ceiling, keep_compile_cache
+from stages.lib.paths import BASE_MODEL, TOKENIZED
+from stages.lib.paths import FINETUNED as OUTPUT
+from stages.lib.precision import (
+    CompileChoice,
+    PrecisionChoice,
+    choose,
+    choose_compile,
+    gemm_ceiling,
+    keep_compile_cache,
+)
 
 CHECKPOINTS = Path("models/checkpoints")  # scratch for resuming, outside DVC: a persist out would disable the run-cache
 FINGERPRINT = CHECKPOINTS / "fingerprint.json"
-MACHINE_CHOICES = CHECKPOINTS / "machine.json"  # precision and compile, measured by `--check` once, read by every torchrun worker
+MACHINE_CHOICES = (
+    CHECKPOINTS / "machine.json"
+)  # precision and compile, measured by `--check` once, read by every torchrun worker
 TRAIN_METRICS = Path("metrics/train.json")
 TRAIN_RUNTIME = Path("metrics/runtime/train.json")  # wall-clock and this process's history: not reproducible
 DVCLIVE_DIR = Path("dvclive")
@@ -65,7 +76,9 @@ def resolve_precision(requested: str, config: Any) -> PrecisionChoice:
     if requested == "fp16" and not torch.cuda.is_available():  # the Trainer would silently run it in float32
         raise InputError("train.precision: fp16 needs a CUDA GPU and this machine has none; use auto, bf16 or fp32")
     if requested == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise InputError(f"train.precision: bf16 is not supported by {torch.cuda.get_device_name(0)}; use auto, fp16 or fp32")
+        raise InputError(
+            f"train.precision: bf16 is not supported by {torch.cuda.get_device_name(0)}; use auto, fp16 or fp32"
+        )
     return choose(requested, config)
 
 
@@ -77,7 +90,10 @@ def attention_implementation(requested: str, model: Any = None) -> str:
     chosen = requested if requested != "auto" else "sdpa" if torch.cuda.is_available() else "eager"
     if chosen == "sdpa" and model is not None and not getattr(type(unwrap(model)), "_supports_sdpa", True):
         if requested == "sdpa":
-            raise InputError(f"train.attention: sdpa, but transformers runs {type(unwrap(model)).__name__} without sdpa; use auto or eager")
+            raise InputError(
+                f"train.attention: sdpa, but transformers runs {type(unwrap(model)).__name__} without sdpa; "
+                "use auto or eager"
+            )
         return "eager"
     return chosen
 
@@ -85,7 +101,12 @@ def attention_implementation(requested: str, model: Any = None) -> str:
 def fingerprint(params: Params) -> str:
     """Identity of a training run: a checkpoint is resumed only by the run that wrote it."""
     parts = [json.dumps(params.train.model_dump(), sort_keys=True), str(params.train.seed)]
-    for path in (TOKENIZED / "train" / "state.json", TOKENIZED / "val" / "state.json", BASE_MODEL / "model_card.json", BASE_MODEL / "config.json"):
+    for path in (
+        TOKENIZED / "train" / "state.json",
+        TOKENIZED / "val" / "state.json",
+        BASE_MODEL / "model_card.json",
+        BASE_MODEL / "config.json",
+    ):
         parts.append(path.read_text() if path.exists() else "")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
@@ -137,13 +158,17 @@ def lora_target_problem(targets: str | list[str], model: Any) -> str | None:
         return None
     adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
     modules = dict(model.named_modules())
-    linear = sorted({name.rsplit(".", 1)[-1] for name, module in modules.items() if isinstance(module, (torch.nn.Linear, Conv1D))})
+    linear = sorted(
+        {name.rsplit(".", 1)[-1] for name, module in modules.items() if isinstance(module, (torch.nn.Linear, Conv1D))}
+    )
     for target in targets:
         matched = [module for name, module in modules.items() if name == target or name.endswith(f".{target}")]
         if not any(isinstance(module, adaptable) for module in matched):
             kind = f"names a {type(matched[0]).__name__}, not a layer" if matched else "matches no module"
-            return (f"train.lora.target_modules: {target!r} {kind} in {type(model).__name__}; its linear layers are "
-                    f"{', '.join(linear)} (or set all-linear)")
+            return (
+                f"train.lora.target_modules: {target!r} {kind} in {type(model).__name__}; its linear layers are "
+                f"{', '.join(linear)} (or set all-linear)"
+            )
     return None
 
 
@@ -154,12 +179,18 @@ def preflight(params: Params, check_only: bool = False) -> tuple[PrecisionChoice
     once and records them, and the workers reuse that record, so every process of a DDP run trains alike."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    for path, stage in ((BASE_MODEL / "config.json", "base_model"), (TOKENIZED / "dataset_dict.json", "tokenize"),
-                        (TOKENIZED / "tokenizer" / "tokenizer_config.json", "tokenize")):
+    for path, stage in (
+        (BASE_MODEL / "config.json", "base_model"),
+        (TOKENIZED / "dataset_dict.json", "tokenize"),
+        (TOKENIZED / "tokenizer" / "tokenizer_config.json", "tokenize"),
+    ):
         if not path.exists():
             raise InputError(f"{path}: missing; run the {stage} stage first (dvc repro {stage})")
-    requested = {"precision": params.train.precision, "torch_compile": params.train.torch_compile,
-                 "config": (BASE_MODEL / "config.json").read_text()}
+    requested = {
+        "precision": params.train.precision,
+        "torch_compile": params.train.torch_compile,
+        "config": (BASE_MODEL / "config.json").read_text(),
+    }
     recorded = json.loads(MACHINE_CHOICES.read_text()) if MACHINE_CHOICES.exists() and not check_only else {}
     if recorded.get("requested") == requested:
         precision, compiled = PrecisionChoice(**recorded["precision"]), CompileChoice(**recorded["compile"])
@@ -179,15 +210,19 @@ def preflight(params: Params, check_only: bool = False) -> tuple[PrecisionChoice
         if problem:
             raise InputError(problem)
     if check_only:  # every check passed: record the choices for the workers
-        write_json(MACHINE_CHOICES, {"requested": requested, "precision": precision.as_dict(), "compile": compiled.as_dict()})
+        write_json(
+            MACHINE_CHOICES, {"requested": requested, "precision": precision.as_dict(), "compile": compiled.as_dict()}
+        )
     return precision, compiled
 
 
 def qlora_problem() -> str | None:
     """Why train.method qlora cannot run here (None when it can): bitsandbytes' 4-bit kernels need CUDA."""
     if not torch.cuda.is_available():
-        return ("train.method: qlora quantises the base model to 4 bits with bitsandbytes, which needs a CUDA device; "
-                "this machine has none: use lora (the same adapters on a full-precision base) or full")
+        return (
+            "train.method: qlora quantises the base model to 4 bits with bitsandbytes, which needs a CUDA device; "
+            "this machine has none: use lora (the same adapters on a full-precision base) or full"
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -199,7 +234,13 @@ def lora_config(params: TrainParams) -> Any:
     from peft import LoraConfig
 
     lora = params.lora
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
 
 
 def load_model(params: TrainParams) -> tuple[Any, Any]:
@@ -209,10 +250,19 @@ def load_model(params: TrainParams) -> tuple[Any, Any]:
         from peft import get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(BASE_MODEL, quantization_config=quantization, dtype=torch.bfloat16, use_safetensors=True,
-                                                     device_map={"": int(os.environ.get("LOCAL_RANK", 0))})
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            BASE_MODEL,
+            quantization_config=quantization,
+            dtype=torch.bfloat16,
+            use_safetensors=True,
+            device_map={"": int(os.environ.get("LOCAL_RANK", 0))},
+        )
         model.set_attn_implementation(attention_implementation(params.attention, model))
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
         return get_peft_model(model, lora_config(params)), load_tokenizer()
@@ -231,7 +281,9 @@ def merged_bf16(model: Any, params: TrainParams) -> Any:
     the merged weights to 4 bits): the model score and export read."""
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-    adapters = {name: value.detach().to("cpu", torch.bfloat16) for name, value in get_peft_model_state_dict(model).items()}
+    adapters = {
+        name: value.detach().to("cpu", torch.bfloat16) for name, value in get_peft_model_state_dict(model).items()
+    }
     base, _ = load_causal_lm(BASE_MODEL, torch.bfloat16)
     wrapped = get_peft_model(base, lora_config(params))
     set_peft_model_state_dict(wrapped, adapters)
@@ -255,8 +307,9 @@ def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def trained_position_loss(model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None,
-                          nll: Any = nll_sum) -> tuple[torch.Tensor, Any]:
+def trained_position_loss(
+    model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None, nll: Any = nll_sum
+) -> tuple[torch.Tensor, Any]:
     """Causal LM loss over trained positions only: summed NLL over `num_items_in_batch` (the trained-token
     count of the whole accumulated, all-process batch, DESIGN §4.6), or the batch's own count when none is given."""
     scored = trained_logits(model, inputs, upcast=False)
@@ -309,7 +362,8 @@ def compile_settings() -> None:
     """Deterministic algorithms for compiled runs: without them inductor's C++ backward of the embedding lookup
     adds the rows of repeated tokens from parallel threads in no fixed order, so the embedding gradient, and
     every loss after the first step, differed run to run (benchmarks/NOTES.md); with them it generates an
-    ordered accumulation, at no measured cost (once the NaN fill below is off). And inductor's cache kept past reboots."""
+    ordered accumulation, at no measured cost (once the NaN fill below is off). And inductor's cache kept past
+    reboots."""
     torch.use_deterministic_algorithms(True, warn_only=True)
     # Deterministic mode also fills every new tensor with NaN, a debugging aid against kernels that read memory
     # they never wrote: a pass over all memory a step allocates (~2% of a step in the profile), then overwritten.
@@ -326,7 +380,12 @@ def compile_blocks(model: Any) -> list[str]:
     compiled: list[str] = []
     for name, module in model.named_modules():
         inside = any(name.startswith(f"{block}.") for block in compiled)
-        if not inside and isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(b) for b in module}) == 1:
+        if (
+            not inside
+            and isinstance(module, torch.nn.ModuleList)
+            and len(module) > 1
+            and len({type(b) for b in module}) == 1
+        ):
             for index, block in enumerate(module):
                 block.compile()
                 compiled.append(f"{name}.{index}")
@@ -337,14 +396,26 @@ def fsdp_settings(train: TrainParams) -> dict[str, Any]:
     """The Trainer's FSDP2 settings (accelerate's plugin): every decoder block (the model's `_no_split_modules`)
     and the whole model sharded across all processes of all nodes, weights gathered block by block inside the
     forward and freed after it; checkpoints hold the full state dict, so a run resumes on any process count."""
-    return {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
-            "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False,
-            "activation_checkpointing": train.gradient_checkpointing}
+    return {
+        "version": 2,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "reshard_after_forward": True,
+        "state_dict_type": "FULL_STATE_DICT",
+        "cpu_ram_efficient_loading": False,
+        "activation_checkpointing": train.gradient_checkpointing,
+    }
 
 
-def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, output_dir: Path,
-                  precision: PrecisionChoice | None = None, compiled: CompileChoice | None = None,
-                  **overrides: Any) -> tuple[Any, TokenCounter]:
+def build_trainer(
+    params: Params,
+    model: Any,
+    tokenizer: Any,
+    datasets: Any,
+    output_dir: Path,
+    precision: PrecisionChoice | None = None,
+    compiled: CompileChoice | None = None,
+    **overrides: Any,
+) -> tuple[Any, TokenCounter]:
     from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
     train = params.train
@@ -424,7 +495,10 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
                     example_nll, example_tokens = self.accelerator.gather_for_metrics((example_nll, example_tokens))
                     sums += torch.stack([example_nll.sum(), example_tokens.sum()])
             model.train(was_training)
-            metrics = {f"{metric_key_prefix}_loss": float(sums[0] / sums[1].clamp(min=1)), f"{metric_key_prefix}_tokens": int(sums[1])}
+            metrics = {
+                f"{metric_key_prefix}_loss": float(sums[0] / sums[1].clamp(min=1)),
+                f"{metric_key_prefix}_tokens": int(sums[1]),
+            }
             self.log({f"{metric_key_prefix}_loss": metrics[f"{metric_key_prefix}_loss"]})
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
             return metrics
@@ -499,8 +573,9 @@ def build_trainer(params: Params, model: Any, tokenizer: Any, datasets: Any, out
     if early:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     if args.process_index == 0 and overrides.get("report_to", "dvclive") == "dvclive":
-        from dvclive import Live
         from transformers.integrations import DVCLiveCallback
+
+        from dvclive import Live
 
         class Curves(DVCLiveCallback):
             """DVCLive's curves without its dump of every TrainingArguments field: params.yaml is the record,
@@ -559,7 +634,10 @@ def save_model(model: Any, tokenizer: Any, params: TrainParams, output: Path = O
         model.save_pretrained(staged, safe_serialization=True)
         tokenizer.save_pretrained(staged)
         if saved == "lora-adapter":
-            write_json(staged / "base_model.json", {"base_model": str(BASE_MODEL), "card": json.loads((BASE_MODEL / "model_card.json").read_text())})
+            write_json(
+                staged / "base_model.json",
+                {"base_model": str(BASE_MODEL), "card": json.loads((BASE_MODEL / "model_card.json").read_text())},
+            )
     return saved
 
 
@@ -601,7 +679,9 @@ def die_with_launcher() -> None:
 def main(argv: list[str] | None = None) -> int:
     die_with_launcher()
     parser = ArgumentParser(description="Fine-tune models/base (run it through torchrun; see the module doc).")
-    parser.add_argument("--check", action="store_true", help="only check params and inputs (dvc.yaml runs it before torchrun)")
+    parser.add_argument(
+        "--check", action="store_true", help="only check params and inputs (dvc.yaml runs it before torchrun)"
+    )
     args = parser.parse_args(argv)
     # Before anything imports torch._dynamo: that import sets TORCHINDUCTOR_CACHE_DIR to torch's default under /tmp
     # when it is unset, and a worker that reuses `--check`'s recorded choices reaches compile_settings only after it.
@@ -609,8 +689,10 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params()
     shape = rendezvous(params.train.nodes, os.environ)  # a multi-node job that cannot meet: one line, before any work
     if params.train.distributed == "fsdp" and params.train.processes * shape.nodes == 1:
-        raise InputError("train.distributed: fsdp shards the model across processes, but train.processes is 1 on 1 node; "
-                         "set train.processes to the GPUs per machine (or run on several nodes), or use ddp")
+        raise InputError(
+            "train.distributed: fsdp shards the model across processes, but train.processes is 1 on 1 node; "
+            "set train.processes to the GPUs per machine (or run on several nodes), or use ddp"
+        )
     slot = use_slot()  # this experiment's cores and GPUs when queued experiments share the machine (STAGES_SLOTS)
     precision, compiled = preflight(params, check_only=args.check)
     if args.check:
@@ -644,12 +726,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             at_end = [loss for step, loss in evals if step == trainer.state.global_step]
             final_eval = at_end[-1] if at_end else trainer.evaluate()["eval_loss"]
-    weights = full_state_dict(trainer) if trainer.is_fsdp_enabled else None  # collective: before the other processes leave
+    weights = (
+        full_state_dict(trainer) if trainer.is_fsdp_enabled else None
+    )  # collective: before the other processes leave
     if not trainer.is_world_process_zero():
         return 0
     world = max(trainer.args.world_size, 1)
-    ceiling = gemm_ceiling(unwrap(trainer.model), precision.precision, max(counter.tokens // max(counter.batches, 1), 1),
-                           counter.trained / max(counter.tokens, 1))
+    ceiling = gemm_ceiling(
+        unwrap(trainer.model),
+        precision.precision,
+        max(counter.tokens // max(counter.batches, 1), 1),
+        counter.trained / max(counter.tokens, 1),
+    )
     saved = save_model(trainer.model if weights is None else unsharded(params.train, weights), tokenizer, params.train)
     # Only what the same params and data reproduce, resumed or not: byte-identical across runs on one machine.
     metrics = {
@@ -667,12 +755,16 @@ def main(argv: list[str] | None = None) -> int:
         "val_perplexity_after": round(math.exp(final_eval), 3) if final_eval is not None else None,
     }
     runtime = {
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"cpu ({torch.get_num_threads()} threads)",
         "machine": describe_machine(),
         "precision": precision.as_dict(),  # the choice and why (measured GFLOP/s where `auto` measured)
         "attention": unwrap(trainer.model).config._attn_implementation,
         "compile": compiled.as_dict(),  # whether inductor compiled the decoder blocks and the loss, and why
-        "compile_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR") if compiled.enabled else None,  # what a later run reuses
+        "compile_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        if compiled.enabled
+        else None,  # what a later run reuses
         "allocator": allocator,
         "resumed_from_step": int(Path(resume).name.split("-")[-1]) if resume else 0,
         "distributed": params.train.distributed if world > 1 else None,
@@ -692,10 +784,13 @@ def main(argv: list[str] | None = None) -> int:
     write_json(TRAIN_RUNTIME, runtime)
     write_json(TRAIN_METRICS, metrics)
     reset_checkpoints(identity, "complete")
-    print(f"train: {metrics['steps']} steps ({saved}, {metrics['precision']}, {runtime['device']}), val loss "
-          f"{metrics['val_loss_before']} -> {metrics['val_loss_after']}, {runtime['tokens_per_s']} tokens/s "
-          f"({runtime['fraction_of_ceiling']:.0%} of the {runtime['ceiling_tokens_per_s']:.0f} tokens/s GEMM ceiling measured here), "
-          f"{runtime['wall_time_s']} s, peak {runtime['peak_memory_mb']} MB -> {OUTPUT}")
+    print(
+        f"train: {metrics['steps']} steps ({saved}, {metrics['precision']}, {runtime['device']}), val loss "
+        f"{metrics['val_loss_before']} -> {metrics['val_loss_after']}, {runtime['tokens_per_s']} tokens/s "
+        f"({runtime['fraction_of_ceiling']:.0%} of the {runtime['ceiling_tokens_per_s']:.0f} tokens/s "
+        "GEMM ceiling measured here), "
+        f"{runtime['wall_time_s']} s, peak {runtime['peak_memory_mb']} MB -> {OUTPUT}"
+    )
     return 0
 
 

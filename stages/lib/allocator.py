@@ -17,6 +17,7 @@ too small for the next request of the same size. With the tcache off they merge 
 are reused (tests/test_train.py). The tcache is set only through GLIBC_TUNABLES, which the loader reads
 at process start: `restart_with_allocator_tunables` re-executes the process with it before torch is imported.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -25,7 +26,7 @@ import sys
 from typing import Mapping
 
 M_TRIM_THRESHOLD = -1  # malloc.h: -1 disables trimming completely (mallopt(3))
-M_MMAP_MAX = -4        # malloc.h: 0 disables mmap for large allocations
+M_MMAP_MAX = -4  # malloc.h: 0 disables mmap for large allocations
 TUNABLES = "glibc.malloc.tcache_count=0"  # no per-thread cache of freed chunks: fragments merge back at once
 RESTARTED = "STAGES_ALLOCATOR_RESTARTED"
 
@@ -41,10 +42,13 @@ def keep_freed_memory() -> str:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     no_mmap = mallopt(M_MMAP_MAX, 0) == 1
     no_trim = mallopt(M_TRIM_THRESHOLD, -1) == 1
-    tcache = "off" if TUNABLES in os.environ.get("GLIBC_TUNABLES", "").split(":") else "on (GLIBC_TUNABLES not set at start)"
+    tcache = (
+        "off" if TUNABLES in os.environ.get("GLIBC_TUNABLES", "").split(":") else "on (GLIBC_TUNABLES not set at start)"
+    )
     if no_mmap and no_trim:
         return f"mallopt accepted: freed memory kept (mmap and trimming off), tcache {tcache}"
-    return f"mallopt: mmap {'off' if no_mmap else 'unchanged (refused)'}, trimming {'off' if no_trim else 'unchanged (refused)'}"
+    mmap, trimming = ("off" if ok else "unchanged (refused)" for ok in (no_mmap, no_trim))
+    return f"mallopt: mmap {mmap}, trimming {trimming}"
 
 
 def glibc() -> bool:

@@ -16,6 +16,7 @@ it, and the old outputs stay as they were.
         out.write_json(METRICS, summary)
     write_json_files({EVAL: results, BY_DEPTH: depth})   # several JSON files, all or none
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,7 +73,7 @@ def _alive(pid: int) -> bool:
 
 def _owner(name: str, prefix: str) -> int | None:
     """The pid in `<prefix><pid>-<random>.tmp` or `.publish.<pid>.journal`; None when the name holds none."""
-    middle = name[len(prefix):].split("-", 1)[0].split(".", 1)[0]
+    middle = name[len(prefix) :].split("-", 1)[0].split(".", 1)[0]
     return int(middle) if middle.isdigit() else None
 
 
@@ -120,8 +121,9 @@ def recover(root: Path | str = ".") -> int:
             try:
                 entries = json.load(handle)
             except ValueError:
-                raise OutputError(f"{journal}: an unreadable publication journal; check the outputs it names, "
-                                  f"then delete it") from None
+                raise OutputError(
+                    f"{journal}: an unreadable publication journal; check the outputs it names, then delete it"
+                ) from None
             for entry in entries:
                 _apply(entry)
             journal.unlink()
@@ -201,16 +203,23 @@ class Outputs:
         return _output_error(self.public(named), exc)
 
     def publish(self) -> None:
-        entries = [{"staged": str((tmp / target.name).absolute()), "target": str(target.absolute()),
-                    "old": str((tmp / f"{target.name}.previous").absolute()), "tmp": str(tmp.absolute())}
-                   for target, tmp in self._tmp.items()]
+        entries = [
+            {
+                "staged": str((tmp / target.name).absolute()),
+                "target": str(target.absolute()),
+                "old": str((tmp / f"{target.name}.previous").absolute()),
+                "tmp": str(tmp.absolute()),
+            }
+            for target, tmp in self._tmp.items()
+        ]
         if len(entries) == 1 and not Path(entries[0]["target"]).is_dir():
             _apply(entries[0])  # one rename: atomic by itself
             return
         journal = Path(f".publish.{os.getpid()}.journal")
         try:
-            handle = tempfile.NamedTemporaryFile("w", dir=".", prefix=f"{journal.name}.", suffix=".tmp", delete=False,
-                                                 encoding="utf-8")
+            handle = tempfile.NamedTemporaryFile(
+                "w", dir=".", prefix=f"{journal.name}.", suffix=".tmp", delete=False, encoding="utf-8"
+            )
         except OSError as exc:
             raise _output_error(journal.absolute(), exc) from None
         with handle:

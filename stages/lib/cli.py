@@ -1,4 +1,5 @@
 """Entry-point wrapper shared by every stage: known errors become one clear line and exit code 1."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,8 @@ from stages.lib.params import ParamsError
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors (`--max-new-tokens abc`, an unknown option) are one `error:` line like any other bad input."""
+    """argparse whose errors (`--max-new-tokens abc`, an unknown option) are one `error:` line like any other
+    bad input."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise InputError(message)

@@ -1,8 +1,9 @@
 """The canonical conversation schema (docs/DESIGN.md §2) and its JSONL reader.
 
-    {"id": "...", "messages": [{"role": "user", "content": "..."}, ...],
-     "meta": {"topic": "...", "source": "..."}}
+{"id": "...", "messages": [{"role": "user", "content": "..."}, ...],
+ "meta": {"topic": "...", "source": "..."}}
 """
+
 from __future__ import annotations
 
 import json
@@ -58,7 +59,8 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise InputError(
-                    f"{path}:{line_no}: not valid UTF-8 at byte offset {offset + exc.start} (byte 0x{raw[exc.start]:02x}); "
+                    f"{path}:{line_no}: not valid UTF-8 at byte offset {offset + exc.start} "
+                    f"(byte 0x{raw[exc.start]:02x}); "
                     "re-encode the file as UTF-8"
                 ) from None
             if line_no == 1:
@@ -77,9 +79,14 @@ def validate_conversation(obj: Any, where: str) -> Conversation:
     if not isinstance(obj, dict) or not isinstance(obj.get("id"), str) or not isinstance(obj.get("messages"), list):
         raise InputError(f"{where}: expected an object with string 'id' and list 'messages'")
     for index, message in enumerate(obj["messages"]):
-        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+        if (
+            not isinstance(message, dict)
+            or message.get("role") not in ROLES
+            or not isinstance(message.get("content"), str)
+        ):
             raise InputError(
-                f"{where}: messages[{index}] must be {{'role': one of {list(ROLES)}, 'content': string}}, got {message!r}"
+                f"{where}: messages[{index}] must be {{'role': one of {list(ROLES)}, 'content': string}}, "
+                f"got {message!r}"
             )
     obj.setdefault("meta", {})
     return obj
@@ -108,8 +115,12 @@ def lines_dataset(path: Path, cache: Path) -> Any:
     line number), written to Arrow under `cache` in batches: the input of a `map` over all cores."""
     import datasets
 
-    return datasets.Dataset.from_generator(_lines, features=datasets.Features({"text": datasets.Value("string")}),
-                                           cache_dir=str(cache / "lines"), gen_kwargs={"path": str(path)})
+    return datasets.Dataset.from_generator(
+        _lines,
+        features=datasets.Features({"text": datasets.Value("string")}),
+        cache_dir=str(cache / "lines"),
+        gen_kwargs={"path": str(path)},
+    )
 
 
 def map_workers(rows: int, batch_size: int) -> int | None:
@@ -124,9 +135,13 @@ def dataset_name(source: str) -> str:
     path = Path(source)
     if not (source.endswith(".source") and path.is_file()):
         return source
-    names = [line.strip() for line in read_text_utf8(path).splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    names = [
+        line.strip() for line in read_text_utf8(path).splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
     if not names:
-        raise InputError(f"{path}: names no dataset; its first line should be 'chitchat' or a hub id such as owner/name")
+        raise InputError(
+            f"{path}: names no dataset; its first line should be 'chitchat' or a hub id such as owner/name"
+        )
     if names[0].endswith(".source"):
         raise InputError(f"{path}: names another .source file; name the dataset itself")
     return names[0]

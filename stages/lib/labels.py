@@ -2,14 +2,24 @@
 
 Labels come from the character spans that the chat template itself renders for each assistant turn
 (where the rendering of each prefix ends, found in one rendering), mapped to tokens through the tokenizer's
-offsets: no marker-string search, no pad-id matching. Trained positions hold the input id itself (the model shifts), everything else is -100.
+offsets: no marker-string search, no pad-id matching. Trained positions hold the input id itself (the model
+shifts), everything else is -100.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from stages.lib.template import Message, TemplateError, accepted, encode_rendering, has_special_text, plain_specials, render
+from stages.lib.template import (
+    Message,
+    TemplateError,
+    accepted,
+    encode_rendering,
+    has_special_text,
+    plain_specials,
+    render,
+)
 
 IGNORE_INDEX = -100
 
@@ -23,9 +33,12 @@ def prefix_spans(tokenizer: Any, messages: Sequence[Message], full_text: str) ->
             continue
         start = len(render(tokenizer, messages[:index], add_generation_prompt=True)) if index else 0
         through = render(tokenizer, messages[: index + 1])
-        if not full_text.startswith(through) or (index and not through.startswith(render(tokenizer, messages[:index], add_generation_prompt=True))):
+        if not full_text.startswith(through) or (
+            index and not through.startswith(render(tokenizer, messages[:index], add_generation_prompt=True))
+        ):
             raise TemplateError(
-                "the chat template does not render conversations as stable prefixes, so assistant spans cannot be derived; "
+                "the chat template does not render conversations as stable prefixes, "
+                "so assistant spans cannot be derived; "
                 "use a template where rendering messages[:i] is a prefix of rendering messages[:i+1]"
             )
         spans.append((start, _rstrip_end(through, start, len(through))))
@@ -52,9 +65,9 @@ _PROBES = ("Zq1 probe one", "Zq2 probe two", "Zq3 probe three", "Zq4 probe four"
 
 
 def _block(text: str, after: str, content: str) -> tuple[str, str]:
-    if not text.startswith(after) or text[len(after):].count(content) != 1:
+    if not text.startswith(after) or text[len(after) :].count(content) != 1:
         raise TemplateError("not a stable prefix")
-    head, tail = text[len(after):].split(content)
+    head, tail = text[len(after) :].split(content)
     return head, tail
 
 
@@ -67,10 +80,15 @@ def template_blocks(tokenizer: Any) -> TemplateBlocks | None:
         probe = [{"role": role, "content": text} for role, text in zip(roles, _PROBES)]
         try:
             renders = [render(tokenizer, probe[: k + 1]) for k in range(4)]
-            around = {"assistant": _block(renders[1], renders[0], _PROBES[1]), "user": _block(renders[2], renders[1], _PROBES[2])}
+            around = {
+                "assistant": _block(renders[1], renders[0], _PROBES[1]),
+                "user": _block(renders[2], renders[1], _PROBES[2]),
+            }
             generation = render(tokenizer, probe[:3], add_generation_prompt=True)
-            consistent = _block(renders[3], renders[2], _PROBES[3]) == around["assistant"] and generation.startswith(renders[2])
-            _BLOCKS[key] = TemplateBlocks(around, generation[len(renders[2]):]) if consistent else None
+            consistent = _block(renders[3], renders[2], _PROBES[3]) == around["assistant"] and generation.startswith(
+                renders[2]
+            )
+            _BLOCKS[key] = TemplateBlocks(around, generation[len(renders[2]) :]) if consistent else None
         except Exception:  # a template that refuses the probes: the reference path decides
             _BLOCKS[key] = None
     return _BLOCKS[key]
@@ -124,7 +142,9 @@ class Example:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
-def token_ids(tokenizer: Any, texts: list[str], offsets: bool = False, plain: bool = False) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+def token_ids(
+    tokenizer: Any, texts: list[str], offsets: bool = False, plain: bool = False
+) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
     """Ids (and character offsets) of each text without special tokens added: one call of the fast tokenizer's
     batch encoder, which is what `tokenizer(texts, add_special_tokens=False)` runs, without its per-text
     conversion to Python dicts. A backend set to truncate or pad goes through the tokenizer's own call.
@@ -133,7 +153,9 @@ def token_ids(tokenizer: Any, texts: list[str], offsets: bool = False, plain: bo
     if not texts:
         return [], []
     if backend is None or backend.truncation is not None or backend.padding is not None:
-        encoding = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets, split_special_tokens=plain)
+        encoding = tokenizer(
+            texts, add_special_tokens=False, return_offsets_mapping=offsets, split_special_tokens=plain
+        )
         return encoding["input_ids"], encoding["offset_mapping"] if offsets else []
     if plain:
         with plain_specials(tokenizer):
@@ -144,8 +166,12 @@ def token_ids(tokenizer: Any, texts: list[str], offsets: bool = False, plain: bo
     return [e.ids for e in encodings], [e.offsets for e in encodings] if offsets else []
 
 
-def encode(tokenizer: Any, messages: Sequence[Message], loss_on: str = "assistant",
-           content_ids: Sequence[list[int]] | None = None) -> Example:
+def encode(
+    tokenizer: Any,
+    messages: Sequence[Message],
+    loss_on: str = "assistant",
+    content_ids: Sequence[list[int]] | None = None,
+) -> Example:
     """Render once with the template, tokenize without adding special tokens (one BOS at most), label spans.
 
     Given each message's content ids (encoded alone), the window is composed from them where `composer`
@@ -162,8 +188,14 @@ def encode(tokenizer: Any, messages: Sequence[Message], loss_on: str = "assistan
     return labelled(tokenizer, shaped, text, ids, offsets, loss_on)
 
 
-def labelled(tokenizer: Any, messages: Sequence[Message], text: str, ids: list[int], offsets: Sequence[tuple[int, int]],
-             loss_on: str) -> Example:
+def labelled(
+    tokenizer: Any,
+    messages: Sequence[Message],
+    text: str,
+    ids: list[int],
+    offsets: Sequence[tuple[int, int]],
+    loss_on: str,
+) -> Example:
     """The encoded rendering `text` of `messages` with its labels: every token, or the assistant spans."""
     if loss_on == "all":
         return Example(ids, list(ids))
@@ -193,10 +225,14 @@ class Composer:
 
     around: dict[str, tuple[str, str]]
     ids: dict[str, tuple[list[int], list[int]]]  # per role: the ids of the text before and after the content
-    labels: dict[str, tuple[list[int], list[int]]]  # the same tokens' labels in an assistant turn (the end-of-turn is trained)
+    labels: dict[
+        str, tuple[list[int], list[int]]
+    ]  # the same tokens' labels in an assistant turn (the end-of-turn is trained)
     prefix_ids: Callable[[str], list[int] | None]
 
-    def compose(self, text: str, messages: Sequence[Message], content_ids: Sequence[list[int]], loss_on: str) -> Example | None:
+    def compose(
+        self, text: str, messages: Sequence[Message], content_ids: Sequence[list[int]], loss_on: str
+    ) -> Example | None:
         """`text`: the window's rendering; `content_ids`: each message's content encoded alone."""
         first = 1 if messages and messages[0]["role"] == "system" else 0
         body = messages[first:]
@@ -238,7 +274,12 @@ def _splits_at_template_text(tokenizer: Any) -> bool:
     from tokenizers import models, pre_tokenizers
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or backend.normalizer is not None or backend.truncation is not None or backend.padding is not None:
+    if (
+        backend is None
+        or backend.normalizer is not None
+        or backend.truncation is not None
+        or backend.padding is not None
+    ):
         return False
     pre, model = backend.pre_tokenizer, backend.model
     if not isinstance(pre, pre_tokenizers.ByteLevel) or pre.add_prefix_space or not pre.use_regex:
@@ -253,7 +294,7 @@ def _crosses(added: Sequence[str], text: str, at_end: bool) -> bool:
     the text beside it: the pieces would then not be cut where the template text starts and ends."""
     for token in added:
         for cut in range(1, len(token)):
-            if (text.endswith(token[:cut]) if at_end else text.startswith(token[cut:])):
+            if text.endswith(token[:cut]) if at_end else text.startswith(token[cut:]):
                 return True
     return False
 
@@ -268,21 +309,37 @@ def composer(tokenizer: Any) -> Composer | None:
     not start with whitespace. Then the GPT-2 regex cuts a pre-token right before the content (a pre-token
     holding a newline holds only whitespace) and right after it (the special token), so the content's
     tokens are those it has alone, and the head's and tail's are those they have alone."""
-    key = (id(tokenizer), len(tokenizer), tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)  # len: tokens added later
+    key = (
+        id(tokenizer),
+        len(tokenizer),
+        tokenizer.chat_template,
+        tokenizer.bos_token,
+        tokenizer.eos_token,
+    )  # len: tokens added later
     if key in _COMPOSERS:
         return _COMPOSERS[key][1]
     found = None
     blocks = template_blocks(tokenizer)
-    if blocks is not None and _splits_at_template_text(tokenizer) and blocks.generation == blocks.around["assistant"][0]:
-        added = [t.content for t in tokenizer.backend_tokenizer.get_added_tokens_decoder().values() if len(t.content) > 1]
+    if (
+        blocks is not None
+        and _splits_at_template_text(tokenizer)
+        and blocks.generation == blocks.around["assistant"][0]
+    ):
+        added = [
+            t.content for t in tokenizer.backend_tokenizer.get_added_tokens_decoder().values() if len(t.content) > 1
+        ]
 
         def starts_special(text: str) -> bool:
             return any(text.startswith(token) for token in added)
 
         def clean(head: str, tail: str) -> bool:
             edges = head.endswith("\n") and len(head) > 1 and not head[-2].isspace() and bool(tail.rstrip())
-            return edges and starts_special(head) and starts_special(tail) and not any(
-                _crosses(added, text, at_end) for text in (head, tail) for at_end in (True, False))
+            return (
+                edges
+                and starts_special(head)
+                and starts_special(tail)
+                and not any(_crosses(added, text, at_end) for text in (head, tail) for at_end in (True, False))
+            )
 
         if all(clean(*around) for around in blocks.around.values()):
             found = _measured_composer(tokenizer, blocks.around, added)
@@ -308,10 +365,12 @@ def _measured_composer(tokenizer: Any, around: dict[str, tuple[str, str]], added
     head, tail = ids["assistant"]
     content = ids_of(_PROBES[1])
     reply = len(head) + len(content) + len(tail)
-    labels = reference.labels[len(reference.labels) - reply:]
-    if labels[len(head): len(head) + len(content)] != content:
+    labels = reference.labels[len(reference.labels) - reply :]
+    if labels[len(head) : len(head) + len(content)] != content:
         return None
-    made = Composer(dict(around), ids, {"assistant": (labels[: len(head)], labels[len(head) + len(content):])}, prefix_ids)
+    made = Composer(
+        dict(around), ids, {"assistant": (labels[: len(head)], labels[len(head) + len(content) :])}, prefix_ids
+    )
     composed = made.compose(render(tokenizer, probe), probe, [ids_of(m["content"]) for m in probe], "assistant")
     if composed is None or (composed.input_ids, composed.labels) != (reference.input_ids, reference.labels):
         return None
@@ -360,15 +419,22 @@ class _Plan:
     def window(self, start: int, end: int) -> tuple[list[Message], list[list[int]]]:
         """The messages of body turns start..end with the system message, and their content ids."""
         first = len(self.system)
-        return self.system + self.body[start : end + 1], self.content_ids[:first] + self.content_ids[first + start : first + end + 1]
+        return self.system + self.body[start : end + 1], self.content_ids[:first] + self.content_ids[
+            first + start : first + end + 1
+        ]
 
 
 def _plan(messages: Sequence[Message], content_ids: list[list[int]], max_length: int, cost: TemplateCost) -> _Plan:
     """`content_ids`: each message's content tokenized alone, the estimate windows are sized with."""
     system = [m for m in messages[:1] if m["role"] == "system"]
     lengths = [len(ids) + cost.per_message for ids in content_ids]
-    return _Plan(system, list(messages[len(system):]), lengths[len(system):],
-                 max_length - cost.preamble - sum(lengths[: len(system)]), list(content_ids))
+    return _Plan(
+        system,
+        list(messages[len(system) :]),
+        lengths[len(system) :],
+        max_length - cost.preamble - sum(lengths[: len(system)]),
+        list(content_ids),
+    )
 
 
 def _walk(plan: _Plan, loss_on: str, fit: Callable[[int, int], Any], stats: WindowStats) -> list[tuple[int, int, Any]]:
@@ -434,7 +500,12 @@ def _collect(plan: _Plan, accepted: list[tuple[int, int, Example]], stats: Windo
 
 
 def windows(
-    tokenizer: Any, messages: Sequence[Message], max_length: int, loss_on: str, cost: TemplateCost, stats: WindowStats,
+    tokenizer: Any,
+    messages: Sequence[Message],
+    max_length: int,
+    loss_on: str,
+    cost: TemplateCost,
+    stats: WindowStats,
     content_ids: list[list[int]] | None = None,
 ) -> list[Example]:
     """Split one conversation into examples of whole turns that fit `max_length` (DESIGN §4.5); see `_walk`.
@@ -452,7 +523,11 @@ def windows(
 
 
 def windows_batch(
-    tokenizer: Any, conversations: Sequence[Sequence[Message]], max_length: int, loss_on: str, cost: TemplateCost,
+    tokenizer: Any,
+    conversations: Sequence[Sequence[Message]],
+    max_length: int,
+    loss_on: str,
+    cost: TemplateCost,
     stats: Sequence[WindowStats],
 ) -> list[list[Example]]:
     """`windows` for many conversations with batched encoding, same result; `stats` has one per conversation.

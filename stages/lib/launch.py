@@ -22,6 +22,7 @@ cores (CPU affinity; threads per process = its cores / processes) and the K-th o
 (CUDA_VISIBLE_DEVICES; with fewer GPUs than slots, GPU K mod count). A stage that finds every slot taken waits.
 Without STAGES_SLOTS nothing changes. Child processes inherit the slot (STAGES_SLOT) instead of claiming another.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -61,8 +62,9 @@ def slot_count(env: Mapping[str, str]) -> int | None:
     if not value:
         return None
     if not value.isdigit() or int(value) < 1:
-        raise InputError(f"{SLOTS}={value!r}: expected the number of experiments run at once (dvc queue start -j N), "
-                         f"e.g. {SLOTS}=2")
+        raise InputError(
+            f"{SLOTS}={value!r}: expected the number of experiments run at once (dvc queue start -j N), e.g. {SLOTS}=2"
+        )
     return int(value)
 
 
@@ -84,12 +86,12 @@ def visible_gpus(env: Mapping[str, str]) -> tuple[str, ...] | None:
 def share(index: int, count: int, processes: int, cpus: tuple[int, ...], gpus: tuple[str, ...] | None) -> Slot:
     """Slot `index` of `count`: its contiguous range of `cpus` and its group of `gpus`."""
     per = max(len(cpus) // count, 1)
-    mine = cpus[(index * per) % len(cpus):][:per] or cpus[:per]
+    mine = cpus[(index * per) % len(cpus) :][:per] or cpus[:per]
     group = None
     if gpus:
         if len(gpus) >= count:
             size = len(gpus) // count
-            group = gpus[index * size:(index + 1) * size]
+            group = gpus[index * size : (index + 1) * size]
         else:
             group = (gpus[index % len(gpus)],)
     return Slot(index, count, tuple(mine), max(len(mine) // max(processes, 1), 1), group)
@@ -192,8 +194,10 @@ def rendezvous(nodes_param: int, env: Mapping[str, str]) -> Rendezvous:
     if not host and env.get("SKYPILOT_NODE_IPS", "").strip():
         host = env["SKYPILOT_NODE_IPS"].split()[0]
     if not host:
-        raise InputError(f"{source}: {nodes} nodes, but no rendezvous host: set MASTER_ADDR (the first node's address) "
-                         f"or run under SkyPilot (SKYPILOT_NODE_IPS)")
+        raise InputError(
+            f"{source}: {nodes} nodes, but no rendezvous host: set MASTER_ADDR (the first node's address) "
+            f"or run under SkyPilot (SKYPILOT_NODE_IPS)"
+        )
     port = env.get("MASTER_PORT", "").strip() or str(DEFAULT_PORT)
     if not port.isdigit():
         raise InputError(f"MASTER_PORT={port!r}: expected a port number")

@@ -5,6 +5,7 @@ and data: the lineage names data by its DVC hash (content-addressed) and the cod
 changed it (`code_revision`), not by the commit checked out when the stage ran, which would change with every
 unrelated commit (a README edit) while the model stays the same.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -20,6 +21,7 @@ POINT_KEYS = ("value", "mean", "point", "estimate")
 
 def code_revision(root: Path = Path(".")) -> str:
     """The last commit that changed the pipeline code, marked when the work tree changes it further."""
+
     def git(*args: str) -> str:
         result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
         return result.stdout.strip() if result.returncode == 0 else ""
@@ -53,7 +55,10 @@ def metric(section: dict, key: str) -> tuple[float, tuple[float, float] | None] 
         point = next((value[k] for k in POINT_KEYS if _number(value.get(k))), None)
         if point is None:
             return None
-        bounds = next(((value[lo], value[hi]) for lo, hi in INTERVAL_KEYS if _number(value.get(lo)) and _number(value.get(hi))), None)
+        bounds = next(
+            ((value[lo], value[hi]) for lo, hi in INTERVAL_KEYS if _number(value.get(lo)) and _number(value.get(hi))),
+            None,
+        )
         if bounds is None and isinstance(value.get("ci"), list) and len(value["ci"]) == 2:
             bounds = tuple(value["ci"])
         return point, bounds
@@ -71,8 +76,11 @@ def metric(section: dict, key: str) -> tuple[float, tuple[float, float] | None] 
 def metric_keys(section: dict) -> list[str]:
     """Keys that are metrics themselves, not another metric's bound."""
     bounds = {f"_{part}" for pair in INTERVAL_KEYS for part in pair} | {"_ci"}
-    return [k for k in section if metric(section, k) is not None
-            and not any(k.endswith(b) and k[: -len(b)] in section for b in bounds)]
+    return [
+        k
+        for k in section
+        if metric(section, k) is not None and not any(k.endswith(b) and k[: -len(b)] in section for b in bounds)
+    ]
 
 
 def _cell(found: tuple[float, tuple[float, float] | None] | None) -> str:
@@ -101,24 +109,52 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 
 def front_matter(name: str, base_model: str | None, license: str, dataset: str, evaluation: dict) -> dict:
     tuned = evaluation.get("finetuned", {})
-    results = [{"type": key, "name": key.replace("_", " "), "value": metric(tuned, key)[0]}
-               for key in metric_keys(tuned) if not key.endswith("_tokens")]  # a count (scored_tokens) is no result
+    results = [
+        {"type": key, "name": key.replace("_", " "), "value": metric(tuned, key)[0]}
+        for key in metric_keys(tuned)
+        if not key.endswith("_tokens")
+    ]  # a count (scored_tokens) is no result
     meta: dict[str, Any] = {}
     if base_model:
         meta["base_model"] = base_model
-    meta.update({
-        "license": license, "datasets": [dataset], "pipeline_tag": "text-generation", "library_name": "gguf",
-        "tags": ["gguf", "ollama", "conversational"],
-        "model-index": [{"name": name, "results": [{
-            "task": {"type": "text-generation", "name": "Chat reply generation"},
-            "dataset": {"type": dataset, "name": f"{dataset} (held-out test conversations)", "split": "test"},
-            "metrics": results,
-        }]}],
-    })
+    meta.update(
+        {
+            "license": license,
+            "datasets": [dataset],
+            "pipeline_tag": "text-generation",
+            "library_name": "gguf",
+            "tags": ["gguf", "ollama", "conversational"],
+            "model-index": [
+                {
+                    "name": name,
+                    "results": [
+                        {
+                            "task": {"type": "text-generation", "name": "Chat reply generation"},
+                            "dataset": {
+                                "type": dataset,
+                                "name": f"{dataset} (held-out test conversations)",
+                                "split": "test",
+                            },
+                            "metrics": results,
+                        }
+                    ],
+                }
+            ],
+        }
+    )
     return meta
 
 
-def card(meta: dict, name: str, export_summary: dict, evaluation: dict, train: dict, data: dict, lineage: dict[str, str], commands: str) -> str:
+def card(
+    meta: dict,
+    name: str,
+    export_summary: dict,
+    evaluation: dict,
+    train: dict,
+    data: dict,
+    lineage: dict[str, str],
+    commands: str,
+) -> str:
     models = [m for m in ("base", "finetuned", "human") if isinstance(evaluation.get(m), dict)]
     keys = list(dict.fromkeys(k for m in models for k in metric_keys(evaluation[m])))
     eval_rows = [[k] + [_cell(metric(evaluation[m], k)) for m in models] for k in keys]
@@ -127,17 +163,25 @@ def card(meta: dict, name: str, export_summary: dict, evaluation: dict, train: d
         "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---",
         f"# {name}",
         f"A chat model fine-tuned from `{meta.get('base_model', export_summary['base'])}` on `{meta['datasets'][0]}`, "
-        f"exported as GGUF ({export_summary['precision']}, {export_summary['size_mb']:.1f} MB) for llama.cpp, Ollama and LM Studio.",
-        "## Use it with Ollama", commands,
+        f"exported as GGUF ({export_summary['precision']}, {export_summary['size_mb']:.1f} MB) "
+        "for llama.cpp, Ollama and LM Studio.",
+        "## Use it with Ollama",
+        commands,
         "## Evaluation",
         "Held-out test conversations; perplexity covers the assistant replies and their end-of-turn token."
         + (" Brackets: 95% intervals from metrics/eval.json." if has_intervals else ""),
-        table(["metric", *models], eval_rows) if eval_rows else "No evaluation recorded (metrics/eval.json is missing).",
+        table(["metric", *models], eval_rows)
+        if eval_rows
+        else "No evaluation recorded (metrics/eval.json is missing).",
         "## Export check",
         "The GGUF read back by transformers' GGUF loader against the fine-tuned model (metrics/export.json):",
         table(["check", "value"], [[k, v] for k, v in flatten(export_summary["round_trip"])]),
-        "## Training parameters", table(["param", "value"], [[k, v] for k, v in flatten(train)]),
-        "## Data", table(["statistic", "value"], [[k, v] for k, v in flatten(data)]) if data else "No data report (metrics/data.json is missing).",
+        "## Training parameters",
+        table(["param", "value"], [[k, v] for k, v in flatten(train)]),
+        "## Data",
+        table(["statistic", "value"], [[k, v] for k, v in flatten(data)])
+        if data
+        else "No data report (metrics/data.json is missing).",
         "## Lineage",
         table(["input", "identity"], [[k, f"`{v}`"] for k, v in lineage.items()]),
     ]

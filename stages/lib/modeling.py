@@ -1,4 +1,5 @@
 """Model-side helpers shared by train, evaluate and chat: loading, devices, batching, scoring trained positions."""
+
 from __future__ import annotations
 
 import json
@@ -19,11 +20,15 @@ def collator(tokenizer: Any, side: str = "right") -> Any:
     Columns other than the model inputs (`length`) are dropped before padding."""
     from transformers import DataCollatorForSeq2Seq
 
-    pad = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=PAD_MULTIPLE, label_pad_token_id=IGNORE_INDEX,
-                                 return_tensors="pt")
+    pad = DataCollatorForSeq2Seq(
+        tokenizer, padding=True, pad_to_multiple_of=PAD_MULTIPLE, label_pad_token_id=IGNORE_INDEX, return_tensors="pt"
+    )
 
     def collate(features: list[dict]) -> dict[str, torch.Tensor]:
-        kept = [{key: feature[key] for key in ("input_ids", "attention_mask", "labels") if key in feature} for feature in features]
+        kept = [
+            {key: feature[key] for key in ("input_ids", "attention_mask", "labels") if key in feature}
+            for feature in features
+        ]
         previous, tokenizer.padding_side = tokenizer.padding_side, side
         try:
             return {key: value for key, value in pad(kept).items() if value is not None}
@@ -44,9 +49,9 @@ def unwrap(model: Any) -> Any:
 class TrainedLogits:
     """The model's logits where a label is trained, and what they predict."""
 
-    logits: torch.Tensor   # [n, vocab], float32 (or the model's dtype: trained_logits' upcast=False)
+    logits: torch.Tensor  # [n, vocab], float32 (or the model's dtype: trained_logits' upcast=False)
     targets: torch.Tensor  # [n]
-    keep: torch.Tensor     # [batch, seq] bool: position t is kept when labels[t + 1] is trained
+    keep: torch.Tensor  # [batch, seq] bool: position t is kept when labels[t + 1] is trained
 
 
 def trained_logits(model: Any, inputs: dict[str, torch.Tensor], upcast: bool = True) -> TrainedLogits:
@@ -61,7 +66,9 @@ def trained_logits(model: Any, inputs: dict[str, torch.Tensor], upcast: bool = T
     labels = inputs["labels"]
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep, use_cache=False)
+    outputs = model(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep, use_cache=False
+    )
     logits = outputs.logits
     if logits.dim() == 3:  # the forward ignored logits_to_keep
         logits = logits[keep]
@@ -91,7 +98,14 @@ def inference_dtype(device: torch.device) -> torch.dtype:
 
 
 # Files that hold a tokenizer's vocabulary (tokenizer_config.json alone describes one but cannot build it).
-VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def read_config(directory: Path) -> dict:
@@ -104,7 +118,7 @@ def read_config(directory: Path) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{file}: unreadable ({exc})") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise InputError(f"{file}: expected a transformers config (a JSON object with a \"model_type\" string)")
+        raise InputError(f'{file}: expected a transformers config (a JSON object with a "model_type" string)')
     return config
 
 
@@ -124,8 +138,9 @@ def load_weights(source: Path | str, dtype: torch.dtype = torch.float32, **kwarg
     transformers.logging.set_verbosity_error()  # the load report: summarised below in one line
     transformers.logging.disable_progress_bar()  # a second's bar that would precede an error line
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, dtype=dtype, output_loading_info=True,
-                                                           ignore_mismatched_sizes=True, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, use_safetensors=True, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
     except SafetensorError as exc:
         raise InputError(f"{source}: the safetensors weights are corrupted or truncated ({exc})") from None
     except (OSError, ValueError, KeyError) as exc:
@@ -136,12 +151,16 @@ def load_weights(source: Path | str, dtype: torch.dtype = torch.float32, **kwarg
             transformers.logging.enable_progress_bar()
     if info["mismatched_keys"]:
         key, stored, expected = next(iter(sorted(info["mismatched_keys"], key=str)))
-        raise InputError(f"{source}: config.json does not match the weights: {key} is {list(stored)} in the safetensors "
-                         f"but {list(expected)} by config.json ({len(info['mismatched_keys'])} tensors differ)")
+        raise InputError(
+            f"{source}: config.json does not match the weights: {key} is {list(stored)} in the safetensors "
+            f"but {list(expected)} by config.json ({len(info['mismatched_keys'])} tensors differ)"
+        )
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
-        raise InputError(f"{source}: the weights lack {len(missing)} tensors that config.json describes (first: {missing[0]}); "
-                         f"config.json does not belong to these weights")
+        raise InputError(
+            f"{source}: the weights lack {len(missing)} tensors that config.json describes (first: {missing[0]}); "
+            f"config.json does not belong to these weights"
+        )
     return model
 
 
@@ -160,8 +179,10 @@ def check_vocabulary(model: Any, tokenizer: Any, source: Path | str) -> None:
     rows = model.get_input_embeddings().weight.shape[0]
     tokens = len(tokenizer)
     if tokens > rows or tokens < rows // 2:
-        raise InputError(f"{source}: the tokenizer has {tokens} tokens but the model's embeddings have {rows} rows; "
-                         f"the tokenizer does not belong to these weights (or its files {', '.join(VOCABULARY_FILES)} are missing)")
+        raise InputError(
+            f"{source}: the tokenizer has {tokens} tokens but the model's embeddings have {rows} rows; "
+            f"the tokenizer does not belong to these weights (or its files {', '.join(VOCABULARY_FILES)} are missing)"
+        )
 
 
 def first_line(exc: BaseException) -> str:
@@ -169,7 +190,9 @@ def first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> tuple[Any, Any]:
+def load_causal_lm(
+    path: Path, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> tuple[Any, Any]:
     """A saved model directory (full weights, or a LoRA adapter with its base recorded) and its tokenizer."""
     if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
         raise InputError(f"{path}: no model; run the pipeline first (dvc repro)")
@@ -179,14 +202,18 @@ def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: torch
 
         if not (path / "adapter_model.safetensors").is_file():  # peft would fall back to a pickle (adapter_model.bin)
             found = sorted(p.name for p in path.glob("adapter_model.*")) or ["no adapter_model file"]
-            raise InputError(f"{path}: the LoRA adapter must be saved as safetensors (adapter_model.safetensors), found "
-                             f"{', '.join(found)}; resave it with save_pretrained(..., safe_serialization=True): "
-                             f"pickled weights are never loaded")
+            raise InputError(
+                f"{path}: the LoRA adapter must be saved as safetensors (adapter_model.safetensors), found "
+                f"{', '.join(found)}; resave it with save_pretrained(..., safe_serialization=True): "
+                f"pickled weights are never loaded"
+            )
 
         try:
             base = Path(json.loads((path / "base_model.json").read_text())["base_model"])
         except (OSError, ValueError, KeyError, TypeError):
-            raise InputError(f"{path}: a LoRA adapter without a readable base_model.json naming its base model") from None
+            raise InputError(
+                f"{path}: a LoRA adapter without a readable base_model.json naming its base model"
+            ) from None
         model = PeftModel.from_pretrained(load_weights(base, dtype), path)
     else:
         model = load_weights(path, dtype)

@@ -7,6 +7,7 @@ Every stage calls `load_params()`, which validates the whole file (so a typo in
 any section is caught by whichever stage runs first) and returns typed objects.
 Errors name the key path, the value and what was expected.
 """
+
 from __future__ import annotations
 
 import os
@@ -93,7 +94,9 @@ class LoraParams(Section):
     @field_validator("target_modules", mode="before")
     @classmethod
     def _all_linear_or_names(cls, value: Any) -> Any:
-        if value == "all-linear" or (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
+        if value == "all-linear" or (
+            isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)
+        ):
             return value
         raise ValueError("expected 'all-linear' or a non-empty list of module names such as [q_proj, v_proj]")
 
@@ -129,10 +132,14 @@ class TrainParams(Section):
             raise ValueError("max_steps must be positive, or -1 to train for `epochs`")
         if self.save_steps % self.logging_steps:
             # A resumed run restarts its loss average at the checkpoint: on a logging step, its curve is the same.
-            raise ValueError(f"save_steps ({self.save_steps}) must be a multiple of logging_steps ({self.logging_steps})")
+            raise ValueError(
+                f"save_steps ({self.save_steps}) must be a multiple of logging_steps ({self.logging_steps})"
+            )
         if self.distributed == "fsdp" and self.method == "qlora":
-            raise ValueError("distributed: fsdp cannot shard the 4-bit bitsandbytes weights of method qlora; use ddp "
-                             "(or method lora to shard)")
+            raise ValueError(
+                "distributed: fsdp cannot shard the 4-bit bitsandbytes weights of method qlora; use ddp "
+                "(or method lora to shard)"
+            )
         return self
 
 
@@ -222,8 +229,10 @@ class Params(Section):
     @model_validator(mode="after")
     def _generation_fits_the_context(self) -> "Params":
         if self.evaluate.max_new_tokens >= self.tokenize.max_length // 2:
-            raise ValueError(f"evaluate.max_new_tokens ({self.evaluate.max_new_tokens}) must be below half of tokenize.max_length "
-                             f"({self.tokenize.max_length}): the rest of the window holds the prompt")
+            raise ValueError(
+                f"evaluate.max_new_tokens ({self.evaluate.max_new_tokens}) must be below half of tokenize.max_length "
+                f"({self.tokenize.max_length}): the rest of the window holds the prompt"
+            )
         return self
 
 
@@ -233,9 +242,13 @@ Lines = dict[tuple, int]  # key path -> 1-based line in params.yaml
 def _describe(error: dict[str, Any]) -> str:
     path = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
-        return f"{path}: unknown key (value {error['input']!r}); check the spelling against params.yaml's documented keys"
+        return (
+            f"{path}: unknown key (value {error['input']!r}); check the spelling against params.yaml's documented keys"
+        )
     if error["type"] == "missing":
-        return f"{path}: missing; every key must be set in params.yaml (the repository's params.yaml documents each one)"
+        return (
+            f"{path}: missing; every key must be set in params.yaml (the repository's params.yaml documents each one)"
+        )
     message = error["msg"].removeprefix("Value error, ")
     if isinstance(error["input"], dict):  # a cross-field check: the message names the fields, the section is noise
         return f"{path}: {message}" if path else message
@@ -274,7 +287,9 @@ def _key_lines(node: yaml.Node, source: Path, path: tuple = (), lines: Lines | N
             key, line = key_node.value, key_node.start_mark.line + 1
             if key in seen:
                 dotted = ".".join(str(part) for part in (*path, key))
-                raise ParamsError(f"{source}:{line}: duplicate key {dotted!r} (first set at line {seen[key]}); keep one")
+                raise ParamsError(
+                    f"{source}:{line}: duplicate key {dotted!r} (first set at line {seen[key]}); keep one"
+                )
             seen[key] = line
             lines[(*path, key)] = line
             _key_lines(value_node, source, (*path, key), lines)
@@ -293,7 +308,8 @@ def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
     context = exc.context or ""
     if exc.context_mark is not None and exc.context_mark.line != mark.line:
         context += f" started at line {exc.context_mark.line + 1}"
-    return f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {exc.problem}{f' ({context.strip()})' if context else ''}"
+    detail = f" ({context.strip()})" if context else ""
+    return f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {exc.problem}{detail}"
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:

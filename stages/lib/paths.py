@@ -1,4 +1,5 @@
 """Paths that more than one stage reads: each stage's own outputs are named at the top of its module."""
+
 from pathlib import Path
 
 RAW = Path("data/raw/conversations.jsonl")

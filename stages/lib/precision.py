@@ -6,6 +6,7 @@ float32 and bfloat16 for a fraction of a second and keeps bf16 only when it is c
 bf16 where it supports it. `torch_compile: auto` compiles a two-line function for real: inductor needs a
 working C++ compiler on a CPU (Triton on a GPU), and a machine without one trains eagerly, with the reason recorded.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,9 +26,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class PrecisionChoice:
-    precision: str                      # fp32 | bf16 | fp16
+    precision: str  # fp32 | bf16 | fp16
     reason: str
-    fp32_gflops: float | None = None    # measured here, at the model's shapes
+    fp32_gflops: float | None = None  # measured here, at the model's shapes
     bf16_gflops: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -83,9 +84,18 @@ def choose(requested: str, config: Any, tokens: int = 2048) -> PrecisionChoice:
     bf16 = matmul_gflops(torch.bfloat16, tokens, hidden, inner)
     shape = f"{tokens}×{hidden}×{inner} GEMM"
     if bf16 >= BF16_MARGIN * fp32:
-        return PrecisionChoice("bf16", f"measured {shape}: bf16 {bf16:.0f} GFLOP/s, {bf16 / fp32:.1f}× fp32", round(fp32, 1), round(bf16, 1))
-    return PrecisionChoice("fp32", f"measured {shape}: bf16 {bf16:.0f} GFLOP/s is not {BF16_MARGIN}× fp32's {fp32:.0f}",
-                           round(fp32, 1), round(bf16, 1))
+        return PrecisionChoice(
+            "bf16",
+            f"measured {shape}: bf16 {bf16:.0f} GFLOP/s, {bf16 / fp32:.1f}× fp32",
+            round(fp32, 1),
+            round(bf16, 1),
+        )
+    return PrecisionChoice(
+        "fp32",
+        f"measured {shape}: bf16 {bf16:.0f} GFLOP/s is not {BF16_MARGIN}× fp32's {fp32:.0f}",
+        round(fp32, 1),
+        round(bf16, 1),
+    )
 
 
 @dataclass
@@ -123,10 +133,14 @@ def choose_compile(requested: bool | str, device: torch.device) -> CompileChoice
         return CompileChoice(False, "set in params.yaml")
     problem = compile_problem(device)
     if problem is None:
-        return CompileChoice(True, "set in params.yaml" if requested is True else f"inductor compiles on {device.type} here")
+        return CompileChoice(
+            True, "set in params.yaml" if requested is True else f"inductor compiles on {device.type} here"
+        )
     if requested is True:
-        raise InputError(f"train.torch_compile: true, but torch.compile fails on this machine ({problem}); "
-                                 f"install a C++ compiler (g++) or set torch_compile: auto or false")
+        raise InputError(
+            f"train.torch_compile: true, but torch.compile fails on this machine ({problem}); "
+            f"install a C++ compiler (g++) or set torch_compile: auto or false"
+        )
     return CompileChoice(False, f"torch.compile fails here, trained eagerly: {problem}")
 
 
@@ -138,8 +152,8 @@ class Ceiling:
     so the figure means the same on a 2-core laptop and on an H100."""
 
     precision: str
-    gflops: float            # sustained rate over the model's own GEMM shapes
-    flops_per_token: float   # 2 per weight forward, 6 with both gradients; the head's only where it is applied
+    gflops: float  # sustained rate over the model's own GEMM shapes
+    flops_per_token: float  # 2 per weight forward, 6 with both gradients; the head's only where it is applied
     tokens_per_s: float
 
     def fraction(self, tokens_per_s: float) -> float:
@@ -162,8 +176,16 @@ def linear_shapes(model: Any) -> tuple[list[tuple[int, int]], tuple[int, int]]:
     return shapes, (int(head.weight.shape[1]), int(head.weight.shape[0]))
 
 
-def gemm_ceiling(model: Any, precision: str, rows: int, head_fraction: float, backward: bool = True,
-                 device: torch.device | None = None, budget: float = 0.02, rounds: int = 3) -> Ceiling:
+def gemm_ceiling(
+    model: Any,
+    precision: str,
+    rows: int,
+    head_fraction: float,
+    backward: bool = True,
+    device: torch.device | None = None,
+    budget: float = 0.02,
+    rounds: int = 3,
+) -> Ceiling:
     """Time each distinct GEMM of one pass over `rows` positions (forward; with `backward`, also the input and
     weight gradients) of every linear layer, the head's at `head_fraction` of the rows only, in `precision`.
 
@@ -185,8 +207,9 @@ def gemm_ceiling(model: Any, precision: str, rows: int, head_fraction: float, ba
     return Ceiling(precision, round(flops / seconds / 1e9, 1), flops / rows, round(rows / seconds, 1))
 
 
-def inference_fraction(model: Any, precision: str, passes: list[tuple[int, int, int]], seconds: float,
-                       device: torch.device | None = None) -> dict:
+def inference_fraction(
+    model: Any, precision: str, passes: list[tuple[int, int, int]], seconds: float, device: torch.device | None = None
+) -> dict:
     """How close inference ran to the GEMM ceiling: `passes` are (calls, positions per call, head positions per
     call) groups of forward passes, e.g. the scoring batches, or generation's prefills and its one-token steps.
     The ceiling is the time their matrix products alone take here, each group timed at its mean shape."""
@@ -196,5 +219,8 @@ def inference_fraction(model: Any, precision: str, passes: list[tuple[int, int, 
             ceiling = gemm_ceiling(model, precision, positions, head / positions, backward=False, device=device)
             ceiling_s += calls * positions / ceiling.tokens_per_s
             flops += calls * positions * ceiling.flops_per_token
-    return {"ceiling_s": float(f"{ceiling_s:.4g}"), "ceiling_gflops": round(flops / ceiling_s / 1e9, 1) if ceiling_s else 0.0,
-            "fraction_of_ceiling": float(f"{ceiling_s / seconds:.3g}") if seconds > 0 else 0.0}
+    return {
+        "ceiling_s": float(f"{ceiling_s:.4g}"),
+        "ceiling_gflops": round(flops / ceiling_s / 1e9, 1) if ceiling_s else 0.0,
+        "fraction_of_ceiling": float(f"{ceiling_s / seconds:.3g}") if seconds > 0 else 0.0,
+    }

@@ -4,6 +4,7 @@ Both models score the same held-out windows (the assistant tokens evaluate score
 greedily. The comparison covers the writer (names, layouts, hyperparameters), the precision, the tokenizer
 metadata (each model encodes the prompts with its own tokenizer and template) and, for a LoRA adapter, the merge.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,14 @@ class Scores:
     scored_tokens: int = 0
 
 
-def score(reference: Any, exported: Any, tokenizer: Any, conversations: Sequence[Conversation], max_length: int, batch_size: int) -> Scores:
+def score(
+    reference: Any,
+    exported: Any,
+    tokenizer: Any,
+    conversations: Sequence[Conversation],
+    max_length: int,
+    batch_size: int,
+) -> Scores:
     rows = []
     cost = TemplateCost.measure(tokenizer)
     for conversation in conversations:
@@ -54,7 +62,14 @@ def prompts(conversations: Sequence[Conversation], count: int) -> list[list[Mess
     chosen = []
     for conversation in conversations:
         messages = conversation["messages"]
-        turn = next((t for t, m in enumerate(messages) if m["role"] == "assistant" and any(p["role"] == "user" for p in messages[:t])), None)
+        turn = next(
+            (
+                t
+                for t, m in enumerate(messages)
+                if m["role"] == "assistant" and any(p["role"] == "user" for p in messages[:t])
+            ),
+            None,
+        )
         if turn is not None:
             chosen.append(list(messages[:turn]))
         if len(chosen) == count:
@@ -62,14 +77,22 @@ def prompts(conversations: Sequence[Conversation], count: int) -> list[list[Mess
     return chosen
 
 
-def greedy(model: Any, tokenizer: Any, context: list[Message], budget: int, max_new_tokens: int) -> tuple[list[int], list[int]]:
+def greedy(
+    model: Any, tokenizer: Any, context: list[Message], budget: int, max_new_tokens: int
+) -> tuple[list[int], list[int]]:
     """Prompt ids and the greedy reply's ids (up to and excluding the first stop token)."""
     ids = fit_prompt(tokenizer, context, budget - max_new_tokens)
     stops = stop_token_ids(tokenizer, model.generation_config.eos_token_id)
     with torch.inference_mode():
-        output = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
-    reply = output[0, len(ids):].tolist()
+        output = model.generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    reply = output[0, len(ids) :].tolist()
     stop = next((i for i, token in enumerate(reply) if token in stops), len(reply))
     return ids, reply[:stop]
 
@@ -82,8 +105,13 @@ class Replies:
     first_difference: str | None = None
 
 
-def compare_replies(reference: tuple[Any, Any], exported: tuple[Any, Any], contexts: list[list[Message]], budget: int,
-                    max_new_tokens: int) -> Replies:
+def compare_replies(
+    reference: tuple[Any, Any],
+    exported: tuple[Any, Any],
+    contexts: list[list[Message]],
+    budget: int,
+    max_new_tokens: int,
+) -> Replies:
     result = Replies(prompts=len(contexts))
     for index, context in enumerate(tqdm(contexts, desc="round trip: greedy replies", unit="prompt", leave=False)):
         ours_ids, ours = greedy(*reference, context, budget, max_new_tokens)
@@ -91,6 +119,8 @@ def compare_replies(reference: tuple[Any, Any], exported: tuple[Any, Any], conte
         result.identical_prompt_ids += ours_ids == theirs_ids
         result.identical_replies += ours == theirs
         if (ours_ids != theirs_ids or ours != theirs) and result.first_difference is None:
-            result.first_difference = (f"prompt {index + 1}: {'prompt ids differ' if ours_ids != theirs_ids else 'replies differ'}: "
-                                       f"{reference[1].decode(ours)!r} vs {exported[1].decode(theirs)!r}")
+            result.first_difference = (
+                f"prompt {index + 1}: {'prompt ids differ' if ours_ids != theirs_ids else 'replies differ'}: "
+                f"{reference[1].decode(ours)!r} vs {exported[1].decode(theirs)!r}"
+            )
     return result

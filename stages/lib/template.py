@@ -4,6 +4,7 @@ The system prompt choice (`tokenize.system_prompt`) is written into the tokenize
 (`with_system_prompt`), so every later consumer (tokenize, train's saved model, evaluate, chat, export)
 renders conversations identically without being told about the choice (DESIGN §4.8, §4.10).
 """
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,7 @@ PLAIN_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 SYSTEM_DEFAULT = "default"  # the template's own behaviour (SmolLM2 and Qwen inject a persona)
-SYSTEM_NONE = "none"        # no system message unless the conversation has one
+SYSTEM_NONE = "none"  # no system message unless the conversation has one
 _PROBE_USER, _PROBE_SYSTEM = "Zq9 probe user", "Zq8 probe system"
 
 
@@ -36,7 +37,9 @@ def _apply(tokenizer: Any, messages: Sequence[Message], add_generation_prompt: b
     from jinja2 import TemplateError as JinjaError
 
     try:
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except JinjaError as exc:
         raise TemplateError(f"the chat template refuses the conversation: {exc}") from None
 
@@ -45,9 +48,9 @@ def _apply(tokenizer: Any, messages: Sequence[Message], add_generation_prompt: b
 class Traits:
     """What a family's template allows and where its renderings are not prefixes of longer ones (DESIGN §4.12)."""
 
-    system: bool          # it renders a system message (Gemma's and Mistral's [INST] templates raise)
-    alternation: bool     # it raises unless the conversation starts with a user turn (Gemma, Mistral)
-    trailing: str         # what it appends only at the end of a rendering without generation prompt (Phi-3's EOS)
+    system: bool  # it renders a system message (Gemma's and Mistral's [INST] templates raise)
+    alternation: bool  # it raises unless the conversation starts with a user turn (Gemma, Mistral)
+    trailing: str  # what it appends only at the end of a rendering without generation prompt (Phi-3's EOS)
     user_head: str | None  # set where a final reply renders differently from the same reply followed by more (Qwen 3)
 
 
@@ -67,25 +70,34 @@ def traits(tokenizer: Any) -> Traits:
     key = (tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
     if key in _TRAITS:
         return _TRAITS[key]
-    user, reply, later = ({"role": role, "content": f"Zq{i} probe {role}"} for i, role in ((1, "user"), (2, "assistant"), (3, "user")))
+    user, reply, later = (
+        {"role": role, "content": f"Zq{i} probe {role}"} for i, role in ((1, "user"), (2, "assistant"), (3, "user"))
+    )
     alternation = _refuses(tokenizer, [reply, user])
     one, two, three = (_apply(tokenizer, [user, reply, later][:n], False) for n in (1, 2, 3))
     probe_system = {"role": "system", "content": "Zq4 probe system"}
     system = not _refuses(tokenizer, [probe_system, user])
-    if system:  # a block of its own: the user's header follows the system text (Gemma 3 writes "system\n\nuser" instead)
+    if (
+        system
+    ):  # a block of its own: the user's header follows the system text (Gemma 3 writes "system\n\nuser" instead)
         both = _apply(tokenizer, [probe_system, user], False)
-        between = both[both.index(probe_system["content"]) + len(probe_system["content"]): both.index(user["content"])]
-        after_reply = three[three.index(reply["content"]) + len(reply["content"]): three.index(later["content"])]
+        between = both[both.index(probe_system["content"]) + len(probe_system["content"]) : both.index(user["content"])]
+        after_reply = three[three.index(reply["content"]) + len(reply["content"]) : three.index(later["content"])]
         system = bool(os.path.commonprefix([between[::-1], after_reply[::-1]]).strip())
     trailing = ""
     eos = tokenizer.eos_token or ""
     if not two.startswith(one) and eos and one.endswith(eos) and two.endswith(eos) and two.startswith(one[: -len(eos)]):
         trailing = eos  # Phi-3: `{% else %}{{ eos_token }}` after the last message
-    strip = (lambda text: text[: -len(trailing)] if trailing and text.endswith(trailing) else text)
+
+    def strip(text: str) -> str:
+        return text[: -len(trailing)] if trailing and text.endswith(trailing) else text
+
     user_head = None
     if not strip(three).startswith(strip(two)):  # Qwen 3: the empty <think> block only on a final reply
         first = strip(one)
-        candidate = os.path.commonprefix([first[: first.index(user["content"])][::-1], three[: three.index(later["content"])][::-1]])[::-1]
+        candidate = os.path.commonprefix(
+            [first[: first.index(user["content"])][::-1], three[: three.index(later["content"])][::-1]]
+        )[::-1]
         continued = _apply(tokenizer, [user, reply, {"role": "user", "content": _CUT}], False)
         cut = continued.rfind(candidate + _CUT) if candidate else -1
         if cut > 0 and three.startswith(continued[:cut]):
@@ -141,8 +153,11 @@ def special_texts(tokenizer: Any) -> tuple[str, ...]:
     key = (id(tokenizer), len(tokenizer))  # len: tokens added later
     if key not in _SPECIALS:
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        found = ({t.content for t in backend.get_added_tokens_decoder().values() if t.special} if backend is not None
-                 else set(tokenizer.all_special_tokens))
+        found = (
+            {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+            if backend is not None
+            else set(tokenizer.all_special_tokens)
+        )
         _SPECIALS[key] = (tokenizer, tuple(sorted((t for t in found if t), key=len, reverse=True)))
     return _SPECIALS[key][1]
 
@@ -170,8 +185,9 @@ def _mask(tokenizer: Any, content: str) -> str:
     return content
 
 
-def encode_rendering(tokenizer: Any, messages: Sequence[Message], text: str, add_generation_prompt: bool = False
-                     ) -> tuple[list[int], list[tuple[int, int]]]:
+def encode_rendering(
+    tokenizer: Any, messages: Sequence[Message], text: str, add_generation_prompt: bool = False
+) -> tuple[list[int], list[tuple[int, int]]]:
     """Ids and character offsets of `text`, the rendering of `messages`, without special tokens added: the
     special tokens the template writes are special, special-token strings inside message content are text
     (DESIGN §4.13: no message can open a turn). Where no content holds such a string this is the tokenizer's
@@ -188,9 +204,13 @@ def encode_rendering(tokenizer: Any, messages: Sequence[Message], text: str, add
     masked = [{**m, "content": _mask(tokenizer, m["content"])} for m in messages]
     skeleton = render(tokenizer, masked, add_generation_prompt)
     if len(skeleton) != len(text):
-        raise TemplateError("the chat template changes message content in a way that hides where special-token text "
-                            "sits in the rendering; such text cannot be kept as plain text with this template")
-    special_ids = set(tokenizer.all_special_ids) | {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        raise TemplateError(
+            "the chat template changes message content in a way that hides where special-token text "
+            "sits in the rendering; such text cannot be kept as plain text with this template"
+        )
+    special_ids = set(tokenizer.all_special_ids) | {
+        i for i, t in backend.get_added_tokens_decoder().items() if t.special
+    }
     markup = backend.encode(skeleton, add_special_tokens=False)
     ids: list[int] = []
     offsets: list[tuple[int, int]] = []
@@ -217,8 +237,10 @@ def end_of_turn_token(tokenizer: Any) -> str:
     """The special token the template writes right after an assistant reply (ChatML `<|im_end|>`, GPT-2 EOS)."""
     probe = "Zq9 probe reply"
     text = render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}])
-    tail = text[text.rindex(probe) + len(probe):]
-    specials = sorted(set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {})), key=len, reverse=True)
+    tail = text[text.rindex(probe) + len(probe) :]
+    specials = sorted(
+        set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {})), key=len, reverse=True
+    )
     stripped = tail.lstrip()
     for token in specials:
         if token and stripped.startswith(token):
@@ -238,11 +260,15 @@ def _probe_renderings(tokenizer: Any) -> dict[str, str]:
     system = [{"role": "system", "content": _PROBE_SYSTEM}]
     user = [{"role": "user", "content": _PROBE_USER}]
     assistant = [{"role": "assistant", "content": _PROBE_USER}]
-    out = {"plain": render(tokenizer, user), "with_system": render(tokenizer, system + user),
-           "system_only": render(tokenizer, system), "exchange": render(tokenizer, system + user + assistant)}
+    out = {
+        "plain": render(tokenizer, user),
+        "with_system": render(tokenizer, system + user),
+        "system_only": render(tokenizer, system),
+        "exchange": render(tokenizer, system + user + assistant),
+    }
     if not (out["with_system"].startswith(out["system_only"]) and out["exchange"].startswith(out["with_system"])):
         raise TemplateError("the chat template does not render conversations as stable prefixes")
-    out["user_block"] = out["with_system"][len(out["system_only"]):]
+    out["user_block"] = out["with_system"][len(out["system_only"]) :]
     if not out["plain"].endswith(out["user_block"]):
         raise TemplateError("the chat template renders a user turn differently after a system message")
     return out
@@ -256,12 +282,14 @@ def fixed_prefix(tokenizer: Any) -> str:
     empty conversation, so it cannot be read off directly.
     """
     if not traits(tokenizer).system:  # no system block: the first user block's head minus a later one's
-        user, reply, later = ({"role": r, "content": f"Zq{i} probe {r}"} for i, r in ((1, "user"), (2, "assistant"), (3, "user")))
+        user, reply, later = (
+            {"role": r, "content": f"Zq{i} probe {r}"} for i, r in ((1, "user"), (2, "assistant"), (3, "user"))
+        )
         one, two, three = (render(tokenizer, [user, reply, later][:n]) for n in (1, 2, 3))
-        first, again = one[: one.index(user["content"])], three[len(two): three.index(later["content"])]
+        first, again = one[: one.index(user["content"])], three[len(two) : three.index(later["content"])]
         return first[: len(first) - len(again)] if again and first.endswith(again) else ""
     probe = _probe_renderings(tokenizer)
-    header = os.path.commonprefix([probe["user_block"], probe["exchange"][len(probe["with_system"]):]])
+    header = os.path.commonprefix([probe["user_block"], probe["exchange"][len(probe["with_system"]) :]])
     system_only = probe["system_only"]
     return system_only[: system_only.find(header)] if header and header in system_only else ""
 
@@ -274,7 +302,7 @@ def injected_system_block(tokenizer: Any) -> str:
     probe = _probe_renderings(tokenizer)
     head = probe["plain"][: len(probe["plain"]) - len(probe["user_block"])]
     fixed = fixed_prefix(tokenizer)
-    return head[len(fixed):] if head.startswith(fixed) else head
+    return head[len(fixed) :] if head.startswith(fixed) else head
 
 
 def with_system_prompt(tokenizer: Any, setting: str) -> Any:
@@ -286,9 +314,11 @@ def with_system_prompt(tokenizer: Any, setting: str) -> Any:
     if not traits(tokenizer).system:
         if setting == SYSTEM_NONE:
             return tokenizer
-        raise TemplateError(f"tokenize.system_prompt: {setting[:40]!r} needs a system role, which this chat template does "
-                            "not have (Gemma, Mistral [INST]); expected default or none, or put the text in your data's "
-                            "system messages (they are folded into the first user turn)")
+        raise TemplateError(
+            f"tokenize.system_prompt: {setting[:40]!r} needs a system role, which this chat template does "
+            "not have (Gemma, Mistral [INST]); expected default or none, or put the text in your data's "
+            "system messages (they are folded into the first user turn)"
+        )
     original = tokenizer.chat_template
     if setting == SYSTEM_NONE:
         block = injected_system_block(tokenizer)
@@ -296,7 +326,9 @@ def with_system_prompt(tokenizer: Any, setting: str) -> Any:
             return tokenizer
         escaped = block.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
         # Capture the original rendering and drop the injected block once; the original logic stays intact.
-        tokenizer.chat_template = "{% set rendered %}" + original + "{% endset %}{{ rendered | replace('" + escaped + "', '', 1) }}"
+        tokenizer.chat_template = (
+            "{% set rendered %}" + original + "{% endset %}{{ rendered | replace('" + escaped + "', '', 1) }}"
+        )
     else:
         escaped = setting.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
         tokenizer.chat_template = (
@@ -312,14 +344,16 @@ def trim_history(messages: Sequence[Message], length: Callable[[list[Message]], 
 
     Raises TemplateError when even the last turn alone does not fit: a prompt is never cut mid-turn."""
     system = [m for m in messages[:1] if m["role"] == "system"]
-    history = list(messages[len(system):])
+    history = list(messages[len(system) :])
     while True:
         needed = length(system + history)
         if needed <= budget:
             return system + history
         if len(history) <= 1:
-            raise TemplateError(f"the last turn alone needs {needed} prompt tokens, more than the {budget} available; "
-                                "shorten it or raise the context budget")
+            raise TemplateError(
+                f"the last turn alone needs {needed} prompt tokens, more than the {budget} available; "
+                "shorten it or raise the context budget"
+            )
         history = history[1:]
         while len(history) > 1 and history[0]["role"] == "assistant":
             history = history[1:]

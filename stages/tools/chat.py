@@ -9,6 +9,7 @@
 The history is rendered with the model's saved chat template; when it outgrows the context window the
 oldest turns are dropped. Replies stream token by token in interactive mode.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,19 +56,25 @@ class Chat:
             ids = fit_prompt(self.tokenizer, self.system + self.history, budget)
         except TemplateError as exc:
             self.history.pop()
-            raise InputError(f"--context-tokens {self.context_tokens} minus --max-new-tokens "
-                             f"{self.args.max_new_tokens}: {exc}") from None
-        settings = SimpleNamespace(max_new_tokens=self.args.max_new_tokens, do_sample=self.args.temperature > 0,
-                                   temperature=self.args.temperature, top_p=self.args.top_p,
-                                   repetition_penalty=self.args.repetition_penalty)
+            raise InputError(
+                f"--context-tokens {self.context_tokens} minus --max-new-tokens {self.args.max_new_tokens}: {exc}"
+            ) from None
+        settings = SimpleNamespace(
+            max_new_tokens=self.args.max_new_tokens,
+            do_sample=self.args.temperature > 0,
+            temperature=self.args.temperature,
+            top_p=self.args.top_p,
+            repetition_penalty=self.args.repetition_penalty,
+        )
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=torch.tensor([ids], device=self.model.device),
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.model.device),
-                **decoding(settings, len(ids), self.stop_ids), pad_token_id=self.tokenizer.pad_token_id,
+                **decoding(settings, len(ids), self.stop_ids),
+                pad_token_id=self.tokenizer.pad_token_id,
                 streamer=TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None,
             )
-        new = output[0, len(ids):].tolist()
+        new = output[0, len(ids) :].tolist()
         stop = next((i for i, token in enumerate(new) if token in self.stop_ids), len(new))
         answer = self.tokenizer.decode(new[:stop], skip_special_tokens=True).strip()
         self.history.append({"role": "assistant", "content": answer})
@@ -77,7 +84,7 @@ class Chat:
 def prompts_from(path: Path) -> Iterable[str]:
     for line_no, record in iter_jsonl(path):
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise InputError(f"{path}:{line_no}: expected {{\"prompt\": \"...\"}}")
+            raise InputError(f'{path}:{line_no}: expected {{"prompt": "..."}}')
         yield record["prompt"]
 
 
@@ -111,27 +118,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="finetuned", help="finetuned, base, export (the GGUF), or a model directory")
     parser.add_argument("--prompt", help="answer this one prompt and exit")
-    parser.add_argument("--prompts", type=Path,
-                        help="JSONL of {\"prompt\": ...}; each is a new conversation unless --keep-history")
+    parser.add_argument(
+        "--prompts", type=Path, help='JSONL of {"prompt": ...}; each is a new conversation unless --keep-history'
+    )
     parser.add_argument("--keep-history", action="store_true", help="with --prompts: one conversation across all lines")
     parser.add_argument("--system", help="system message")
     # Decoding defaults: params.yaml's evaluate section, the decoding the metrics measured (stages/lib/decoding.py).
-    parser.add_argument("--temperature", type=float,
-                        help="0 for greedy (default: evaluate.temperature, 0 when evaluate.do_sample is false)")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        help="0 for greedy (default: evaluate.temperature, 0 when evaluate.do_sample is false)",
+    )
     parser.add_argument("--top-p", type=float, help="default: evaluate.top_p")
-    parser.add_argument("--repetition-penalty", type=float,
-                        help="on the reply's own tokens (default: evaluate.repetition_penalty)")
+    parser.add_argument(
+        "--repetition-penalty", type=float, help="on the reply's own tokens (default: evaluate.repetition_penalty)"
+    )
     parser.add_argument("--max-new-tokens", type=int, help="default: evaluate.max_new_tokens")
-    parser.add_argument("--context-tokens", type=int,
-                        help="prompt + reply budget (default: the model's context window)")
+    parser.add_argument(
+        "--context-tokens", type=int, help="prompt + reply budget (default: the model's context window)"
+    )
     parser.add_argument("--seed", type=int, help="default: params.yaml's seed")
     args = parser.parse_args(argv)
     if None in (args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens, args.seed):
         params = load_params()
         measured = params.evaluate
-        defaults = {"temperature": measured.temperature if measured.do_sample else 0.0, "top_p": measured.top_p,
-                    "repetition_penalty": measured.repetition_penalty, "max_new_tokens": measured.max_new_tokens,
-                    "seed": params.seed}
+        defaults = {
+            "temperature": measured.temperature if measured.do_sample else 0.0,
+            "top_p": measured.top_p,
+            "repetition_penalty": measured.repetition_penalty,
+            "max_new_tokens": measured.max_new_tokens,
+            "seed": params.seed,
+        }
         for name, value in defaults.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
@@ -141,8 +158,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 str(value).encode("utf-8")
             except UnicodeEncodeError as exc:
                 byte = ord(str(value)[exc.start]) & 0xFF
-                raise InputError(f"--{name.replace('_', '-')}: not UTF-8 text (byte 0x{byte:02x} at character "
-                                 f"{exc.start + 1}); pass UTF-8") from None
+                raise InputError(
+                    f"--{name.replace('_', '-')}: not UTF-8 text (byte 0x{byte:02x} at character "
+                    f"{exc.start + 1}); pass UTF-8"
+                ) from None
     problem = argument_problem(args)
     if problem:
         raise InputError(problem)
@@ -160,8 +179,10 @@ def argument_problem(args: argparse.Namespace) -> str | None:
     if not args.repetition_penalty >= 1:
         return f"--repetition-penalty {args.repetition_penalty}: expected 1 (none) or more"
     if args.context_tokens is not None and args.context_tokens <= args.max_new_tokens:
-        return (f"--context-tokens {args.context_tokens}: must exceed --max-new-tokens {args.max_new_tokens}, "
-                f"leaving room for the prompt")
+        return (
+            f"--context-tokens {args.context_tokens}: must exceed --max-new-tokens {args.max_new_tokens}, "
+            f"leaving room for the prompt"
+        )
     if args.prompt is not None and args.prompts is not None:
         return "--prompt and --prompts: give one of them"
     if args.prompts is not None and not args.prompts.is_file():
@@ -182,8 +203,10 @@ def template_errors(source: Path) -> Iterator[None]:
         raise InputError(f"{source}: {exc}") from None
     except JinjaError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{source}: its chat template cannot be rendered ({type(exc).__name__}: {reason}); "
-                         f"fix chat_template in its tokenizer files") from None
+        raise InputError(
+            f"{source}: its chat template cannot be rendered ({type(exc).__name__}: {reason}); "
+            f"fix chat_template in its tokenizer files"
+        ) from None
 
 
 def load_gguf_file(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -196,8 +219,9 @@ def load_gguf_file(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
         raise
     except (OSError, ValueError, KeyError, IndexError, EOFError, TypeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: not a readable GGUF file, truncated or corrupted ({reason}); "
-                         f"{RESTORE_EXPORT}") from None
+        raise InputError(
+            f"{path}: not a readable GGUF file, truncated or corrupted ({reason}); {RESTORE_EXPORT}"
+        ) from None
 
 
 def load_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, Path]:

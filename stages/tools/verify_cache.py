@@ -8,6 +8,7 @@ DVC remembers a file's hash by its inode, mtime and size, so an object damaged i
 disk error, a bad copy) is checked out without complaint, and `dvc status`, `dvc status --cloud`, `dvc push` and
 `dvc pull` all report it in sync (docs/DESIGN.md §Reliability). This reads every object once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ from stages.lib.errors import InputError
 def cache_dir() -> Path:
     """The cache DVC uses here (`dvc cache dir`), or .dvc/cache."""
     try:
-        found = subprocess.run([sys.executable, "-m", "dvc", "cache", "dir"], capture_output=True, text=True,
-                               timeout=60)
+        found = subprocess.run(
+            [sys.executable, "-m", "dvc", "cache", "dir"], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.TimeoutExpired):
         found = None
     if found is not None and found.returncode == 0 and found.stdout.strip():
@@ -58,8 +60,9 @@ def damaged(cache: Path) -> tuple[int, list[Path]]:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, help="the cache directory (default: `dvc cache dir`)")
-    parser.add_argument("--remove", action="store_true",
-                        help="delete damaged objects so that DVC fetches or rebuilds them")
+    parser.add_argument(
+        "--remove", action="store_true", help="delete damaged objects so that DVC fetches or rebuilds them"
+    )
     args = parser.parse_args(argv)
     checked, bad = damaged(args.cache or cache_dir())
     for path in bad:
@@ -70,8 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     if not bad:
         print(f"verify_cache: {checked} objects, all intact")
         return 0
-    advice = ("restore them with `dvc pull` (or `dvc repro -f <stage>` for outputs no remote holds), then "
-              "`dvc checkout --relink` to rewrite the workspace copies") if args.remove else "rerun with --remove"
+    advice = (
+        (
+            "restore them with `dvc pull` (or `dvc repro -f <stage>` for outputs no remote holds), then "
+            "`dvc checkout --relink` to rewrite the workspace copies"
+        )
+        if args.remove
+        else "rerun with --remove"
+    )
     print(f"verify_cache: {len(bad)} of {checked} objects damaged; {advice}", file=sys.stderr)
     return 1
 
