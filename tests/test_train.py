@@ -94,6 +94,9 @@ def test_6_accumulation_is_exact_for_a_model_whose_forward_takes_no_loss_kwargs(
     small, _ = one_step_weights(prepared, tmp_path / "b", batch=2, accumulation=4, model_class=LlamaWithoutLossKwargs)
     for name in big:
         assert torch.allclose(big[name], small[name], atol=2e-5, rtol=1e-4), name
+    # The control: the step moved the weights, so two equal results are not two runs that trained nothing.
+    initial = LlamaWithoutLossKwargs.from_pretrained(prepared / "models" / "base", use_safetensors=True)
+    assert any(not torch.allclose(big[name], weight, atol=1e-4) for name, weight in initial.named_parameters())
 
 
 def free_port() -> int:
