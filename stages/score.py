@@ -84,7 +84,7 @@ def fluency(
 ) -> list[dict]:
     """Per assistant turn: summed NLL, tokens, correct argmax and the reply's own UTF-8 bytes.
 
-    Each turn is scored once, in the window that trains it (DESIGN §4.5), with the labels of training."""
+    Each turn is scored once, in the window that trains it (docs/DESIGN.md §4.5), with the labels of training."""
     cost = TemplateCost.measure(tokenizer)
     rows: list[tuple[list[int], list[int], list[tuple[int, int]]]] = []
     for index, conversation in enumerate(conversations):

@@ -108,16 +108,17 @@ def chat(work: Path, *args: str) -> subprocess.CompletedProcess:
     (["--temperature", "-0.5"], "--temperature -0.5: expected 0 (greedy) or more"),
     (["--top-p", "0"], "--top-p 0.0: expected a value in (0, 1]"),
     (["--top-p", "1.5"], "--top-p 1.5: expected a value in (0, 1]"),
-    (["--context-tokens", "5"], "--context-tokens 5: must exceed --max-new-tokens 128"),
+    (["--context-tokens", "5", "--max-new-tokens", "128"], "--context-tokens 5: must exceed --max-new-tokens 128"),
     (["--prompts", "missing.jsonl"], "--prompts missing.jsonl: no such file"),
     (["--prompt", "hi", "--prompts", "missing.jsonl"], "--prompt and --prompts: give one of them"),
     (["--model", "no-such-dir"], "--model no-such-dir: expected base, finetuned or export, or a model directory"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
-def test_chat_arguments_out_of_range_are_rejected(args, expected):
+def test_chat_arguments_out_of_range_are_rejected(args, expected, monkeypatch):
     from stages.lib.errors import InputError
     from stages.tools.chat import parse_args
 
+    monkeypatch.chdir(REPO)  # the defaults not given come from params.yaml
     with pytest.raises(InputError) as caught:
         parse_args(args)
     assert str(caught.value).startswith(expected)

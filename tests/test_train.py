@@ -17,7 +17,7 @@ from conftest import FIXTURES, REPO, run_stage, write_params
 from pipeline_repo import TINY_TRAIN, read_json, tool_env
 from stages.lib.allocator import glibc
 from stages.lib.params import load_params
-from tiny import save_tiny
+from tiny import save_tiny, save_tiny_encoder
 
 
 def tiny_params(train: dict | None = None, **sections: dict) -> dict:
@@ -203,9 +203,10 @@ def test_lora_adapter_only_records_its_base_and_evaluates(prepared, tmp_path):
     out = work / "models" / "finetuned"
     assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
     assert read_json(out / "base_model.json")["base_model"] == "models/base"
+    save_tiny_encoder(work / "tiny-encoder")
     write_params(work, tiny_params({"method": "lora", "max_steps": 4, "lora": {"r": 4, "alpha": 8, "merge": False}},
-                                   evaluate={"max_conversations": 3, "max_new_tokens": 8}))
-    for args in (("score", "--model", "base"), ("score", "--model", "finetuned"), ("evaluate",)):
+                                   evaluate={"max_conversations": 3, "max_new_tokens": 8}, encoder={"model": "tiny-encoder"}))
+    for args in (("score", "--model", "base"), ("score", "--model", "finetuned"), ("encoder",), ("evaluate",)):
         evaluated = run_stage(args[0], work, *args[1:])  # base model + adapter on top, the way score loads it
         assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert read_json(work / "metrics" / "eval.json")["finetuned"]["scored_tokens"] > 0
