@@ -12,6 +12,7 @@ DVC would run it; wall time and the peak memory of the stage's whole process tre
 sizes, map workers included, sampled every 0.25 s; and its anonymous part, without the page cache of
 memory-mapped files) are written to benchmarks/results/data_scaling.json and printed as a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,8 +91,11 @@ def tree_memory(process: psutil.Process) -> tuple[int, int]:
     for member in [process, *process.children(recursive=True)]:
         try:
             with open(f"/proc/{member.pid}/smaps_rollup") as rollup:
-                fields = {line.split(":")[0]: int(line.split()[1]) * 1024
-                          for line in rollup if line.startswith(("Pss:", "Pss_Anon:"))}
+                fields = {
+                    line.split(":")[0]: int(line.split()[1]) * 1024
+                    for line in rollup
+                    if line.startswith(("Pss:", "Pss_Anon:"))
+                }
             total += fields["Pss"]
             anonymous += fields.get("Pss_Anon", fields["Pss"])
         except (OSError, KeyError, psutil.Error):
@@ -102,8 +106,14 @@ def tree_memory(process: psutil.Process) -> tuple[int, int]:
 def run_stage(root: Path, stage: str, timeout: float, code: Path = REPO) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code)}
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=root, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-m", f"stages.{stage}"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     watched, peak, peak_anonymous = psutil.Process(child.pid), 0, 0
     while child.poll() is None:
         total, anonymous = tree_memory(watched)
@@ -114,9 +124,14 @@ def run_stage(root: Path, stage: str, timeout: float, code: Path = REPO) -> dict
         time.sleep(0.25)
     seconds = time.perf_counter() - start
     summary = (child.stdout.read() if child.stdout else "").strip().splitlines()
-    return {"stage": stage, "seconds": round(seconds, 1), "peak_memory_mb": round(peak / 2**20),
-            "peak_anonymous_mb": round(peak_anonymous / 2**20), "exit": child.returncode,
-            "summary": summary[-1] if summary else ""}
+    return {
+        "stage": stage,
+        "seconds": round(seconds, 1),
+        "peak_memory_mb": round(peak / 2**20),
+        "peak_anonymous_mb": round(peak_anonymous / 2**20),
+        "exit": child.returncode,
+        "summary": summary[-1] if summary else "",
+    }
 
 
 def tokens_per_second(root: Path, seconds: float) -> float | None:
@@ -153,8 +168,9 @@ def main() -> int:
     parser.add_argument("--base-model", type=Path, default=REPO / "models" / "base", help="a base_model stage output")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per stage before it is stopped")
     parser.add_argument("--label", default="after", help="the key the rows are stored under in the results file")
-    parser.add_argument("--code", type=Path, default=REPO,
-                        help="a checkout whose stages/ to run (e.g. an older commit, to compare)")
+    parser.add_argument(
+        "--code", type=Path, default=REPO, help="a checkout whose stages/ to run (e.g. an older commit, to compare)"
+    )
     args = parser.parse_args()
     if "tokenize" in args.stages and not (args.base_model / "config.json").exists():
         parser.error(f"--base-model {args.base_model}: no base model; run `dvc repro base_model` or pass a directory")
@@ -170,17 +186,21 @@ def main() -> int:
                 ceiling = row["encoder_ceiling"]["tokens_per_s"]
                 row["fraction_of_encoder_ceiling"] = round(row["tokens_per_s"] / ceiling, 3)
             rows[f"x{scale} {stage}"] = {"scale": scale, "conversations": scale * 7168, **row}
-            print(f"x{scale:<4} {stage:<11} {row['seconds']:>8.1f} s {row['peak_memory_mb']:>7} MB "
-                  f"({row['peak_anonymous_mb']} MB anonymous)  exit {row['exit']}  {row.get('tokens_per_s') or ''}",
-                  flush=True)
+            print(
+                f"x{scale:<4} {stage:<11} {row['seconds']:>8.1f} s {row['peak_memory_mb']:>7} MB "
+                f"({row['peak_anonymous_mb']} MB anonymous)  exit {row['exit']}  {row.get('tokens_per_s') or ''}",
+                flush=True,
+            )
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
             if row["exit"] != 0:
                 break
     print(f"\n{'scale':<6} {'stage':<11} {'seconds':>8} {'peak mem MB':>12} {'anonymous MB':>13} {'tokens/s':>10}")
     for row in rows.values():
-        print(f"x{row['scale']:<5} {row['stage']:<11} {row['seconds']:>8} {row['peak_memory_mb']:>12} "
-              f"{row.get('peak_anonymous_mb', ''):>13} {row.get('tokens_per_s') or '':>10}")
+        print(
+            f"x{row['scale']:<5} {row['stage']:<11} {row['seconds']:>8} {row['peak_memory_mb']:>12} "
+            f"{row.get('peak_anonymous_mb', ''):>13} {row.get('tokens_per_s') or '':>10}"
+        )
     return 0
 
 

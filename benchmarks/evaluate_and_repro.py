@@ -9,6 +9,7 @@ the perplexity pass and the generation pass of each model separately, plus the w
 Then it times `dvc repro` and `dvc status` with nothing changed (median of 3). Prints a table and writes
 benchmarks/results/evaluate_and_repro.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,11 +39,20 @@ def time_evaluate(batch_size: int, max_conversations: int | None) -> dict:
     row: dict = {"batch_size": batch_size}
     for name in ("base", "finetuned"):
         scores, runtime = score(name, params)
-        row.update({"conversations": len(scores["conversations"]), "replies": runtime["replies"],
-                    f"{name}_perplexity_s": runtime["fluency_s"], f"{name}_generation_s": runtime["generation_s"],
-                    f"{name}_precision": runtime["precision"]["precision"]})
-    return {**row, "total_s": round(time.perf_counter() - started, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        row.update(
+            {
+                "conversations": len(scores["conversations"]),
+                "replies": runtime["replies"],
+                f"{name}_perplexity_s": runtime["fluency_s"],
+                f"{name}_generation_s": runtime["generation_s"],
+                f"{name}_precision": runtime["precision"]["precision"],
+            }
+        )
+    return {
+        **row,
+        "total_s": round(time.perf_counter() - started, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
 
 
 def median_seconds(command: list[str], runs: int = 3) -> tuple[float, str]:
@@ -59,8 +69,9 @@ def median_seconds(command: list[str], runs: int = 3) -> tuple[float, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
-                        help="evaluate.batch_size values (default: params.yaml's)")
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=None, help="evaluate.batch_size values (default: params.yaml's)"
+    )
     parser.add_argument("--max-conversations", type=int, default=None)
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)

@@ -6,6 +6,7 @@ the system block costs in every training window, for each setting.
 
 Prints a table and writes benchmarks/results/system_prompt.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,17 +48,29 @@ def main() -> int:
         started = time.perf_counter()
         turns = fluency(model, tokenizer, test, args.max_length, 16)
         nll, tokens = sum(t["nll"] for t in turns), sum(t["tokens"] for t in turns)
-        rows.append({"system_prompt": setting, "template_preamble_tokens": TemplateCost.measure(tokenizer).preamble,
-                     "scored_tokens": tokens, "base_perplexity": round(math.exp(nll / tokens), 3),
-                     "bits_per_byte": round(nll / math.log(2) / sum(t["bytes"] for t in turns), 4),
-                     "seconds": round(time.perf_counter() - started, 1)})
+        rows.append(
+            {
+                "system_prompt": setting,
+                "template_preamble_tokens": TemplateCost.measure(tokenizer).preamble,
+                "scored_tokens": tokens,
+                "base_perplexity": round(math.exp(nll / tokens), 3),
+                "bits_per_byte": round(nll / math.log(2) / sum(t["bytes"] for t in turns), 4),
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+        )
     print(f"{'system_prompt':<62} {'preamble tokens':>15} {'base perplexity':>15} {'bits/byte':>9}")
     for row in rows:
-        print(f"{row['system_prompt'][:60]:<62} {row['template_preamble_tokens']:>15} "
-              f"{row['base_perplexity']:>15} {row['bits_per_byte']:>9}")
+        print(
+            f"{row['system_prompt'][:60]:<62} {row['template_preamble_tokens']:>15} "
+            f"{row['base_perplexity']:>15} {row['bits_per_byte']:>9}"
+        )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    results = {"precision": precision.as_dict(), "conversations": len(test), "torch_threads": torch.get_num_threads(),
-               "rows": rows}
+    results = {
+        "precision": precision.as_dict(),
+        "conversations": len(test),
+        "torch_threads": torch.get_num_threads(),
+        "rows": rows,
+    }
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 

@@ -33,6 +33,7 @@ Variants
   base model, batch size and max_length, with its defaults otherwise (loss on every token, padding to the
   longest row, truncation instead of windows). trl-bf16-kept-memory: with the stage's allocator setting.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,10 @@ DEFAULT_VARIANTS = ["baseline", "trl-fp32", "trl-bf16", "stage-fp32", "stage-no-
 
 def stage_overrides(args: dict | None = None, **train_changes: Any) -> Callable[[Params], tuple[Params, dict]]:
     """A stage variant: params.train fields to change, and extra TrainingArguments."""
+
     def apply(params: Params) -> tuple[Params, dict]:
         return params.model_copy(update={"train": params.train.model_copy(update=train_changes)}), dict(args or {})
+
     return apply
 
 
@@ -148,28 +151,49 @@ def baseline_trainer(params: Params, model: Any, tokenizer: Any, train_set: Any,
     width = params.tokenize.max_length
 
     def collate(features: list[dict]) -> dict[str, torch.Tensor]:
-        batch = tokenizer.pad([{"input_ids": f["input_ids"]} for f in features], padding="max_length", max_length=width, return_tensors="pt")
+        batch = tokenizer.pad(
+            [{"input_ids": f["input_ids"]} for f in features],
+            padding="max_length",
+            max_length=width,
+            return_tensors="pt",
+        )
         batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
         return batch
 
     args = TrainingArguments(
-        output_dir=output_dir, seed=params.seed, data_seed=params.seed, learning_rate=params.train.learning_rate,
-        lr_scheduler_type=params.train.lr_scheduler, warmup_steps=params.train.warmup_ratio,
-        per_device_train_batch_size=params.train.batch_size, max_steps=len(train_set) // params.train.batch_size,
-        max_grad_norm=params.train.max_grad_norm, use_cpu=not torch.cuda.is_available(),
-        bf16=False, fp16=False, save_strategy="no", eval_strategy="no", logging_steps=10_000,
-        report_to="none", remove_unused_columns=False, disable_tqdm=True,
+        output_dir=output_dir,
+        seed=params.seed,
+        data_seed=params.seed,
+        learning_rate=params.train.learning_rate,
+        lr_scheduler_type=params.train.lr_scheduler,
+        warmup_steps=params.train.warmup_ratio,
+        per_device_train_batch_size=params.train.batch_size,
+        max_steps=len(train_set) // params.train.batch_size,
+        max_grad_norm=params.train.max_grad_norm,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        fp16=False,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=10_000,
+        report_to="none",
+        remove_unused_columns=False,
+        disable_tqdm=True,
     )
     return Trainer(model=model, args=args, train_dataset=train_set, data_collator=collate, processing_class=tokenizer)
 
 
-def trl_trainer(params: Params, model: Any, tokenizer: Any, steps: int, bf16: bool, output_dir: str) -> tuple[Any, list[int]]:
+def trl_trainer(
+    params: Params, model: Any, tokenizer: Any, steps: int, bf16: bool, output_dir: str
+) -> tuple[Any, list[int]]:
     """TRL's SFTTrainer on the same processed training conversations (a seeded subset of steps × batch size)."""
     import datasets as hf_datasets
     from trl import SFTConfig, SFTTrainer
 
     rows = [json.loads(line) for line in PROCESSED_TRAIN.read_text().splitlines() if line.strip()]
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(params.seed))[: steps * params.train.batch_size]
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(params.seed))[
+        : steps * params.train.batch_size
+    ]
     dataset = hf_datasets.Dataset.from_list([{"messages": rows[i]["messages"]} for i in sorted(order.tolist())])
     tokens: list[int] = []
 
@@ -180,11 +204,23 @@ def trl_trainer(params: Params, model: Any, tokenizer: Any, steps: int, bf16: bo
             return super().training_step(model, inputs, num_items_in_batch)
 
     config = SFTConfig(
-        output_dir=output_dir, max_length=params.tokenize.max_length, per_device_train_batch_size=params.train.batch_size,
-        max_steps=steps, learning_rate=params.train.learning_rate, lr_scheduler_type=params.train.lr_scheduler,
-        warmup_steps=params.train.warmup_ratio, max_grad_norm=params.train.max_grad_norm, seed=params.seed,
-        data_seed=params.seed, bf16=bf16, use_cpu=not torch.cuda.is_available(), save_strategy="no", eval_strategy="no",
-        logging_steps=10_000, report_to="none", disable_tqdm=True,
+        output_dir=output_dir,
+        max_length=params.tokenize.max_length,
+        per_device_train_batch_size=params.train.batch_size,
+        max_steps=steps,
+        learning_rate=params.train.learning_rate,
+        lr_scheduler_type=params.train.lr_scheduler,
+        warmup_steps=params.train.warmup_ratio,
+        max_grad_norm=params.train.max_grad_norm,
+        seed=params.seed,
+        data_seed=params.seed,
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=10_000,
+        report_to="none",
+        disable_tqdm=True,
     )
     return CountingSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer), tokens
 
@@ -230,9 +266,18 @@ def run_variant(name: str, steps: int) -> dict:
         else:
             params = params.model_copy(update={"train": params.train.model_copy(update={"max_steps": steps})})
             model, tokenizer = load_model(params.train)
-            overrides = dict(report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10_000, disable_tqdm=True,
-                             train_sampling_strategy="sequential", **args)
-            trainer, _ = build_trainer(params, model, tokenizer, {"train": train_set, "val": data["val"]}, Path(output_dir), **overrides)
+            overrides = dict(
+                report_to="none",
+                save_strategy="no",
+                eval_strategy="no",
+                logging_steps=10_000,
+                disable_tqdm=True,
+                train_sampling_strategy="sequential",
+                **args,
+            )
+            trainer, _ = build_trainer(
+                params, model, tokenizer, {"train": train_set, "val": data["val"]}, Path(output_dir), **overrides
+            )
             precision = resolve_precision(params.train.precision, model.config).precision
             trained_tokens = sum(sum(1 for label in row[1:] if label != IGNORE_INDEX) for row in train_set["labels"])
             head_fraction = trained_tokens / sum(train_set["length"])
@@ -248,16 +293,17 @@ def run_variant(name: str, steps: int) -> dict:
     steady_tokens = sum(per_step[2:]) if per_step and len(per_step) > 2 else tokens * len(steady) / steps_done
     trained = unwrap(trainer.model)
     flops = model_flops_per_token(trained, head_fraction)
-    # Without accelerate's autocast wrapper of the forward (TRL's bf16 run has one; the stage autocasts its loss itself).
+    # Without accelerate's autocast wrapper of the forward (TRL's bf16 run has one; the stage autocasts its loss
+    # itself).
     if "_original_forward" in trained.__dict__:
         trained.forward = trained.__dict__.pop("_original_forward")
     loss = heldout_loss(trained, data["val"], tokenizer, params.train.batch_size)
     return {
         "variant": name,
         "precision": precision,
-        "compute": ("bf16 autocast" if precision == "bf16" else precision) + (
-            f", {trained.config._attn_implementation} attention" if hasattr(trained, "config") else "") + (
-            ", compiled" if any(getattr(m, "_compiled_call_impl", None) is not None for m in trained.modules()) else ""),
+        "compute": ("bf16 autocast" if precision == "bf16" else precision)
+        + (f", {trained.config._attn_implementation} attention" if hasattr(trained, "config") else "")
+        + (", compiled" if any(getattr(m, "_compiled_call_impl", None) is not None for m in trained.modules()) else ""),
         "steps": steps_done,
         "non_pad_tokens": tokens,
         "wall_s": round(wall, 1),
@@ -280,14 +326,18 @@ def measure_ceilings(steps: int) -> dict[str, Any]:
     from stages.lib.precision import gemm_ceiling
 
     params = load_params()
-    train_set = stage_batches(hf_datasets.load_from_disk(str(TOKENIZED))["train"], steps, params.train.batch_size, params.seed)
+    train_set = stage_batches(
+        hf_datasets.load_from_disk(str(TOKENIZED))["train"], steps, params.train.batch_size, params.seed
+    )
     tokens = sum(train_set["length"])
     trained = sum(sum(1 for label in row[1:] if label != IGNORE_INDEX) for row in train_set["labels"])
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(BASE_MODEL))
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    return {precision: gemm_ceiling(skeleton, precision, tokens // steps, trained / tokens, device=device)
-            for precision in ("fp32", "bf16")}
+    return {
+        precision: gemm_ceiling(skeleton, precision, tokens // steps, trained / tokens, device=device)
+        for precision in ("fp32", "bf16")
+    }
 
 
 def cpu_name() -> str:
@@ -322,12 +372,20 @@ def machine() -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps per variant (default: params.yaml's train.max_steps, the pipeline run's length, "
-                             "so that the one-off start-up weighs what it weighs in a pipeline run)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps per variant (default: params.yaml's train.max_steps, the pipeline run's length, "
+        "so that the one-off start-up weighs what it weighs in a pipeline run)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="the accelerator's dense bf16 peak (e.g. 989 for an H100 SXM) to report MFU")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the accelerator's dense bf16 peak (e.g. 989 for an H100 SXM) to report MFU",
+    )
     parser.add_argument("--one", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     max_steps = load_params().train.max_steps
@@ -339,15 +397,23 @@ def main() -> int:
         sys.exit(f"{TOKENIZED}: missing; run `dvc repro tokenize` first")
     ceilings = measure_ceilings(args.steps)
     for ceiling in ceilings.values():
-        print(f"ceiling {ceiling.precision}: {ceiling.gflops} GFLOP/s over the step's GEMMs = {ceiling.tokens_per_s} tokens/s", flush=True)
+        print(
+            f"ceiling {ceiling.precision}: {ceiling.gflops} GFLOP/s over the step's GEMMs = "
+            f"{ceiling.tokens_per_s} tokens/s",
+            flush=True,
+        )
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(COMPILE_CACHE)}
     rows = []
     for name in args.variants:
         if name == "stage-cold":
             subprocess.run(["rm", "-rf", str(COMPILE_CACHE)], check=True)
         print(f"running {name} ({args.steps} steps) ...", flush=True)
-        done = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps)],
-                              capture_output=True, text=True, env=with_allocator_tunables(env) if kept_memory(name) else env)
+        done = subprocess.run(
+            [sys.executable, __file__, "--one", name, "--steps", str(args.steps)],
+            capture_output=True,
+            text=True,
+            env=with_allocator_tunables(env) if kept_memory(name) else env,
+        )
         if done.returncode != 0:
             sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
         row = json.loads(done.stdout.strip().splitlines()[-1])
@@ -358,7 +424,10 @@ def main() -> int:
     # the variants, the ceiling is the faster of the two, and every row's fraction is recomputed against it.
     again = measure_ceilings(args.steps)
     for precision, ceiling in again.items():
-        print(f"ceiling {precision} after the variants: {ceiling.tokens_per_s} tokens/s (before: {ceilings[precision].tokens_per_s})")
+        print(
+            f"ceiling {precision} after the variants: {ceiling.tokens_per_s} tokens/s "
+            f"(before: {ceilings[precision].tokens_per_s})"
+        )
         ceilings[precision] = max(ceilings[precision], ceiling, key=lambda c: c.tokens_per_s)
     for row in rows:
         ceiling = ceilings[row["precision"] if row["precision"] in ceilings else "fp32"]
@@ -377,16 +446,38 @@ def main() -> int:
         row["vs_best_trl"] = round(row["tokens_per_s"] / trl_best, 2) if trl_best else None
         row["steady_vs_best_trl"] = round(row["steady_tokens_per_s"] / trl_best, 2) if trl_best else None
         row["heldout_loss_vs_stage_fp32"] = round(row["heldout_loss"] - fp32_loss, 4) if fp32_loss is not None else None
-    columns = ["variant", "compute", "tokens_per_s", "fraction_of_ceiling", "steady_tokens_per_s", "steady_fraction_of_ceiling",
-               "s_per_step", "vs_best_trl", "steady_vs_best_trl", "peak_rss_mb", "heldout_loss", "heldout_loss_vs_stage_fp32"]
+    columns = [
+        "variant",
+        "compute",
+        "tokens_per_s",
+        "fraction_of_ceiling",
+        "steady_tokens_per_s",
+        "steady_fraction_of_ceiling",
+        "s_per_step",
+        "vs_best_trl",
+        "steady_vs_best_trl",
+        "peak_rss_mb",
+        "heldout_loss",
+        "heldout_loss_vs_stage_fp32",
+    ]
     columns += ["mfu"] if args.peak_tflops else []
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join(str(runs[row["variant"]].get(c)) for c in columns) + " |")
-    args.output.write_text(json.dumps({"machine": machine(), "steps": args.steps,
-                                       "ceilings": {k: vars(v) for k, v in ceilings.items()}, "runs": runs},
-                                      indent=2, sort_keys=True) + "\n")
+    args.output.write_text(
+        json.dumps(
+            {
+                "machine": machine(),
+                "steps": args.steps,
+                "ceilings": {k: vars(v) for k, v in ceilings.items()},
+                "runs": runs,
+            },
+            indent=2,
+            sort_keys=True,
+        )
+        + "\n"
+    )
     print(f"wrote {args.output}")
     return 0
 

@@ -1,4 +1,5 @@
 """Shared fixtures: offline settings, running stages as a user would, and tiny real models."""
+
 from __future__ import annotations
 
 import os

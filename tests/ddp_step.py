@@ -6,6 +6,7 @@ work directory (test_train.py, test_distributed.py).
 Any torchrun rendezvous works (two `--nnodes 2` launchers form one job). The weights after the step are
 gathered whole (FSDP shards them) and written by the first process only.
 """
+
 import json
 import sys
 from pathlib import Path
@@ -23,14 +24,36 @@ from stages.train import build_trainer, full_state_dict  # noqa: E402
 
 def main(out: Path, batch: int, distributed: str = "ddp") -> None:
     params = load_params()
-    params = params.model_copy(update={"train": params.train.model_copy(update={
-        "batch_size": batch, "gradient_accumulation": 1, "max_steps": 1, "warmup_ratio": 0.0,
-        "lr_scheduler": "constant", "learning_rate": 0.5, "max_grad_norm": 1e9, "precision": "fp32",
-        "distributed": distributed})})
+    params = params.model_copy(
+        update={
+            "train": params.train.model_copy(
+                update={
+                    "batch_size": batch,
+                    "gradient_accumulation": 1,
+                    "max_steps": 1,
+                    "warmup_ratio": 0.0,
+                    "lr_scheduler": "constant",
+                    "learning_rate": 0.5,
+                    "max_grad_norm": 1e9,
+                    "precision": "fp32",
+                    "distributed": distributed,
+                }
+            )
+        }
+    )
     model, tokenizer = load_causal_lm(BASE_MODEL)
     data = datasets.load_from_disk(str(TOKENIZED))
-    trainer, _ = build_trainer(params, model.train(), tokenizer, data, out.parent / f"run-{out.stem}", optim="sgd",
-                                     report_to="none", save_strategy="no", eval_strategy="no")
+    trainer, _ = build_trainer(
+        params,
+        model.train(),
+        tokenizer,
+        data,
+        out.parent / f"run-{out.stem}",
+        optim="sgd",
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+    )
     evaluation = trainer.evaluate()
     trainer.train()
     weights = full_state_dict(trainer)  # collective: every process takes part

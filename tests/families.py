@@ -1,6 +1,7 @@
 """The model families people fine-tune, each as a tiny model of its architecture built from a config and a tiny
 byte-level BPE tokenizer carrying the family's special tokens and its real chat template
 (tests/fixtures/templates/<family>.jinja, the source named on the file's first line)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,8 +14,13 @@ from transformers import PreTrainedTokenizerFast
 from tiny import corpus
 
 # tokenizer.json's Split regexes: Meta-Llama-3's and Qwen2.5's/Qwen3's (transformers' Qwen2Tokenizer.PRETOKENIZE_REGEX)
-LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-QWEN_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 TEMPLATES = Path(__file__).resolve().parent / "fixtures" / "templates"
 
@@ -22,32 +28,85 @@ TEMPLATES = Path(__file__).resolve().parent / "fixtures" / "templates"
 @dataclass(frozen=True)
 class Family:
     name: str
-    arch: str                    # transformers model_type of the tiny model
-    specials: tuple[str, ...]    # added special tokens, in id order
+    arch: str  # transformers model_type of the tiny model
+    specials: tuple[str, ...]  # added special tokens, in id order
     bos: str | None
     eos: str
-    end_of_turn: str             # what closes a reply in the template (trained)
+    end_of_turn: str  # what closes a reply in the template (trained)
     unk: str | None = None
     pad: str | None = None
-    adds_bos: bool = False       # the tokenizer's post-processor adds a BOS (the template writes one too)
+    adds_bos: bool = False  # the tokenizer's post-processor adds a BOS (the template writes one too)
     extra: tuple[str, ...] = ()  # added tokens that are not special (Qwen 3's <think>)
-    split: str | None = None     # the family's splitting regex before byte-level BPE (Llama 3's, Qwen's; else GPT-2's)
+    split: str | None = None  # the family's splitting regex before byte-level BPE (Llama 3's, Qwen's; else GPT-2's)
 
 
 FAMILIES = {
-    "llama3": Family("llama3", "llama", ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-                     "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", adds_bos=True, split=LLAMA3_SPLIT),
-    "qwen2_5": Family("qwen2_5", "qwen2", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>", "<|im_end|>",
-                      pad="<|endoftext|>", split=QWEN_SPLIT),
-    "qwen3": Family("qwen3", "qwen3", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>", "<|im_end|>",
-                    pad="<|endoftext|>", extra=("<think>", "</think>"), split=QWEN_SPLIT),
-    "mistral": Family("mistral", "mistral", ("<unk>", "<s>", "</s>"), "<s>", "</s>", "</s>", unk="<unk>", adds_bos=True),
-    "gemma2": Family("gemma2", "gemma2", ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"), "<bos>", "<eos>",
-                     "<end_of_turn>", unk="<unk>", pad="<pad>", adds_bos=True),
-    "gemma3": Family("gemma3", "gemma3_text", ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"), "<bos>", "<eos>",
-                     "<end_of_turn>", unk="<unk>", pad="<pad>", adds_bos=True),
-    "phi3": Family("phi3", "phi3", ("<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|end|>", "<|system|>", "<|user|>"),
-                   "<s>", "<|endoftext|>", "<|end|>", unk="<unk>", pad="<|endoftext|>"),
+    "llama3": Family(
+        "llama3",
+        "llama",
+        ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|eot_id|>",
+        adds_bos=True,
+        split=LLAMA3_SPLIT,
+    ),
+    "qwen2_5": Family(
+        "qwen2_5",
+        "qwen2",
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        None,
+        "<|im_end|>",
+        "<|im_end|>",
+        pad="<|endoftext|>",
+        split=QWEN_SPLIT,
+    ),
+    "qwen3": Family(
+        "qwen3",
+        "qwen3",
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        None,
+        "<|im_end|>",
+        "<|im_end|>",
+        pad="<|endoftext|>",
+        extra=("<think>", "</think>"),
+        split=QWEN_SPLIT,
+    ),
+    "mistral": Family(
+        "mistral", "mistral", ("<unk>", "<s>", "</s>"), "<s>", "</s>", "</s>", unk="<unk>", adds_bos=True
+    ),
+    "gemma2": Family(
+        "gemma2",
+        "gemma2",
+        ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
+        "<bos>",
+        "<eos>",
+        "<end_of_turn>",
+        unk="<unk>",
+        pad="<pad>",
+        adds_bos=True,
+    ),
+    "gemma3": Family(
+        "gemma3",
+        "gemma3_text",
+        ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
+        "<bos>",
+        "<eos>",
+        "<end_of_turn>",
+        unk="<unk>",
+        pad="<pad>",
+        adds_bos=True,
+    ),
+    "phi3": Family(
+        "phi3",
+        "phi3",
+        ("<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|end|>", "<|system|>", "<|user|>"),
+        "<s>",
+        "<|endoftext|>",
+        "<|end|>",
+        unk="<unk>",
+        pad="<|endoftext|>",
+    ),
 }
 
 
@@ -61,20 +120,29 @@ def family_tokenizer(name: str) -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     if family.split:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(family.split), behavior="isolated"),
-                                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(family.split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     if family.split == QWEN_SPLIT:
         backend.normalizer = normalizers.NFC()
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=list(family.specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=420, special_tokens=list(family.specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     backend.train_from_iterator(corpus(), trainer)
     if family.adds_bos:
         bos = backend.token_to_id(family.bos)
-        backend.post_processor = processors.TemplateProcessing(single=f"{family.bos} $A", special_tokens=[(family.bos, bos)])
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{family.bos} $A", special_tokens=[(family.bos, bos)]
+        )
     else:
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=family.bos, eos_token=family.eos, unk_token=family.unk,
-                                        pad_token=family.pad)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=family.bos, eos_token=family.eos, unk_token=family.unk, pad_token=family.pad
+    )
     if family.extra:
         tokenizer.add_tokens(list(family.extra))
     tokenizer.chat_template = template_text(name)
@@ -101,8 +169,18 @@ def family_model(name: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
     )
 
     torch.manual_seed(seed)
-    shape = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=512, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    shape = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     arch = FAMILIES[name].arch
     if arch == "llama":
         return LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=True))
@@ -113,7 +191,9 @@ def family_model(name: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
     if arch == "mistral":
         return MistralForCausalLM(MistralConfig(**shape, sliding_window=None, tie_word_embeddings=False))
     if arch == "gemma2":
-        return Gemma2ForCausalLM(Gemma2Config(**shape, head_dim=8, sliding_window=256, query_pre_attn_scalar=8, final_logit_softcapping=30.0))
+        return Gemma2ForCausalLM(
+            Gemma2Config(**shape, head_dim=8, sliding_window=256, query_pre_attn_scalar=8, final_logit_softcapping=30.0)
+        )
     if arch == "gemma3_text":
         return Gemma3ForCausalLM(Gemma3TextConfig(**shape, head_dim=8, sliding_window=256, query_pre_attn_scalar=8))
     if arch == "phi3":

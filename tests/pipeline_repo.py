@@ -1,4 +1,5 @@
 """Build a temporary git + DVC repository from this one, pointed at the tiny fixtures."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,14 @@ from conftest import FIXTURES, REPO, write_params
 from tiny import save_tiny, save_tiny_encoder
 
 TINY_TRAIN = {
-    "max_steps": 150, "batch_size": 8, "learning_rate": 5.0e-3, "warmup_ratio": 0.1, "eval_steps": 75,
-    "save_steps": 75, "logging_steps": 15, "lr_scheduler": "linear",
+    "max_steps": 150,
+    "batch_size": 8,
+    "learning_rate": 5.0e-3,
+    "warmup_ratio": 0.1,
+    "eval_steps": 75,
+    "save_steps": 75,
+    "logging_steps": 15,
+    "lr_scheduler": "linear",
     "precision": "fp32",  # tests assert exact equalities; `auto` (measured per machine) has its own test
     "attention": "sdpa",
 }
@@ -29,7 +36,9 @@ def tool_env() -> dict:
 def sh(cwd: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(list(command), cwd=cwd, env=tool_env(), capture_output=True, text=True)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -58,9 +67,16 @@ def make_repo(root: Path, arch: str = "llama", overrides: dict | None = None) ->
         "model": {"base": "tiny-model"},
         "tokenize": {"max_length": 128, "max_val_examples": None},
         "train": dict(TINY_TRAIN),
-        "evaluate": {"max_conversations": 5, "max_unseen_conversations": 4, "ranking": {"candidates": 4, "turns_per_conversation": 1},
-                     "max_new_tokens": 24, "batch_size": 8, "precision": "fp32", "min_slice_replies": 3,
-                     "bootstrap": {"resamples": 200, "confidence": 0.95}},
+        "evaluate": {
+            "max_conversations": 5,
+            "max_unseen_conversations": 4,
+            "ranking": {"candidates": 4, "turns_per_conversation": 1},
+            "max_new_tokens": 24,
+            "batch_size": 8,
+            "precision": "fp32",
+            "min_slice_replies": 3,
+            "bootstrap": {"resamples": 200, "confidence": 0.95},
+        },
     }
     for section, values in (overrides or {}).items():
         params.setdefault(section, {}).update(values)

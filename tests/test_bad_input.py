@@ -1,4 +1,5 @@
 """Bad model directories and chat arguments: one `error:` line, exit 1, and the previous outputs untouched."""
+
 import json
 import shutil
 import subprocess
@@ -48,21 +49,44 @@ def drop_a_layer(directory: Path) -> None:
     """Weights for one layer fewer than config.json describes (transformers would initialise it randomly)."""
     weights = load_file(directory / "model.safetensors")
     last = json.loads((directory / "config.json").read_text())["num_hidden_layers"] - 1
-    save_file({k: v for k, v in weights.items() if f"layers.{last}." not in k}, directory / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in weights.items() if f"layers.{last}." not in k},
+        directory / "model.safetensors",
+        metadata={"format": "pt"},
+    )
 
 
-@pytest.mark.parametrize("case,expected", [
-    (drop_tokenizer, r"directory has no tokenizer \(none of tokenizer.json"),
-    (truncate_weights, r"safetensors weights are corrupted or truncated \(.*incomplete metadata"),
-    (garble_weights, r"safetensors weights are corrupted or truncated"),
-    (cut_config, r"config\.json:\d+:\d+: not valid JSON"),
-    (lambda d: edit_config(d, hidden_size=64, intermediate_size=128), r"config\.json does not match the weights: .* is \[\d+, 32\] in the safetensors but \[\d+, 64\]"),
-    (lambda d: edit_config(d, vocab_size=300), r"config\.json does not match the weights: model\.embed_tokens\.weight"),
-    (drop_a_layer, r"the weights lack \d+ tensors that config\.json describes \(first: model\.layers\.1\."),
-    (lambda d: edit_config(d, model_type=None), r"config\.json: expected a transformers config .*model_type"),
-    (lambda d: edit_config(d, model_type="llamaa"), r"cannot load the model: .*model type `llamaa`"),
-], ids=["no-tokenizer", "truncated-safetensors", "garbage-safetensors", "invalid-config-json", "config-hidden-size",
-        "config-vocab-size", "missing-tensors", "no-model-type", "unknown-model-type"])
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        (drop_tokenizer, r"directory has no tokenizer \(none of tokenizer.json"),
+        (truncate_weights, r"safetensors weights are corrupted or truncated \(.*incomplete metadata"),
+        (garble_weights, r"safetensors weights are corrupted or truncated"),
+        (cut_config, r"config\.json:\d+:\d+: not valid JSON"),
+        (
+            lambda d: edit_config(d, hidden_size=64, intermediate_size=128),
+            r"config\.json does not match the weights: .* is \[\d+, 32\] in the safetensors but \[\d+, 64\]",
+        ),
+        (
+            lambda d: edit_config(d, vocab_size=300),
+            r"config\.json does not match the weights: model\.embed_tokens\.weight",
+        ),
+        (drop_a_layer, r"the weights lack \d+ tensors that config\.json describes \(first: model\.layers\.1\."),
+        (lambda d: edit_config(d, model_type=None), r"config\.json: expected a transformers config .*model_type"),
+        (lambda d: edit_config(d, model_type="llamaa"), r"cannot load the model: .*model type `llamaa`"),
+    ],
+    ids=[
+        "no-tokenizer",
+        "truncated-safetensors",
+        "garbage-safetensors",
+        "invalid-config-json",
+        "config-hidden-size",
+        "config-vocab-size",
+        "missing-tensors",
+        "no-model-type",
+        "unknown-model-type",
+    ],
+)
 def test_broken_model_directory_is_one_line_and_keeps_models_base(chat_dir, tmp_path, case, expected):
     import re
 
@@ -85,7 +109,10 @@ def test_tokenizer_much_smaller_than_the_embeddings_is_refused(chat_dir, tmp_pat
     tokenizer.save_pretrained(other)
     write_params(chat_dir, {"model": {"base": str(other)}})
     message = stage_error(run_stage("base_model", chat_dir))
-    assert f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings have {4 * len(tokenizer)} rows" in message
+    assert (
+        f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings have {4 * len(tokenizer)} rows"
+        in message
+    )
 
 
 def test_gpt2_directory_without_tokenizer_is_refused_not_given_an_empty_one(chat_dir, tmp_path):
@@ -97,23 +124,32 @@ def test_gpt2_directory_without_tokenizer_is_refused_not_given_an_empty_one(chat
 
 
 def chat(work: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.tools.chat", *args], cwd=work, env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "stages.tools.chat", *args],
+        cwd=work,
+        env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["--max-new-tokens", "0"], "--max-new-tokens 0: expected at least 1"),
-    (["--max-new-tokens", "-5"], "--max-new-tokens -5: expected at least 1"),
-    (["--max-new-tokens", "many"], "argument --max-new-tokens: invalid int value: 'many'"),
-    (["--temperature", "-0.5"], "--temperature -0.5: expected 0 (greedy) or more"),
-    (["--top-p", "0"], "--top-p 0.0: expected a value in (0, 1]"),
-    (["--top-p", "1.5"], "--top-p 1.5: expected a value in (0, 1]"),
-    (["--context-tokens", "5", "--max-new-tokens", "128"], "--context-tokens 5: must exceed --max-new-tokens 128"),
-    (["--prompts", "missing.jsonl"], "--prompts missing.jsonl: no such file"),
-    (["--prompt", "hi", "--prompts", "missing.jsonl"], "--prompt and --prompts: give one of them"),
-    (["--model", "no-such-dir"], "--model no-such-dir: expected base, finetuned or export, or a model directory"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens 0: expected at least 1"),
+        (["--max-new-tokens", "-5"], "--max-new-tokens -5: expected at least 1"),
+        (["--max-new-tokens", "many"], "argument --max-new-tokens: invalid int value: 'many'"),
+        (["--temperature", "-0.5"], "--temperature -0.5: expected 0 (greedy) or more"),
+        (["--top-p", "0"], "--top-p 0.0: expected a value in (0, 1]"),
+        (["--top-p", "1.5"], "--top-p 1.5: expected a value in (0, 1]"),
+        (["--context-tokens", "5", "--max-new-tokens", "128"], "--context-tokens 5: must exceed --max-new-tokens 128"),
+        (["--prompts", "missing.jsonl"], "--prompts missing.jsonl: no such file"),
+        (["--prompt", "hi", "--prompts", "missing.jsonl"], "--prompt and --prompts: give one of them"),
+        (["--model", "no-such-dir"], "--model no-such-dir: expected base, finetuned or export, or a model directory"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
 def test_chat_arguments_out_of_range_are_rejected(args, expected, monkeypatch):
     from stages.lib.errors import InputError
     from stages.tools.chat import parse_args
@@ -124,16 +160,31 @@ def test_chat_arguments_out_of_range_are_rejected(args, expected, monkeypatch):
     assert str(caught.value).startswith(expected)
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["--model", "base", "--top-p", "1.5"], "error: --top-p 1.5: expected a value in (0, 1]"),
-    (["--model", "finetuned"], "error: models/finetuned: no model; run the pipeline first (dvc repro)"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--model", "base", "--top-p", "1.5"], "error: --top-p 1.5: expected a value in (0, 1]"),
+        (["--model", "finetuned"], "error: models/finetuned: no model; run the pipeline first (dvc repro)"),
+    ],
+)
 def test_chat_bad_arguments_exit_with_one_line(chat_dir, args, expected):
     assert stage_error(chat(chat_dir, "--prompt", "hi", *args)) == expected
 
 
 def test_chat_context_too_small_for_the_prompt_is_one_line(chat_dir):
-    message = stage_error(chat(chat_dir, "--model", "base", "--prompt", "tell me about colors " * 5, "--context-tokens", "20", "--max-new-tokens", "16"))
+    message = stage_error(
+        chat(
+            chat_dir,
+            "--model",
+            "base",
+            "--prompt",
+            "tell me about colors " * 5,
+            "--context-tokens",
+            "20",
+            "--max-new-tokens",
+            "16",
+        )
+    )
     assert "--context-tokens 20 minus --max-new-tokens 16:" in message
 
 
@@ -143,9 +194,14 @@ def test_tokenizer_larger_than_the_embeddings_is_refused():
     from stages.lib.modeling import check_vocabulary
 
     tokenizer = train_tokenizer("chatml")
-    with pytest.raises(InputError, match=rf"the tokenizer has {len(tokenizer)} tokens but the model's embeddings have {len(tokenizer) - 8} rows"):
+    with pytest.raises(
+        InputError,
+        match=rf"the tokenizer has {len(tokenizer)} tokens but the model's embeddings have {len(tokenizer) - 8} rows",
+    ):
         check_vocabulary(tiny_model("llama", len(tokenizer) - 8), tokenizer, "model.base 'x'")
-    check_vocabulary(tiny_model("llama", len(tokenizer) + 8), tokenizer, "model.base 'x'")  # padded embeddings are common
+    check_vocabulary(
+        tiny_model("llama", len(tokenizer) + 8), tokenizer, "model.base 'x'"
+    )  # padded embeddings are common
 
 
 def test_stage_arguments_that_argparse_rejects_are_one_line(workdir):

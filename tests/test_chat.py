@@ -1,4 +1,5 @@
 """Chat with a tiny model: one prompt, a JSONL of prompts, the interactive loop, and an overflowing history."""
+
 import json
 import subprocess
 import sys
@@ -22,8 +23,15 @@ def chat_dir(tmp_path_factory):
 
 def chat(work, *args, stdin=None):
     command = [sys.executable, "-m", "stages.tools.chat", "--model", "base", "--max-new-tokens", "8", *args]
-    return subprocess.run(command, cwd=work, env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": ""},
-                          input=stdin, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        command,
+        cwd=work,
+        env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": ""},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_one_prompt_prints_the_models_own_greedy_reply(chat_dir):
@@ -41,15 +49,26 @@ def test_one_prompt_prints_the_models_own_greedy_reply(chat_dir):
     model.save_pretrained(chat_dir / "varied-model")
     tokenizer.save_pretrained(chat_dir / "varied-model")
 
-    result = chat(chat_dir, "--model", "varied-model", "--prompt", "hello there", "--temperature", "0", "--repetition-penalty", "1")
+    result = chat(
+        chat_dir,
+        "--model",
+        "varied-model",
+        "--prompt",
+        "hello there",
+        "--temperature",
+        "0",
+        "--repetition-penalty",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     # The same reply straight from transformers: the saved chat template, greedy, stopping at EOS or end of turn.
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hello there"}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello there"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     eos = model.generation_config.eos_token_id
     stops = {*(eos if isinstance(eos, list) else [eos]), tokenizer.convert_tokens_to_ids("<|im_end|>")}
     generated = model.eval().generate(**prompt, max_new_tokens=8, do_sample=False, eos_token_id=sorted(stops))
-    new = generated[0, prompt["input_ids"].shape[1]:].tolist()
+    new = generated[0, prompt["input_ids"].shape[1] :].tolist()
     new = new[: next((i for i, token in enumerate(new) if token in stops), len(new))]
     expected = tokenizer.decode(new, skip_special_tokens=True).strip()
     assert expected, "the model stopped at once: the comparison would prove nothing"
@@ -66,8 +85,12 @@ def test_chat_decodes_as_the_metrics_measured_unless_told_otherwise(chat_dir, mo
     args = parse_args(["--model", "base"])
     measured = params.evaluate
     assert (args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens, args.seed) == (
-        measured.temperature if measured.do_sample else 0.0, measured.top_p, measured.repetition_penalty,
-        measured.max_new_tokens, params.seed)
+        measured.temperature if measured.do_sample else 0.0,
+        measured.top_p,
+        measured.repetition_penalty,
+        measured.max_new_tokens,
+        params.seed,
+    )
     assert parse_args(["--temperature", "0", "--top-p", "0.5"]).top_p == 0.5
 
 

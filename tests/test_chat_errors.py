@@ -1,4 +1,5 @@
 """chat under bad input and interruption: one line naming the file or option, Ctrl-C quiet, base prompts as scored."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,24 @@ def work(tmp_path_factory) -> Path:
 
 
 def chat(work: Path, *args: str, model: str = "base") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.tools.chat", "--model", model, "--max-new-tokens", "4",
-                           "--temperature", "0", *args], cwd=work, env=ENV, capture_output=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.tools.chat",
+            "--model",
+            model,
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0",
+            *args,
+        ],
+        cwd=work,
+        env=ENV,
+        capture_output=True,
+        timeout=300,
+    )
 
 
 def one_line(result: subprocess.CompletedProcess) -> str:
@@ -116,9 +133,26 @@ def test_a_template_the_sandbox_refuses_is_one_line(work):
 def test_ctrl_c_during_a_reply_ends_quietly(work):
     prompts = [json.dumps({"prompt": f"tell me about colors number {i}"}) for i in range(400)]
     (work / "many.jsonl").write_text("\n".join(prompts) + "\n")
-    process = subprocess.Popen([sys.executable, "-m", "stages.tools.chat", "--model", "base", "--prompts", "many.jsonl",
-                                "--max-new-tokens", "64", "--temperature", "0"], cwd=work, env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stages.tools.chat",
+            "--model",
+            "base",
+            "--prompts",
+            "many.jsonl",
+            "--max-new-tokens",
+            "64",
+            "--temperature",
+            "0",
+        ],
+        cwd=work,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         first = process.stdout.readline()  # the first reply is out: the next one is being generated
         assert json.loads(first)["prompt"] == "tell me about colors number 0"

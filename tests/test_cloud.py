@@ -1,4 +1,5 @@
 """The SkyPilot task files (cloud/) as SkyPilot itself reads them: `pip install -r requirements-cloud.txt`."""
+
 import shlex
 from pathlib import Path
 

@@ -1,5 +1,6 @@
 """The data stages stream. Each runs in a child process whose heap is capped (RLIMIT_DATA) below
 the size of the corpus it reads, and must still finish with outputs equal to those of an uncapped run."""
+
 from __future__ import annotations
 
 import hashlib
@@ -21,8 +22,14 @@ STAGES = ("ingest", "preprocess", "tokenize")
 MB = 2**20
 # MALLOC_ARENA_MAX: glibc reserves a 64 MB arena for a thread on demand and RLIMIT_DATA counts the reservation,
 # so whether one more arena appeared (thread timing) made the measured peak and the capped run differ by 64 MB.
-ENV = {"PYTHONPATH": str(REPO), "PATH": "", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-       "MALLOC_ARENA_MAX": "2"}
+ENV = {
+    "PYTHONPATH": str(REPO),
+    "PATH": "",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "MALLOC_ARENA_MAX": "2",
+}
 
 
 def write_corpus(path: Path, megabytes: int) -> int:
@@ -33,7 +40,10 @@ def write_corpus(path: Path, megabytes: int) -> int:
     with path.open("w", encoding="utf-8") as handle:
         while written < megabytes * MB:
             record = base[count % len(base)]
-            messages = [{"role": m["role"], "content": m["content"] + " " + " ".join(rng.choices(WORDS, k=60))} for m in record["messages"]]
+            messages = [
+                {"role": m["role"], "content": m["content"] + " " + " ".join(rng.choices(WORDS, k=60))}
+                for m in record["messages"]
+            ]
             line = json.dumps({"id": f"c{count}", "messages": messages, "meta": record.get("meta", {})}) + "\n"
             handle.write(line)
             written += len(line)
@@ -46,7 +56,9 @@ def peak_heap(stage: str, cwd: Path) -> int:
     stage (it and its map workers) reaches, sampled every 20 ms: RLIMIT_DATA applies per process."""
     import psutil
 
-    child = subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-m", f"stages.{stage}"], cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     watched, peak = psutil.Process(child.pid), 0
     while child.poll() is None:
         try:
@@ -67,13 +79,20 @@ def run_capped(stage: str, cwd: Path, limit: int) -> subprocess.CompletedProcess
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=cwd, capture_output=True, text=True,
-                          env=ENV, preexec_fn=cap)
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}"], cwd=cwd, capture_output=True, text=True, env=ENV, preexec_fn=cap
+    )
 
 
 def digests(root: Path) -> dict[str, str]:
-    files = [root / "data" / "raw" / "conversations.jsonl", root / "metrics" / "data.json", root / "metrics" / "tokenize.json"]
-    files += sorted((root / "data" / "processed").glob("*.jsonl")) + sorted((root / "data" / "tokenized").rglob("*.arrow"))
+    files = [
+        root / "data" / "raw" / "conversations.jsonl",
+        root / "metrics" / "data.json",
+        root / "metrics" / "tokenize.json",
+    ]
+    files += sorted((root / "data" / "processed").glob("*.jsonl")) + sorted(
+        (root / "data" / "tokenized").rglob("*.arrow")
+    )
     return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
 
 
@@ -83,9 +102,15 @@ def make_workspace(root: Path, corpus_mb: int) -> Path:
     corpus = root / "data" / "external" / "chats.jsonl"
     write_corpus(corpus, corpus_mb)
     save_tiny(root / "tiny-model", "llama")
-    write_params(root, {"data": {"source": "data/external/chats.jsonl"}, "model": {"base": "tiny-model"},
-                        "preprocess": {"max_turn_chars": 100000, "val_fraction": 0.1, "test_fraction": 0.1},
-                        "tokenize": {"max_length": 512, "max_val_examples": None}})
+    write_params(
+        root,
+        {
+            "data": {"source": "data/external/chats.jsonl"},
+            "model": {"base": "tiny-model"},
+            "preprocess": {"max_turn_chars": 100000, "val_fraction": 0.1, "test_fraction": 0.1},
+            "tokenize": {"max_length": 512, "max_val_examples": None},
+        },
+    )
     result = run_stage("base_model", root)
     assert result.returncode == 0, result.stderr[-2000:]
     return root

@@ -1,6 +1,7 @@
 """Placing a stage's processes (stages/lib/launch.py): torchrun's rendezvous across nodes from params and the
 environment, slots that split one machine between queued experiments, and `dvc queue start -j 2` giving each
 experiment the results it has alone. The multi-process training equalities are in test_train.py."""
+
 import json
 import os
 import subprocess
@@ -25,19 +26,33 @@ def test_one_node_is_torchrun_standalone_whatever_else_the_environment_says():
 def test_skypilot_nodes_meet_at_the_head_node():
     env = {"SKYPILOT_NUM_NODES": "3", "SKYPILOT_NODE_RANK": "2", "SKYPILOT_NODE_IPS": "10.0.0.5\n10.0.0.6\n10.0.0.7\n"}
     assert rendezvous(1, env) == Rendezvous(3, 2, "10.0.0.5:29500")
-    assert rendezvous(1, env).torchrun_args() == ["--nnodes", "3", "--node-rank", "2", "--rdzv-backend", "c10d",
-                                                  "--rdzv-endpoint", "10.0.0.5:29500"]
+    assert rendezvous(1, env).torchrun_args() == [
+        "--nnodes",
+        "3",
+        "--node-rank",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "10.0.0.5:29500",
+    ]
     assert rendezvous(1, {**env, "MASTER_ADDR": "head", "MASTER_PORT": "1234"}).endpoint == "head:1234"
     assert rendezvous(2, {"MASTER_ADDR": "127.0.0.1", "NODE_RANK": "0"}) == Rendezvous(2, 0, "127.0.0.1:29500")
 
 
-@pytest.mark.parametrize("nodes, env, message", [
-    (2, {}, "train.nodes: 2 nodes, but no rendezvous host: set MASTER_ADDR"),
-    (1, {"SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_RANK": "2", "MASTER_ADDR": "h"},
-     "SKYPILOT_NODE_RANK=2: a node rank must be below the node count (SKYPILOT_NUM_NODES: 2)"),
-    (1, {"NNODES": "two"}, "NNODES='two': expected a whole number"),
-    (2, {"MASTER_ADDR": "h", "MASTER_PORT": "http"}, "MASTER_PORT='http': expected a port number"),
-])
+@pytest.mark.parametrize(
+    "nodes, env, message",
+    [
+        (2, {}, "train.nodes: 2 nodes, but no rendezvous host: set MASTER_ADDR"),
+        (
+            1,
+            {"SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_RANK": "2", "MASTER_ADDR": "h"},
+            "SKYPILOT_NODE_RANK=2: a node rank must be below the node count (SKYPILOT_NUM_NODES: 2)",
+        ),
+        (1, {"NNODES": "two"}, "NNODES='two': expected a whole number"),
+        (2, {"MASTER_ADDR": "h", "MASTER_PORT": "http"}, "MASTER_PORT='http': expected a port number"),
+    ],
+)
 def test_a_multi_node_job_that_cannot_meet_is_one_line(nodes, env, message):
     with pytest.raises(InputError) as error:
         rendezvous(nodes, env)
@@ -66,9 +81,15 @@ time.sleep(float(sys.argv[1]))
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
 def test_concurrent_stages_take_different_slots_and_a_third_waits_for_one(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "STAGES_SLOTS": "2", "STAGES_SLOTS_DIR": str(tmp_path / "slots"),
-           "CUDA_VISIBLE_DEVICES": "0,1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "STAGES_SLOTS": "2",
+        "STAGES_SLOTS_DIR": str(tmp_path / "slots"),
+        "CUDA_VISIBLE_DEVICES": "0,1",
+    }
     env.pop(HELD, None)
+
     def hold(seconds: str) -> subprocess.Popen:
         command = [sys.executable, "-c", HOLD_A_SLOT, seconds]
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
@@ -76,8 +97,9 @@ def test_concurrent_stages_take_different_slots_and_a_third_waits_for_one(tmp_pa
     first, second = hold("8"), hold("2")
     a, b = json.loads(first.stdout.readline()), json.loads(second.stdout.readline())
     started = time.monotonic()
-    third = subprocess.run([sys.executable, "-c", HOLD_A_SLOT, "0"], cwd=REPO, env=env, capture_output=True, text=True,
-                           timeout=60)
+    third = subprocess.run(
+        [sys.executable, "-c", HOLD_A_SLOT, "0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
     waited = time.monotonic() - started
     first.wait(), second.wait()
     c = json.loads(third.stdout)
@@ -98,13 +120,22 @@ def test_without_stages_slots_nothing_changes(monkeypatch):
     assert before is None or os.sched_getaffinity(0) == before
 
 
-@pytest.mark.parametrize("train, message", [
-    ({"nodes": 2}, "error: train.nodes: 2 nodes, but no rendezvous host: set MASTER_ADDR (the first node's address) "
-                   "or run under SkyPilot (SKYPILOT_NODE_IPS)"),
-    ({"distributed": "fsdp", "processes": 1}, "error: train.distributed: fsdp shards the model across processes, but "
-     "train.processes is 1 on 1 node; set train.processes to the GPUs per machine (or run on several nodes), "
-     "or use ddp"),
-])
+@pytest.mark.parametrize(
+    "train, message",
+    [
+        (
+            {"nodes": 2},
+            "error: train.nodes: 2 nodes, but no rendezvous host: set MASTER_ADDR (the first node's address) "
+            "or run under SkyPilot (SKYPILOT_NODE_IPS)",
+        ),
+        (
+            {"distributed": "fsdp", "processes": 1},
+            "error: train.distributed: fsdp shards the model across processes, but "
+            "train.processes is 1 on 1 node; set train.processes to the GPUs per machine (or run on several nodes), "
+            "or use ddp",
+        ),
+    ],
+)
 def test_the_train_command_rejects_an_impossible_layout_in_one_line_before_any_work(tmp_path, train, message):
     """dvc.yaml's command, as dvc runs it: the pre-flight check stops with one line, torchrun never starts."""
     import yaml
@@ -114,8 +145,11 @@ def test_the_train_command_rejects_an_impossible_layout_in_one_line_before_any_w
     write_params(tmp_path, {"train": train})
     command = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["cmd"]
     command = command.replace("${train.processes}", "1")
-    env = {key: value for key, value in {**tool_env(), "PYTHONPATH": str(REPO)}.items()
-           if key not in ("MASTER_ADDR", "SKYPILOT_NODE_IPS", "SKYPILOT_NUM_NODES", "NNODES")}
+    env = {
+        key: value
+        for key, value in {**tool_env(), "PYTHONPATH": str(REPO)}.items()
+        if key not in ("MASTER_ADDR", "SKYPILOT_NODE_IPS", "SKYPILOT_NUM_NODES", "NNODES")
+    }
     result = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [message]
@@ -167,8 +201,9 @@ def test_two_queued_experiments_run_at_once_in_their_own_slots_and_train_as_they
     for rate in rates:
         dvc(repo, "exp", "run", "--queue", "-n", f"queued-{rate}", "-S", f"train.learning_rate={rate}", "train")
     env = {**tool_env(), "STAGES_SLOTS": "2", "STAGES_SLOTS_DIR": str(tmp_path / "slots")}
-    started = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=repo, env=env,
-                             capture_output=True, text=True)
+    started = subprocess.run(
+        [sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=repo, env=env, capture_output=True, text=True
+    )
     assert started.returncode == 0, started.stderr
     status = wait_for_queue(repo, env)
     assert status.count("Success") == 2, status
@@ -176,8 +211,14 @@ def test_two_queued_experiments_run_at_once_in_their_own_slots_and_train_as_they
     for rate in rates:
         metrics, runtime, model = experiment(repo, f"queued-{rate}")
         alone_metrics, alone_runtime, alone_model = experiment(repo, f"alone-{rate}")
-        print({rate: {"queued": (json.loads(metrics)["val_loss_after"], model, runtime["slot"]),
-                      "alone": (json.loads(alone_metrics)["val_loss_after"], alone_model)}})
+        print(
+            {
+                rate: {
+                    "queued": (json.loads(metrics)["val_loss_after"], model, runtime["slot"]),
+                    "alone": (json.loads(alone_metrics)["val_loss_after"], alone_model),
+                }
+            }
+        )
         assert metrics == alone_metrics and model == alone_model, rate
         models.add(model)
         assert alone_runtime["slot"] is None and runtime["slot"]["count"] == 2
@@ -197,5 +238,7 @@ def test_fsdp_with_qlora_is_refused_by_the_params_check():
     raw["train"].update(method="qlora", distributed="fsdp")
     with pytest.raises(ParamsError) as error:
         parse_params(raw, "params.yaml")
-    assert str(error.value) == ("params.yaml: train: distributed: fsdp cannot shard the 4-bit bitsandbytes weights of "
-                                "method qlora; use ddp (or method lora to shard)")
+    assert str(error.value) == (
+        "params.yaml: train: distributed: fsdp cannot shard the 4-bit bitsandbytes weights of "
+        "method qlora; use ddp (or method lora to shard)"
+    )

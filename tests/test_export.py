@@ -1,5 +1,6 @@
 """Export: tiny Llama and GPT-2 written as GGUF, read back by transformers' GGUF loader and compared with the
 model they came from; the Modelfile template, the model card, a LoRA merge, and bad inputs."""
+
 from __future__ import annotations
 
 import json
@@ -13,24 +14,33 @@ import torch
 import yaml
 
 from conftest import FIXTURES, REPO, run_stage, write_params
-from tiny import save_tiny, tiny_model, train_tokenizer
 from stages.lib import model_card
 from stages.lib.errors import TemplateError
 from stages.lib.ollama import TurnFormat
 from stages.lib.template import with_system_prompt
+from tiny import save_tiny, tiny_model, train_tokenizer
 
 ROUND_TRIP = {"conversations": 4, "prompts": 2, "max_new_tokens": 8, "batch_size": 8}
-SMOLLM_LIKE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-               "{{ '<|im_start|>system\nYou are a helpful assistant<|im_end|>\n' }}{% endif %}"
-               "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
-               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SMOLLM_LIKE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def make_workdir(root: Path, arch: str = "llama", export: dict | None = None) -> Path:
     """models/base from the base_model stage, copied as models/finetuned; the fixture chats as the test split."""
     save_tiny(root / "tiny-model", arch)
-    write_params(root, {"model": {"base": "tiny-model"}, "tokenize": {"max_length": 128}, "evaluate": {"max_new_tokens": 32},
-                        "export": {"round_trip": dict(ROUND_TRIP), **(export or {})}})
+    write_params(
+        root,
+        {
+            "model": {"base": "tiny-model"},
+            "tokenize": {"max_length": 128},
+            "evaluate": {"max_new_tokens": 32},
+            "export": {"round_trip": dict(ROUND_TRIP), **(export or {})},
+        },
+    )
     result = run_stage("base_model", root)
     assert result.returncode == 0, result.stderr
     shutil.copytree(root / "models" / "base", root / "models" / "finetuned")
@@ -52,7 +62,9 @@ def gguf_logits(directory: Path, ids: list[int]) -> torch.Tensor:
     config = AutoConfig.from_pretrained(directory, gguf_file="model.gguf")
     if config.model_type == "gpt2":
         config.n_positions = config.n_ctx
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file="model.gguf", config=config, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file="model.gguf", config=config, dtype=torch.float32
+    ).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits
 
@@ -81,7 +93,9 @@ def test_gguf_reads_back_with_the_same_logits_and_tokenizer(exported):
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "model.gguf"]
     finetuned = AutoTokenizer.from_pretrained(exported / "models" / "finetuned")
     loaded = AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")
-    text = finetuned.apply_chat_template([{"role": "user", "content": "do you like blue skies, 42?"}], tokenize=False, add_generation_prompt=True)
+    text = finetuned.apply_chat_template(
+        [{"role": "user", "content": "do you like blue skies, 42?"}], tokenize=False, add_generation_prompt=True
+    )
     ids = finetuned(text, add_special_tokens=False)["input_ids"]
     assert loaded(text, add_special_tokens=False)["input_ids"] == ids
     assert loaded.chat_template == finetuned.chat_template
@@ -105,9 +119,26 @@ def test_modelfile_names_the_file_template_and_stops(exported):
 
 
 def test_chat_with_the_exported_file(exported):
-    result = subprocess.run([sys.executable, "-m", "stages.tools.chat", "--model", "export", "--prompt", "hello", "--temperature", "0",
-                             "--max-new-tokens", "4"], cwd=exported, env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": ""},
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.tools.chat",
+            "--model",
+            "export",
+            "--prompt",
+            "hello",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "4",
+        ],
+        cwd=exported,
+        env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(result.stdout.splitlines()) == 1
 
@@ -120,13 +151,30 @@ def git(cwd: Path, *args: str) -> str:
 def test_card_yaml_lineage_intervals_and_determinism(tmp_path):
     work = make_workdir(tmp_path)
     (work / "metrics").mkdir()
-    evaluation = {"base": {"perplexity": 60.0, "perplexity_ci_low": 55.0, "perplexity_ci_high": 65.0},
-                  "finetuned": {"scored_tokens": 120, "perplexity": 34.0, "perplexity_ci_low": 31.0, "perplexity_ci_high": 37.5, "chrf": {"value": 16.2, "ci_low": 15.0, "ci_high": 17.4}}}
+    evaluation = {
+        "base": {"perplexity": 60.0, "perplexity_ci_low": 55.0, "perplexity_ci_high": 65.0},
+        "finetuned": {
+            "scored_tokens": 120,
+            "perplexity": 34.0,
+            "perplexity_ci_low": 31.0,
+            "perplexity_ci_high": 37.5,
+            "chrf": {"value": 16.2, "ci_low": 15.0, "ci_high": 17.4},
+        },
+    }
     (work / "metrics" / "eval.json").write_text(json.dumps(evaluation))
     (work / "metrics" / "data.json").write_text(json.dumps({"output": {"conversations": 48}}))
     hashes = {"data/processed": "aa11.dir", "data/tokenized": "bb22.dir", "models/finetuned": "cc33.dir"}
-    (work / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
-        name: {"cmd": "x", "outs": [{"path": path, "md5": md5}]} for name, (path, md5) in zip(("preprocess", "tokenize", "train"), hashes.items())}}))
+    (work / "dvc.lock").write_text(
+        yaml.safe_dump(
+            {
+                "schema": "2.0",
+                "stages": {
+                    name: {"cmd": "x", "outs": [{"path": path, "md5": md5}]}
+                    for name, (path, md5) in zip(("preprocess", "tokenize", "train"), hashes.items())
+                },
+            }
+        )
+    )
     (work / "stages").mkdir()
     (work / "stages" / "code.py").write_text("x = 1\n")
     git(work, "init", "-q")
@@ -171,7 +219,9 @@ def test_lora_adapter_is_merged(tmp_path, monkeypatch):
     work = make_workdir(tmp_path, export={"precision": "f32"})
     shutil.rmtree(work / "models" / "finetuned")
     base = AutoModelForCausalLM.from_pretrained(work / "models" / "base")
-    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    peft = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
     torch.manual_seed(1)
     with torch.no_grad():
         for name, parameter in peft.named_parameters():
@@ -186,7 +236,9 @@ def test_lora_adapter_is_merged(tmp_path, monkeypatch):
     ids = AutoTokenizer.from_pretrained(work / "models" / "base")("hello there", add_special_tokens=False)["input_ids"]
     exported = gguf_logits(work / "models" / "export", ids)
     assert torch.allclose(exported, finetuned_logits(work, ids), atol=1e-4)  # the adapter, applied
-    plain = AutoModelForCausalLM.from_pretrained(work / "models" / "base").eval()  # get_peft_model changed `base` in place
+    plain = AutoModelForCausalLM.from_pretrained(
+        work / "models" / "base"
+    ).eval()  # get_peft_model changed `base` in place
     with torch.no_grad():
         assert not torch.allclose(exported, plain(torch.tensor([ids])).logits, atol=1e-2)
 
@@ -222,8 +274,16 @@ def test_unsupported_architecture_is_one_line_naming_it(tmp_path, bad_workdir):
     work = copy_of(bad_workdir, tmp_path / "opt")
     shutil.rmtree(work / "models" / "finetuned")
     tokenizer = train_tokenizer("chatml")
-    OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
-                             word_embed_proj_dim=16)).save_pretrained(work / "models" / "finetuned")
+    OPTForCausalLM(
+        OPTConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            num_hidden_layers=1,
+            ffn_dim=32,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+        )
+    ).save_pretrained(work / "models" / "finetuned")
     tokenizer.save_pretrained(work / "models" / "finetuned")
     assert "architecture 'opt'" in error_line(run_stage("export", work))
     assert_nothing_exported(work)
@@ -243,8 +303,13 @@ def test_tokenizer_the_writer_cannot_represent_is_one_line(tmp_path, bad_workdir
     work = copy_of(bad_workdir, tmp_path / "wordpiece")
     backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.train_from_iterator(["hello there how are you"] * 4, trainers.WordPieceTrainer(vocab_size=60, special_tokens=["[UNK]", "<|im_end|>", "<|im_start|>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<|im_end|>", pad_token="[UNK]")
+    backend.train_from_iterator(
+        ["hello there how are you"] * 4,
+        trainers.WordPieceTrainer(vocab_size=60, special_tokens=["[UNK]", "<|im_end|>", "<|im_start|>"]),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", eos_token="<|im_end|>", pad_token="[UNK]"
+    )
     tokenizer.chat_template = train_tokenizer("chatml").chat_template
     tokenizer.add_tokens([f"filler{i}" for i in range(300)])  # a size the model's 400 embedding rows can belong to
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -255,7 +320,11 @@ def test_tokenizer_the_writer_cannot_represent_is_one_line(tmp_path, bad_workdir
 
 
 def test_round_trip_mismatch_fails_and_leaves_no_export(tmp_path, bad_workdir):
-    work = copy_of(bad_workdir, tmp_path / "strict", {"precision": "f16", "round_trip": {**ROUND_TRIP, "logit_tolerance": {"f32": 1e-3, "f16": 1e-9}}})
+    work = copy_of(
+        bad_workdir,
+        tmp_path / "strict",
+        {"precision": "f16", "round_trip": {**ROUND_TRIP, "logit_tolerance": {"f32": 1e-3, "f16": 1e-9}}},
+    )
     assert "round trip failed (f16)" in error_line(run_stage("export", work))
     assert_nothing_exported(work)
     assert not (work / "metrics" / "export.json").exists()
@@ -282,18 +351,35 @@ def test_ollama_turns_render_like_the_jinja_template(template):
 
 def test_a_template_that_depends_on_more_than_the_role_is_refused():
     tokenizer = train_tokenizer("chatml")
-    tokenizer.chat_template = ("{% for message in messages %}{{ loop.index }}:{{ message['role'] }}:{{ message['content'] }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    tokenizer.chat_template = (
+        "{% for message in messages %}{{ loop.index }}:{{ message['role'] }}:{{ message['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
     chats = [json.loads(line)["messages"] for line in (FIXTURES / "conversations.jsonl").read_text().splitlines()]
     with pytest.raises(TemplateError):  # refused at the probe or at the check, never shipped
         TurnFormat.probe(tokenizer).check(tokenizer, chats)
 
 
 def test_intervals_are_read_in_any_of_the_shapes_evaluate_may_write():
-    section = {"a": 1.0, "a_ci_low": 0.5, "a_ci_high": 1.5, "b": {"value": 2.0, "low": 1.0, "high": 3.0},
-               "c": 3.0, "c_ci": [2.0, 4.0], "d": 4.0, "e": {"mean": 5.0, "ci": [4.0, 6.0]}, "note": "text"}
+    section = {
+        "a": 1.0,
+        "a_ci_low": 0.5,
+        "a_ci_high": 1.5,
+        "b": {"value": 2.0, "low": 1.0, "high": 3.0},
+        "c": 3.0,
+        "c_ci": [2.0, 4.0],
+        "d": 4.0,
+        "e": {"mean": 5.0, "ci": [4.0, 6.0]},
+        "note": "text",
+    }
     assert model_card.metric_keys(section) == ["a", "b", "c", "d", "e"]
-    assert [model_card.metric(section, k) for k in "abcde"] == [(1.0, (0.5, 1.5)), (2.0, (1.0, 3.0)), (3.0, (2.0, 4.0)), (4.0, None), (5.0, (4.0, 6.0))]
+    assert [model_card.metric(section, k) for k in "abcde"] == [
+        (1.0, (0.5, 1.5)),
+        (2.0, (1.0, 3.0)),
+        (3.0, (2.0, 4.0)),
+        (4.0, None),
+        (5.0, (4.0, 6.0)),
+    ]
 
 
 def test_export_runs_in_the_pipeline_with_dvc_lineage(llama_repo):
@@ -307,4 +393,6 @@ def test_export_runs_in_the_pipeline_with_dvc_lineage(llama_repo):
     assert "export.json" in dvc(llama_repo, "metrics", "show", "--json").stdout
     front = yaml.safe_load(card.split("---\n")[1])
     tuned = json.loads((llama_repo / "metrics" / "eval.json").read_text())["finetuned"]
-    assert {m["type"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}["perplexity"] == tuned["perplexity"]
+    assert {m["type"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}["perplexity"] == tuned[
+        "perplexity"
+    ]

@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 
 from conftest import FIXTURES, REPO, run_stage, write_params
-from stages.lib.conversations import InputError, read_conversations
 from stages.ingest import OUTPUT, from_chitchat, ingest, load_source
+from stages.lib.conversations import InputError, read_conversations
 from stages.lib.params import DataParams, RowColumns, load_params
 
 
@@ -25,30 +25,69 @@ def write_lines(path, rows):
 
 
 def test_openai_jsonl(tmp_path):
-    path = write_lines(tmp_path / "c.jsonl", [
-        {"id": "a", "messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"},
-                                 {"role": "assistant", "content": [{"type": "text", "text": "hello"}]}], "meta": {"topic": "greet"}},
-        {"messages": [{"role": "human", "content": "x"}, {"role": "gpt", "content": "y"}]},
-    ])
+    path = write_lines(
+        tmp_path / "c.jsonl",
+        [
+            {
+                "id": "a",
+                "messages": [
+                    {"role": "system", "content": "be nice"},
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": [{"type": "text", "text": "hello"}]},
+                ],
+                "meta": {"topic": "greet"},
+            },
+            {"messages": [{"role": "human", "content": "x"}, {"role": "gpt", "content": "y"}]},
+        ],
+    )
     a, b = load(data_params(path))
-    assert a == {"id": "a", "messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"},
-                                         {"role": "assistant", "content": "hello"}], "meta": {"topic": "greet", "source": "c.jsonl"}}
+    assert a == {
+        "id": "a",
+        "messages": [
+            {"role": "system", "content": "be nice"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+        ],
+        "meta": {"topic": "greet", "source": "c.jsonl"},
+    }
     assert b["id"] == "conv-000001" and [m["role"] for m in b["messages"]] == ["user", "assistant"]
 
 
 def test_sharegpt_json_list(tmp_path):
     path = tmp_path / "s.json"
-    path.write_text(json.dumps([{"id": "s1", "conversations": [
-        {"from": "system", "value": "sys"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]))
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "s1",
+                    "conversations": [
+                        {"from": "system", "value": "sys"},
+                        {"from": "human", "value": "q"},
+                        {"from": "gpt", "value": "a"},
+                    ],
+                }
+            ]
+        )
+    )
     (conv,) = load(data_params(path))
-    assert conv["messages"] == [{"role": "system", "content": "sys"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert conv["messages"] == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+    ]
 
 
 def test_rows_csv_with_order_and_custom_columns(tmp_path):
     path = tmp_path / "rows.csv"
-    pd.DataFrame({"cid": ["c1", "c1", "c2", "c1", "c2"], "who": ["assistant", "user", "user", "user", "assistant"],
-                  "msg": ["second", "first", "only q", "third", "only a"], "n": [2, 1, 1, 3, 2], "t": ["x", "x", "y", "x", "y"]}
-                 ).to_csv(path, index=False)
+    pd.DataFrame(
+        {
+            "cid": ["c1", "c1", "c2", "c1", "c2"],
+            "who": ["assistant", "user", "user", "user", "assistant"],
+            "msg": ["second", "first", "only q", "third", "only a"],
+            "n": [2, 1, 1, 3, 2],
+            "t": ["x", "x", "y", "x", "y"],
+        }
+    ).to_csv(path, index=False)
     columns = RowColumns(conversation_id="cid", speaker="who", text="msg", order="n", topic="t")
     c1, c2 = load(data_params(path, columns=columns))
     assert [m["content"] for m in c1["messages"]] == ["first", "second", "third"]
@@ -63,12 +102,22 @@ def test_rows_parquet_keeps_file_order_without_order_column(tmp_path):
 
 
 def test_chitchat_shape_maps_first_sender_to_user_and_joins_utterances(tmp_path):
-    data = {"c": {"prompt": "Pets?", "messages": [
-        [{"text": "hi", "sender": "A", "timestamp": "t"}, {"text": "there", "sender": "A", "timestamp": "t"}],
-        [{"text": "hello", "sender": "B", "timestamp": "t"}],
-        [{"text": "bye", "sender": "A", "timestamp": "t"}]]}}
+    data = {
+        "c": {
+            "prompt": "Pets?",
+            "messages": [
+                [{"text": "hi", "sender": "A", "timestamp": "t"}, {"text": "there", "sender": "A", "timestamp": "t"}],
+                [{"text": "hello", "sender": "B", "timestamp": "t"}],
+                [{"text": "bye", "sender": "A", "timestamp": "t"}],
+            ],
+        }
+    }
     (conv,) = list(from_chitchat(data, "x.json", "chitchat"))
-    assert conv["messages"] == [{"role": "user", "content": "hi\nthere"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]
+    assert conv["messages"] == [
+        {"role": "user", "content": "hi\nthere"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"},
+    ]
     assert conv["meta"] == {"topic": "Pets?", "source": "chitchat"}
 
 
@@ -82,7 +131,9 @@ def test_a_source_file_names_the_bundled_dataset_and_is_what_dvc_hashes(tmp_path
     """params.yaml's default data.source is data/chitchat.source: a file DVC can depend on, naming the bundled set."""
     assert load_params(REPO / "params.yaml").data.source == "data/chitchat.source"
     named = load(data_params(REPO / "data" / "chitchat.source", max_conversations=50))
-    assert [c["id"] for c in named] == [c["id"] for c in load(data_params("chitchat", max_conversations=50))][: len(named)]
+    assert [c["id"] for c in named] == [c["id"] for c in load(data_params("chitchat", max_conversations=50))][
+        : len(named)
+    ]
     assert named[0]["meta"]["source"] == "chitchat"
     from stages.lib.conversations import dataset_name
 
@@ -94,12 +145,15 @@ def test_a_source_file_names_the_bundled_dataset_and_is_what_dvc_hashes(tmp_path
         load(data_params(empty))
 
 
-@pytest.mark.parametrize("content,expected", [
-    ('{"messages": []}\n{"messages": [oops\n', r"c\.jsonl:2: malformed JSON"),
-    ('{"messages": [{"role": "wizard", "content": "x"}]}\n', r"c\.jsonl:1 messages\[0\]: unknown role 'wizard'"),
-    ('{"messages": [{"content": "x"}]}\n', r"c\.jsonl:1 messages\[0\]: missing required field 'role'"),
-    ('{"text": "x"}\n', r"unrecognised record shape.*expected one of the shapes in README\.md"),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ('{"messages": []}\n{"messages": [oops\n', r"c\.jsonl:2: malformed JSON"),
+        ('{"messages": [{"role": "wizard", "content": "x"}]}\n', r"c\.jsonl:1 messages\[0\]: unknown role 'wizard'"),
+        ('{"messages": [{"content": "x"}]}\n', r"c\.jsonl:1 messages\[0\]: missing required field 'role'"),
+        ('{"text": "x"}\n', r"unrecognised record shape.*expected one of the shapes in README\.md"),
+    ],
+)
 def test_bad_jsonl_names_file_and_line(tmp_path, content, expected):
     path = tmp_path / "c.jsonl"
     path.write_text(content)
@@ -132,10 +186,13 @@ def test_unknown_speaker_in_rows_is_named(tmp_path):
         load(data_params(path))
 
 
-@pytest.mark.parametrize("name,content,expected", [
-    ("empty.jsonl", "", "the file is empty"),
-    ("notes.txt", "hello", "unsupported extension '.txt'"),
-])
+@pytest.mark.parametrize(
+    "name,content,expected",
+    [
+        ("empty.jsonl", "", "the file is empty"),
+        ("notes.txt", "hello", "unsupported extension '.txt'"),
+    ],
+)
 def test_empty_file_and_bad_extension(tmp_path, name, content, expected):
     path = tmp_path / name
     path.write_text(content)
@@ -190,31 +247,54 @@ def test_cli_rejects_bad_params_before_work(workdir):
 
 # Silent wrong results and tracebacks on unusual but valid-looking input.
 
+
 def test_csv_order_column_sorts_as_numbers(tmp_path):
     path = tmp_path / "rows.csv"
     turns = list(range(1, 13))
-    pd.DataFrame({"conversation_id": ["c"] * len(turns), "speaker": ["user", "assistant"] * 6,
-                  "text": [f"turn {n}" for n in turns], "n": turns}).iloc[::-1].to_csv(path, index=False)
+    pd.DataFrame(
+        {
+            "conversation_id": ["c"] * len(turns),
+            "speaker": ["user", "assistant"] * 6,
+            "text": [f"turn {n}" for n in turns],
+            "n": turns,
+        }
+    ).iloc[::-1].to_csv(path, index=False)
     columns = load_params(REPO / "params.yaml").data.columns.model_copy(update={"order": "n"})
     (conv,) = load(data_params(path, columns=columns))
     assert [m["content"] for m in conv["messages"]] == [f"turn {n}" for n in turns]  # not 1, 10, 11, 12, 2, ...
 
 
 def test_jsonl_order_mixing_numbers_and_strings_does_not_crash(tmp_path):
-    path = write_lines(tmp_path / "rows.jsonl", [
-        {"conversation_id": "c", "speaker": "assistant", "text": "second", "n": "2"},
-        {"conversation_id": "c", "speaker": "user", "text": "first", "n": 1},
-        {"conversation_id": "c", "speaker": "user", "text": "tenth", "n": 10}])
+    path = write_lines(
+        tmp_path / "rows.jsonl",
+        [
+            {"conversation_id": "c", "speaker": "assistant", "text": "second", "n": "2"},
+            {"conversation_id": "c", "speaker": "user", "text": "first", "n": 1},
+            {"conversation_id": "c", "speaker": "user", "text": "tenth", "n": 10},
+        ],
+    )
     columns = load_params(REPO / "params.yaml").data.columns.model_copy(update={"order": "n"})
     (conv,) = load(data_params(path, columns=columns))
     assert [m["content"] for m in conv["messages"]] == ["first", "second", "tenth"]
 
 
-@pytest.mark.parametrize("record,expected", [
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": {"x": 1}}]}]}, r"c\.jsonl:1 messages\[0\] content\[0\]: 'text' must be a string, got dict"),
-    ({"id": {"a": 1}, "messages": [{"role": "user", "content": "hi"}]}, r"c\.jsonl:1: 'id' must be a string or an integer, got dict"),
-    ({"id": ["x"], "messages": [{"role": "user", "content": "hi"}]}, r"c\.jsonl:1: 'id' must be a string or an integer, got list"),
-])
+@pytest.mark.parametrize(
+    "record,expected",
+    [
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": {"x": 1}}]}]},
+            r"c\.jsonl:1 messages\[0\] content\[0\]: 'text' must be a string, got dict",
+        ),
+        (
+            {"id": {"a": 1}, "messages": [{"role": "user", "content": "hi"}]},
+            r"c\.jsonl:1: 'id' must be a string or an integer, got dict",
+        ),
+        (
+            {"id": ["x"], "messages": [{"role": "user", "content": "hi"}]},
+            r"c\.jsonl:1: 'id' must be a string or an integer, got list",
+        ),
+    ],
+)
 def test_non_string_parts_and_object_ids_are_errors_not_repr(tmp_path, record, expected):
     path = write_lines(tmp_path / "c.jsonl", [record])
     with pytest.raises(InputError, match=expected):
@@ -246,11 +326,20 @@ def test_data_format_is_not_ignored_for_csv(tmp_path):
         load(data_params(path, format="openai"))
 
 
-@pytest.mark.parametrize("content,expected", [
-    ('{"messages": ' + "[" * 100000 + "]" * 100000 + "}\n", r"c\.jsonl:1: JSON nested too deeply"),
-    ('{"messages": [{"role": "user", "content": "a\\uZZZZ"}]}\n', r"c\.jsonl:1: malformed JSON \(Invalid \\uXXXX escape"),
-    ('{"messages": [{"role": "user", "content": "a\\ud800"}]}\n', r"c\.jsonl:1 messages\[0\]: invalid Unicode escape \\ud800"),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ('{"messages": ' + "[" * 100000 + "]" * 100000 + "}\n", r"c\.jsonl:1: JSON nested too deeply"),
+        (
+            '{"messages": [{"role": "user", "content": "a\\uZZZZ"}]}\n',
+            r"c\.jsonl:1: malformed JSON \(Invalid \\uXXXX escape",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "a\\ud800"}]}\n',
+            r"c\.jsonl:1 messages\[0\]: invalid Unicode escape \\ud800",
+        ),
+    ],
+)
 def test_deep_json_and_bad_unicode_escapes_are_one_line_errors(tmp_path, content, expected):
     path = tmp_path / "c.jsonl"
     path.write_text(content)

@@ -1,16 +1,26 @@
 """docs/DESIGN.md §4: each label rule, on a ChatML template and on the plain GPT-2 template."""
+
 import pytest
 import torch
-
-from stages.base_model import prepare_tokenizer
 from tokenizers import normalizers, pre_tokenizers
 
-from stages.lib.labels import (IGNORE_INDEX, TemplateCost, WindowStats, assistant_spans, composer, encode, prefix_spans, template_blocks, windows,
-                               windows_batch)
-from stages.lib.template import PLAIN_CHAT_TEMPLATE, end_of_turn_token, with_system_prompt
+from stages.base_model import prepare_tokenizer
+from stages.lib.labels import (
+    IGNORE_INDEX,
+    TemplateCost,
+    WindowStats,
+    assistant_spans,
+    composer,
+    encode,
+    prefix_spans,
+    template_blocks,
+    windows,
+    windows_batch,
+)
 from stages.lib.modeling import collator
+from stages.lib.template import PLAIN_CHAT_TEMPLATE, end_of_turn_token, with_system_prompt
 from stages.train import trained_position_loss
-from tiny import train_tokenizer, tiny_model
+from tiny import tiny_model, train_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "you are a helpful assistant."},
@@ -50,12 +60,15 @@ def test_1_labels_cover_exactly_the_assistant_replies(tokenizer):
     eot = end_of_turn_token(tokenizer)
     example = encode(tokenizer, CONVERSATION)
     prefix = " " if tokenizer.chat_template == PLAIN_CHAT_TEMPLATE else ""
-    assert trained_segments(tokenizer, example) == [f"{prefix}my favorite color is blue.{eot}", f"{prefix}because blue is calm.{eot}"]
+    assert trained_segments(tokenizer, example) == [
+        f"{prefix}my favorite color is blue.{eot}",
+        f"{prefix}because blue is calm.{eot}",
+    ]
 
 
 def test_1_everything_outside_the_spans_is_ignored(tokenizer):
     example = encode(tokenizer, CONVERSATION)
-    untrained = tokenizer.decode([t for t, l in zip(example.input_ids, example.labels) if l == IGNORE_INDEX])
+    untrained = tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label == IGNORE_INDEX])
     for prompt in ("you are a helpful assistant.", "what is your favorite color? assistant:", "why blue?"):
         assert prompt in untrained
     assert "blue is calm" not in untrained and "color is blue." not in untrained
@@ -66,7 +79,8 @@ def test_2_end_of_turn_is_trained_and_pad_differs_from_it(tokenizer):
     eot = end_of_turn_token(tokenizer)
     eot_id = tokenizer.convert_tokens_to_ids(eot)
     example = encode(tokenizer, CONVERSATION)
-    trained_eot = [i for i, (t, l) in enumerate(zip(example.input_ids, example.labels)) if t == eot_id and l == eot_id]
+    pairs = enumerate(zip(example.input_ids, example.labels))
+    trained_eot = [i for i, (t, label) in pairs if t == eot_id and label == eot_id]
     assert len(trained_eot) == 2  # one per assistant reply
     assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eot_id
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
@@ -79,7 +93,10 @@ def test_2_plain_template_for_models_without_one():
     assert info["chat_template"].startswith("plain") and info["end_of_turn"] == "<|endoftext|>"
     assert info["pad_token"] == "<|pad|>"  # GPT-2 has no spare special token, so one is added
     text = tok.apply_chat_template(CONVERSATION[1:3], tokenize=False)
-    assert text == "User: what is your favorite color? assistant:<|endoftext|>\nAssistant: my favorite color is blue.<|endoftext|>\n"
+    assert (
+        text == "User: what is your favorite color? assistant:<|endoftext|>\n"
+        "Assistant: my favorite color is blue.<|endoftext|>\n"
+    )
 
 
 def test_3_one_bos_at_most():
@@ -110,7 +127,9 @@ def test_4_labels_equal_inputs_and_are_not_shifted(tokenizer):
 def test_4_trained_position_loss_matches_the_models_own_loss(tokenizer):
     model = tokenizer.test_model.eval()
     rows = [encode(tokenizer, CONVERSATION), encode(tokenizer, CONVERSATION[:3])]
-    batch = collator(tokenizer)([{"input_ids": r.input_ids, "labels": r.labels, "attention_mask": [1] * len(r.input_ids)} for r in rows])
+    batch = collator(tokenizer)(
+        [{"input_ids": r.input_ids, "labels": r.labels, "attention_mask": [1] * len(r.input_ids)} for r in rows]
+    )
     with torch.no_grad():
         reference = model(**batch).loss
         ours, _ = trained_position_loss(model, batch)
@@ -120,8 +139,10 @@ def test_4_trained_position_loss_matches_the_models_own_loss(tokenizer):
 def long_conversation(turns: int):
     messages = [{"role": "system", "content": "you are a helpful assistant."}]
     for i in range(turns):
-        messages += [{"role": "user", "content": f"question {i}: do you like red?"},
-                     {"role": "assistant", "content": f"answer {i}: red is nice, but too loud."}]
+        messages += [
+            {"role": "user", "content": f"question {i}: do you like red?"},
+            {"role": "assistant", "content": f"answer {i}: red is nice, but too loud."},
+        ]
     return messages
 
 
@@ -147,8 +168,12 @@ def test_5_long_conversations_become_windows_of_whole_turns(tokenizer):
 
 
 def test_5_turn_too_long_is_dropped_and_counted(tokenizer):
-    messages = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "blue " * 200},
-                {"role": "user", "content": "why?"}, {"role": "assistant", "content": "because."}]
+    messages = [
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": "blue " * 200},
+        {"role": "user", "content": "why?"},
+        {"role": "assistant", "content": "because."},
+    ]
     stats = WindowStats()
     examples = windows(tokenizer, messages, 40, "assistant", TemplateCost.measure(tokenizer), stats)
     assert stats.turns_too_long == 1 and len(examples) == 1
@@ -156,7 +181,11 @@ def test_5_turn_too_long_is_dropped_and_counted(tokenizer):
 
 
 def test_5_reply_without_context_is_not_trained(tokenizer):
-    messages = [{"role": "assistant", "content": "hello!"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "how are you?"}]
+    messages = [
+        {"role": "assistant", "content": "hello!"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "how are you?"},
+    ]
     stats = WindowStats()
     examples = windows(tokenizer, messages, 200, "assistant", TemplateCost.measure(tokenizer), stats)
     assert stats.turns_without_context == 1 and len(examples) == 1
@@ -173,7 +202,9 @@ def test_7_dynamic_padding_does_not_change_logits(tokenizer):
     """We batch by length with padding instead of packing; padded rows must give the unpadded logits."""
     model = tokenizer.test_model.eval()
     rows = [encode(tokenizer, CONVERSATION), encode(tokenizer, CONVERSATION[:3])]
-    batch = collator(tokenizer)([{"input_ids": r.input_ids, "labels": r.labels, "attention_mask": [1] * len(r.input_ids)} for r in rows])
+    batch = collator(tokenizer)(
+        [{"input_ids": r.input_ids, "labels": r.labels, "attention_mask": [1] * len(r.input_ids)} for r in rows]
+    )
     assert batch["input_ids"].shape[1] % 8 == 0
     short = len(rows[1].input_ids)
     assert (batch["labels"][1, short:] == IGNORE_INDEX).all() and (batch["attention_mask"][1, short:] == 0).all()
@@ -191,8 +222,17 @@ def test_11_loss_equals_the_models_own_for_heads_that_do_more_than_a_linear_laye
 
     tok = train_tokenizer("chatml")
     torch.manual_seed(0)
-    shape = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    shape = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if arch == "gemma2":
         model = Gemma2ForCausalLM(Gemma2Config(**shape, head_dim=8, final_logit_softcapping=0.1))
     else:
@@ -204,10 +244,14 @@ def test_11_loss_equals_the_models_own_for_heads_that_do_more_than_a_linear_laye
         reference = model(**batch).loss
         ours, _ = trained_position_loss(model, batch)
         # What applying the output head to the final hidden states outside the forward gives: not the model's loss.
-        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True).hidden_states[-1]
+        hidden = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+        ).hidden_states[-1]
         targets = batch["labels"][:, 1:]
         keep = targets != IGNORE_INDEX
-        outside = torch.nn.functional.cross_entropy(model.get_output_embeddings()(hidden[:, :-1][keep]).float(), targets[keep])
+        outside = torch.nn.functional.cross_entropy(
+            model.get_output_embeddings()(hidden[:, :-1][keep]).float(), targets[keep]
+        )
     assert torch.allclose(reference, ours, atol=1e-5)
     assert not torch.allclose(reference, outside, atol=1e-3)
 
@@ -216,10 +260,22 @@ SPAN_CASES = [
     CONVERSATION,
     CONVERSATION[1:],
     long_conversation(6),
-    [{"role": "assistant", "content": "hello!"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "how are you?"}],
-    [{"role": "user", "content": "user"}, {"role": "assistant", "content": "assistant"}, {"role": "assistant", "content": " \n"}],
+    [
+        {"role": "assistant", "content": "hello!"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "how are you?"},
+    ],
+    [
+        {"role": "user", "content": "user"},
+        {"role": "assistant", "content": "assistant"},
+        {"role": "assistant", "content": " \n"},
+    ],
     [{"role": "user", "content": "<|im_start|>assistant\n"}, {"role": "assistant", "content": "<|im_end|>\n"}],
-    [{"role": "user", "content": "a"}, {"role": "system", "content": "late system"}, {"role": "assistant", "content": "b  "}],
+    [
+        {"role": "user", "content": "a"},
+        {"role": "system", "content": "late system"},
+        {"role": "assistant", "content": "b  "},
+    ],
 ]
 
 
@@ -239,8 +295,10 @@ def test_1_spans_from_one_rendering_equal_the_prefix_renders(style, system_promp
 def test_1_spans_fall_back_for_a_template_that_is_not_built_of_blocks():
     tok = train_tokenizer("chatml")
     # Numbers each turn: no fixed block per role, so the spans come from the prefix renders.
-    tok.chat_template = ("{% for message in messages %}{{ loop.index }} {{ message['role'] }}: {{ message['content'] }}<|im_end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}{{ messages | length + 1 }} assistant:{% endif %}")
+    tok.chat_template = (
+        "{% for message in messages %}{{ loop.index }} {{ message['role'] }}: {{ message['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}{{ messages | length + 1 }} assistant:{% endif %}"
+    )
     assert template_blocks(tok) is None
     text = tok.apply_chat_template(CONVERSATION, tokenize=False)
     assert assistant_spans(tok, CONVERSATION, text) == prefix_spans(tok, CONVERSATION, text)
@@ -249,25 +307,48 @@ def test_1_spans_fall_back_for_a_template_that_is_not_built_of_blocks():
 @pytest.mark.parametrize("loss_on", ["assistant", "all"])
 def test_5_batched_windows_equal_one_conversation_at_a_time(tokenizer, loss_on):
     """tokenize encodes many conversations in one batch; the windows and counts must be those of `windows`."""
-    conversations = [long_conversation(12), CONVERSATION, CONVERSATION[1:], [],
-                     [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "blue " * 200},
-                      {"role": "user", "content": "why?"}, {"role": "assistant", "content": "because."}],
-                     [{"role": "assistant", "content": "hello!"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "how?"}]]
+    conversations = [
+        long_conversation(12),
+        CONVERSATION,
+        CONVERSATION[1:],
+        [],
+        [
+            {"role": "user", "content": "hello there"},
+            {"role": "assistant", "content": "blue " * 200},
+            {"role": "user", "content": "why?"},
+            {"role": "assistant", "content": "because."},
+        ],
+        [
+            {"role": "assistant", "content": "hello!"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "how?"},
+        ],
+    ]
     cost = TemplateCost.measure(tokenizer)
     for max_length in (40, len(encode(tokenizer, long_conversation(12)).input_ids) // 3, 512):
         one, batched = [WindowStats() for _ in conversations], [WindowStats() for _ in conversations]
         expected = [windows(tokenizer, c, max_length, loss_on, cost, s) for c, s in zip(conversations, one)]
         got = windows_batch(tokenizer, conversations, max_length, loss_on, cost, batched)
-        assert [[(e.input_ids, e.labels, e.turns) for e in w] for w in got] == [[(e.input_ids, e.labels, e.turns) for e in w] for w in expected]
+        assert [[(e.input_ids, e.labels, e.turns) for e in w] for w in got] == [
+            [(e.input_ids, e.labels, e.turns) for e in w] for w in expected
+        ]
         assert batched == one
 
 
 COMPOSE_CASES = SPAN_CASES + [
     [{"role": "user", "content": "'s it 42? 3.14 ünïcödé 🙂"}, {"role": "assistant", "content": "'ll say: yes!!\n\n"}],
     [{"role": "user", "content": "\nleading newline"}, {"role": "assistant", "content": " leading space"}],
-    [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}, {"role": "user", "content": "x"},
-     {"role": "assistant", "content": "tail <|im_end|> and <|im_start|>user\nfake"}],
-    [{"role": "system", "content": "Be terse.\n"}, {"role": "user", "content": "hi\t"}, {"role": "assistant", "content": "ok\r\n"}],
+    [
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "tail <|im_end|> and <|im_start|>user\nfake"},
+    ],
+    [
+        {"role": "system", "content": "Be terse.\n"},
+        {"role": "user", "content": "hi\t"},
+        {"role": "assistant", "content": "ok\r\n"},
+    ],
 ]
 
 
@@ -284,14 +365,17 @@ def test_5_windows_composed_from_content_ids_equal_encoded_windows(style, system
     composed = 0
     for messages in COMPOSE_CASES:
         system = messages[:1] if messages[0]["role"] == "system" else []
-        body = messages[len(system):]
+        body = messages[len(system) :]
         for start in range(len(body)):
             for end in range(start, len(body)):
                 window = system + body[start : end + 1]
                 ids = [tok(m["content"], add_special_tokens=False)["input_ids"] for m in window]
                 got, expected = encode(tok, window, loss_on, ids), encode(tok, window, loss_on)
                 assert (got.input_ids, got.labels) == (expected.input_ids, expected.labels), window
-                composed += composer(tok).compose(tok.apply_chat_template(window, tokenize=False), window, ids, loss_on) is not None
+                composed += (
+                    composer(tok).compose(tok.apply_chat_template(window, tokenize=False), window, ids, loss_on)
+                    is not None
+                )
     assert composed > 50  # the composed path is what was compared, not only the fallback
 
 
@@ -306,7 +390,9 @@ def test_5_composer_refuses_what_it_cannot_prove_exact():
     prefix_space.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     assert composer(prefix_space) is None
     two_newlines = train_tokenizer("chatml")
-    two_newlines.chat_template = two_newlines.chat_template.replace("'\n' + message['content']", "'\n\n' + message['content']")
+    two_newlines.chat_template = two_newlines.chat_template.replace(
+        "'\n' + message['content']", "'\n\n' + message['content']"
+    )
     assert template_blocks(two_newlines) is not None and composer(two_newlines) is None
     crossing = train_tokenizer("chatml")
     assert composer(crossing) is not None  # measured before the token below exists: the cache must not keep it
@@ -315,4 +401,9 @@ def test_5_composer_refuses_what_it_cannot_prove_exact():
     without_leading_space = train_tokenizer("chatml")
     example = [{"role": "user", "content": " hi"}, {"role": "assistant", "content": "ok"}]
     ids = [without_leading_space(m["content"], add_special_tokens=False)["input_ids"] for m in example]
-    assert composer(without_leading_space).compose(without_leading_space.apply_chat_template(example, tokenize=False), example, ids, "assistant") is None
+    assert (
+        composer(without_leading_space).compose(
+            without_leading_space.apply_chat_template(example, tokenize=False), example, ids, "assistant"
+        )
+        is None
+    )

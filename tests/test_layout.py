@@ -1,4 +1,5 @@
 """The layout is the pipeline: one module per DVC stage in stages/, each stage depends on exactly the code it runs."""
+
 from __future__ import annotations
 
 import ast
@@ -67,8 +68,9 @@ def test_every_stage_declares_exactly_the_code_it_imports():
 def test_stages_folder_holds_one_module_per_dvc_stage():
     stage_modules = {re.search(r"-m stages\.(\w+)", s["cmd"]).group(1) for s in stage_definitions().values()}
     files = {p.stem for p in (REPO / "stages").glob("*.py") if p.name != "__init__.py"}
-    assert files == stage_modules, \
+    assert files == stage_modules, (
         "stages/ should hold the stage modules only; the library is stages/lib, tools stages/tools"
+    )
 
 
 def test_the_closure_follows_imports_inside_functions(tmp_path):
@@ -83,8 +85,17 @@ def test_the_closure_follows_imports_inside_functions(tmp_path):
 # --- The documents say what the code does ---------------------------------------------------------------------
 
 DESIGN = REPO / "docs" / "DESIGN.md"
-CITING = ["stages/**/*.py", "tests/**/*.py", "benchmarks/**/*.py", "benchmarks/*.md", "README.md", "docs/*.md",
-          "requirements*.txt", "params.yaml", "dvc.yaml"]
+CITING = [
+    "stages/**/*.py",
+    "tests/**/*.py",
+    "benchmarks/**/*.py",
+    "benchmarks/*.md",
+    "README.md",
+    "docs/*.md",
+    "requirements*.txt",
+    "params.yaml",
+    "dvc.yaml",
+]
 REFERENCE = re.compile(r"DESIGN(?:\.md)? ?§ ?(\d+(?:\.\d+)?|[A-Za-z][\w-]*)")
 
 
@@ -112,15 +123,21 @@ def test_every_design_reference_resolves_to_a_section_of_docs_design():
     numbers, titles = design_sections()
     references = design_references()
     assert references, "no reference to docs/DESIGN.md sections found: the pattern is wrong"
-    unresolved = [(where, section) for where, section in references
-                  if section not in numbers and not any(section.lower() in title for title in titles)]
+    unresolved = [
+        (where, section)
+        for where, section in references
+        if section not in numbers and not any(section.lower() in title for title in titles)
+    ]
     assert not unresolved, f"references to sections docs/DESIGN.md does not have: {unresolved}"
 
 
 def test_numbered_label_tests_name_a_label_rule_of_docs_design():
     numbers, _ = design_sections()
-    rules = {f"4.{m.group(1)}" for name in ("test_labels.py", "test_train.py")
-             for m in re.finditer(r"^def test_(\d+)_", (REPO / "tests" / name).read_text(), re.MULTILINE)}
+    rules = {
+        f"4.{m.group(1)}"
+        for name in ("test_labels.py", "test_train.py")
+        for m in re.finditer(r"^def test_(\d+)_", (REPO / "tests" / name).read_text(), re.MULTILINE)
+    }
     assert rules and rules <= numbers, f"test_N_ names without a rule 4.N in docs/DESIGN.md: {sorted(rules - numbers)}"
 
 
@@ -201,6 +218,7 @@ def test_every_pinned_package_is_imported_or_says_why_not():
 
 
 # --- CI runs what the README says ---------------------------------------------------------------------------
+
 
 def test_ci_runs_the_readme_test_command_and_the_linter():
     readme = (REPO / "README.md").read_text()

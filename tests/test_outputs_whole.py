@@ -1,5 +1,6 @@
 """Whole-stage outputs (stages/lib/atomic.py): a real SIGKILL at every rename of a publication, a real file-size
 limit and a file where a directory belongs; the next reader sees the whole old set or the whole new set."""
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,14 @@ DRIVER = textwrap.dedent("""
 
 
 def publish(work: Path, value: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(work / "driver.py"), value], cwd=work, capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(work / "driver.py"), value],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
 
 
 def state(work: Path) -> tuple[str | None, ...]:
@@ -67,7 +74,7 @@ def state(work: Path) -> tuple[str | None, ...]:
 
 def read_through_recovery(work: Path) -> tuple[str | None, ...]:
     """What the next stage or tool reads: stages/lib/cli.py finishes a killed publication first."""
-    reader = ("import sys; sys.path.insert(0, %r)\nfrom stages.lib.cli import run\nrun(lambda: 0)\n" % str(REPO))
+    reader = "import sys; sys.path.insert(0, %r)\nfrom stages.lib.cli import run\nrun(lambda: 0)\n" % str(REPO)
     result = subprocess.run([sys.executable, "-c", reader], cwd=work, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return state(work)
@@ -120,7 +127,8 @@ def test_a_file_size_limit_is_one_line_naming_the_output_and_keeps_the_old_set(w
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines() == [
         "error: models/x/weights: cannot write (File too large); the file-size limit (ulimit -f) is below this "
-        "output's size; raise it; the previous outputs are unchanged"]
+        "output's size; raise it; the previous outputs are unchanged"
+    ]
     assert state(work) == ("old",) * 3 and leftovers(work) == []
 
 
@@ -131,8 +139,9 @@ def test_a_file_where_a_directory_belongs_is_one_line_before_any_work(work):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: metrics/runtime/b.json: cannot write ("), lines
-    assert lines[0].endswith("a file stands where a directory is needed; move it away; the previous outputs are "
-                             "unchanged")
+    assert lines[0].endswith(
+        "a file stands where a directory is needed; move it away; the previous outputs are unchanged"
+    )
     assert (work / "metrics" / "a.json").read_text() and state(work)[0] == "old" and state(work)[2] == "old"
 
 
@@ -149,15 +158,22 @@ def test_a_read_only_directory_is_one_line_naming_it(work):
 
 # The export stage itself (models/export, metrics/export.json, metrics/runtime/export.json), run as `python -m
 # stages.export` would run, with the same kill and limit hooks as DRIVER.
-EXPORT_DRIVER = (DRIVER.split("from stages.lib.atomic")[0]
-                 + "import runpy\nrunpy.run_module('stages.export', run_name='__main__')\n")
+EXPORT_DRIVER = (
+    DRIVER.split("from stages.lib.atomic")[0] + "import runpy\nrunpy.run_module('stages.export', run_name='__main__')\n"
+)
 EXPORTED = ("models/export", "metrics/export.json", "metrics/runtime/export.json")
 
 
 def run_export(work: Path, **env: str) -> subprocess.CompletedProcess:
     (work / "export_driver.py").write_text(EXPORT_DRIVER)
-    return subprocess.run([sys.executable, str(work / "export_driver.py")], cwd=work, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **env}, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(work / "export_driver.py")],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+        timeout=600,
+    )
 
 
 def exported_set(work: Path) -> dict[str, bytes]:
@@ -203,8 +219,14 @@ def test_export_killed_between_its_renames_is_finished_whole_by_the_next_run(exp
     result = run_export(export_work, KILL_AT="4")  # the journal, the two metrics files, then the old model aside
     assert result.returncode == -9, result.stderr[-3000:]
     assert not consistent(export_work, "new-name")  # new metrics beside the old model: a mix on disk...
-    reader = subprocess.run([sys.executable, "-m", "stages.check_params"], cwd=export_work, capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    reader = subprocess.run(
+        [sys.executable, "-m", "stages.check_params"],
+        cwd=export_work,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
     assert reader.returncode == 0, reader.stderr
     assert consistent(export_work, "new-name")  # ...that the next stage finished before doing anything
     assert leftovers(export_work) == []
@@ -217,8 +239,10 @@ def test_export_under_a_file_size_limit_is_one_line_and_keeps_the_old_outputs(ex
     result = run_export(export_work, FSIZE="20000")  # the f32 GGUF of the tiny model is larger
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: models/export/model.gguf: cannot write (File too large); the file-size limit "
-                      "(ulimit -f) is below this output's size; raise it; the previous outputs are unchanged"], errors
+    assert errors == [
+        "error: models/export/model.gguf: cannot write (File too large); the file-size limit "
+        "(ulimit -f) is below this output's size; raise it; the previous outputs are unchanged"
+    ], errors
     assert exported_set(export_work) == before and leftovers(export_work) == []
 
 

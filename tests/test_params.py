@@ -103,7 +103,9 @@ def test_max_length_below_one_template_turn_is_rejected_before_work(workdir):
 def test_generation_budget_must_leave_room_for_the_prompt():
     raw = repo_params()
     raw["evaluate"]["max_new_tokens"] = raw["tokenize"]["max_length"]
-    with pytest.raises(ParamsError, match=r"evaluate\.max_new_tokens \(256\) must be below half of tokenize\.max_length \(256\)"):
+    with pytest.raises(
+        ParamsError, match=r"evaluate\.max_new_tokens \(256\) must be below half of tokenize\.max_length \(256\)"
+    ):
         parse_params(raw)
 
 
@@ -145,11 +147,23 @@ def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
     assert message.startswith(f"{path}:") and f"(while parsing a flow sequence started at line {line})" in message
 
 
-@pytest.mark.parametrize("old,new,expected", [
-    ("  min_turns: 2", "\tmin_turns: 2", r"^{path}:{line}:1: not valid YAML: found character '\\t'"),
-    ("  batch_size: 8 ", "  batch_size: 8\n  batch_size: 4 ", r"^{path}:{next}: duplicate key 'train\.batch_size' \(first set at line {line}\)"),
-    ("seed: 42\n\ndata:", "seed: 42\nseed: 7\n\ndata:", r"^{path}:{next}: duplicate key 'seed' \(first set at line {line}\)"),
-], ids=["tab", "duplicate-key", "duplicate-section"])
+@pytest.mark.parametrize(
+    "old,new,expected",
+    [
+        ("  min_turns: 2", "\tmin_turns: 2", r"^{path}:{line}:1: not valid YAML: found character '\\t'"),
+        (
+            "  batch_size: 8 ",
+            "  batch_size: 8\n  batch_size: 4 ",
+            r"^{path}:{next}: duplicate key 'train\.batch_size' \(first set at line {line}\)",
+        ),
+        (
+            "seed: 42\n\ndata:",
+            "seed: 42\nseed: 7\n\ndata:",
+            r"^{path}:{next}: duplicate key 'seed' \(first set at line {line}\)",
+        ),
+    ],
+    ids=["tab", "duplicate-key", "duplicate-section"],
+)
 def test_yaml_problem_names_file_line_and_what(tmp_path, old, new, expected):
     """A tab, or a key given twice (YAML loaders silently keep the last), is one line naming where."""
     path, line = edited(tmp_path, old, new)
@@ -184,7 +198,9 @@ def test_params_file_that_is_not_utf8_is_one_line(tmp_path):
 def test_lora_target_modules_are_all_linear_or_names(value):
     raw = repo_params()
     raw["train"]["lora"]["target_modules"] = value
-    with pytest.raises(ParamsError, match=r"train\.lora\.target_modules: expected 'all-linear' or a non-empty list of module names"):
+    with pytest.raises(
+        ParamsError, match=r"train\.lora\.target_modules: expected 'all-linear' or a non-empty list of module names"
+    ):
         parse_params(raw)
     raw["train"]["lora"]["target_modules"] = ["q_proj"]
     assert parse_params(raw).train.lora.target_modules == ["q_proj"]

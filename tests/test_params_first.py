@@ -1,5 +1,6 @@
 """An invalid params.yaml never costs an output: stage check_params validates the whole file before DVC removes any
 stage's outputs, with the real `dvc repro` and `dvc exp run -S` on the fixture pipeline (trained once, committed)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +13,14 @@ import yaml
 from conftest import REPO
 from pipeline_repo import dvc, make_repo, sh, stages_ran
 
-KEPT = ("models/finetuned", "metrics/train.json", "metrics/runtime/train.json", "dvclive", "data/tokenized",
-        "models/base")
+KEPT = (
+    "models/finetuned",
+    "metrics/train.json",
+    "metrics/runtime/train.json",
+    "dvclive",
+    "data/tokenized",
+    "models/base",
+)
 CHECKED = Path("data/params_checked.txt")
 
 
@@ -57,8 +64,11 @@ def error_lines(result) -> list[str]:
 def test_every_stage_waits_for_the_params_check():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert stages["check_params"]["params"] == [{"params.yaml": None}]  # every key, and a misspelt new one too
-    missing = [name for name, stage in stages.items()
-               if name != "check_params" and str(CHECKED) not in stage.get("do", stage)["deps"]]
+    missing = [
+        name
+        for name, stage in stages.items()
+        if name != "check_params" and str(CHECKED) not in stage.get("do", stage)["deps"]
+    ]
     assert not missing, f"stages that DVC could run (removing their outputs) before params.yaml is validated: {missing}"
 
 

@@ -1,4 +1,5 @@
 """The real `dvc` CLI on the fixture pipeline in a temporary git repository."""
+
 import json
 import sys
 
@@ -19,7 +20,9 @@ def test_repro_trains_and_the_loss_goes_down(llama_repo):
     runtime = read_json(llama_repo / "metrics" / "runtime" / "train.json")
     assert runtime["trained_tokens"] > 0 and runtime["tokens_per_s"] > 0 and runtime["peak_memory_mb"] > 0
     if glibc():  # the torchrun worker restarted itself with glibc's tcache off
-        assert "freed memory kept" in runtime["allocator"] and "tcache off" in runtime["allocator"], runtime["allocator"]
+        assert "freed memory kept" in runtime["allocator"] and "tcache off" in runtime["allocator"], runtime[
+            "allocator"
+        ]
     data = read_json(llama_repo / "metrics" / "data.json")
     assert data["input"]["conversations"] == 48
     tokens = read_json(llama_repo / "metrics" / "tokenize.json")
@@ -36,8 +39,12 @@ def test_finetuned_model_carries_its_chat_format(llama_repo):
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
     assert tokenizer.pad_token != "<|im_end|>"
     assert model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hello there, i am visitor 3."}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello there, i am visitor 3."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     generated = model.generate(**prompt, max_new_tokens=40, do_sample=False)
     assert generated[0, -1].item() == tokenizer.convert_tokens_to_ids("<|im_end|>")  # it learned to stop
 
@@ -92,9 +99,21 @@ def test_gpt2_with_plain_template_trains_through_dvc(tmp_path):
     assert train["val_loss_after"] < train["val_loss_before"] - 1.0
 
 
-HEADLINE_METRICS = ("perplexity", "bits_per_byte", "token_accuracy", "bleu", "chrf", "rouge_l", "stop_rate",
-                    "distinct_1", "distinct_2", "repetition_rate", "mean_reply_words", "empty_reply_rate",
-                    "context_relevance")
+HEADLINE_METRICS = (
+    "perplexity",
+    "bits_per_byte",
+    "token_accuracy",
+    "bleu",
+    "chrf",
+    "rouge_l",
+    "stop_rate",
+    "distinct_1",
+    "distinct_2",
+    "repetition_rate",
+    "mean_reply_words",
+    "empty_reply_rate",
+    "context_relevance",
+)
 
 
 def test_finetuned_model_beats_the_base_on_fluency_and_stopping(llama_repo):

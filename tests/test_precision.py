@@ -1,5 +1,6 @@
 """The GEMM ceiling the train stage and benchmarks/train_throughput.py report speed against
 (stages/lib/precision.py), bf16 casting, and what a bf16 training run records."""
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -24,14 +25,26 @@ def test_casting_to_bf16_keeps_rope_frequencies_float32():
 
 @pytest.mark.slow
 def test_bf16_training_records_its_attention_and_its_fraction_of_the_measured_ceiling(prepared, tmp_path):  # noqa: F811
-    work = workspace(prepared, tmp_path, {"precision": "bf16", "attention": "auto", "max_steps": 6, "eval_steps": 6,
-                                          "save_steps": 6, "logging_steps": 3})
+    work = workspace(
+        prepared,
+        tmp_path,
+        {
+            "precision": "bf16",
+            "attention": "auto",
+            "max_steps": 6,
+            "eval_steps": 6,
+            "save_steps": 6,
+            "logging_steps": 3,
+        },
+    )
     result = run_train(work)
     assert result.returncode == 0, result.stderr[-3000:]
     runtime = read_json(work / "metrics" / "runtime" / "train.json")
     assert runtime["attention"] == ("sdpa" if torch.cuda.is_available() else "eager")
     assert runtime["ceiling_tokens_per_s"] > 0 and runtime["ceiling_gflops"] > 0
-    assert runtime["fraction_of_ceiling"] == pytest.approx(runtime["tokens_per_s"] / runtime["ceiling_tokens_per_s"], abs=1e-3)
+    assert runtime["fraction_of_ceiling"] == pytest.approx(
+        runtime["tokens_per_s"] / runtime["ceiling_tokens_per_s"], abs=1e-3
+    )
     assert "tokens/s GEMM ceiling measured here" in result.stdout
     metrics = read_json(work / "metrics" / "train.json")
     assert metrics["precision"] == "bf16" and metrics["val_loss_after"] < metrics["val_loss_before"]
@@ -45,8 +58,11 @@ def test_ceiling_counts_every_linear_layer_of_any_architecture():
         shapes, (hidden, vocab) = linear_shapes(model)
         head = model.get_output_embeddings().weight
         assert (vocab, hidden) == tuple(head.shape)
-        weights = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "wte" not in name and "wpe" not in name
-                      and "embed" not in name and p is not head)
+        weights = sum(
+            p.numel()
+            for name, p in model.named_parameters()
+            if p.dim() == 2 and "wte" not in name and "wpe" not in name and "embed" not in name and p is not head
+        )
         assert sum(k * n for k, n in shapes) == weights, arch
         ceiling = gemm_ceiling(model, "fp32", 64, 0.5, budget=0.001)
         assert ceiling.flops_per_token == pytest.approx(6 * weights + 6 * hidden * vocab * 0.5)
@@ -64,7 +80,9 @@ def test_inference_fraction_counts_the_forward_gemms_of_each_group_of_passes():
     passes = [(3, 64, 8), (5, 4, 4), (0, 16, 16)]  # scoring batches, decoding steps, and an empty group
     result = inference_fraction(model, "fp32", passes, seconds=2.0)
     flops = 3 * (64 * 2 * weights + 8 * 2 * hidden * vocab) + 5 * (4 * 2 * weights + 4 * 2 * hidden * vocab)
-    assert result["ceiling_s"] > 0 and result["fraction_of_ceiling"] == pytest.approx(result["ceiling_s"] / 2.0, rel=1e-2)
+    assert result["ceiling_s"] > 0 and result["fraction_of_ceiling"] == pytest.approx(
+        result["ceiling_s"] / 2.0, rel=1e-2
+    )
     assert result["ceiling_gflops"] * 1e9 * result["ceiling_s"] == pytest.approx(flops, rel=1e-2)
 
 

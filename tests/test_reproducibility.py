@@ -1,4 +1,5 @@
 """Reproducibility, caching and data safety through the real `dvc` CLI on the fixture pipeline."""
+
 import hashlib
 import os
 import shutil
@@ -14,12 +15,22 @@ import yaml
 from conftest import REPO
 from pipeline_repo import dvc, make_repo, read_json, stages_ran, tool_env
 
-DVC_OUTPUTS = ["data/raw/conversations.jsonl", "data/processed", "data/tokenized", "models/base", "models/finetuned",
-               "data/scores/base.json", "data/scores/finetuned.json"]
+DVC_OUTPUTS = [
+    "data/raw/conversations.jsonl",
+    "data/processed",
+    "data/tokenized",
+    "models/base",
+    "models/finetuned",
+    "data/scores/base.json",
+    "data/scores/finetuned.json",
+]
 
 
 # The README's comparison: the columns that matter, out of ~200 (every metric and param).
-EXP_COLUMNS = r"Experiment|train\.learning_rate|finetuned\.(perplexity|chrf|stop_rate)$|(.*runtime/train\.json:)?trained_tokens_per_s$"
+EXP_COLUMNS = (
+    r"Experiment|train\.learning_rate|finetuned\.(perplexity|chrf|stop_rate)$"
+    r"|(.*runtime/train\.json:)?trained_tokens_per_s$"
+)
 
 
 def digest(path: Path) -> str:
@@ -35,7 +46,8 @@ def digest(path: Path) -> str:
 def metrics_snapshot(repo: Path) -> dict[str, bytes]:
     """Every reproducible metrics file (metrics/runtime/ holds the wall-clock ones and is left out)."""
     return {p.name: p.read_bytes() for p in sorted((repo / "metrics").glob("*.json"))} | {
-        "transcripts.md": (repo / "metrics" / "transcripts.md").read_bytes()}
+        "transcripts.md": (repo / "metrics" / "transcripts.md").read_bytes()
+    }
 
 
 def set_params(repo: Path, section: str, **values) -> str:
@@ -50,8 +62,12 @@ def set_params(repo: Path, section: str, **values) -> str:
 
 def test_every_param_reaches_a_stage_so_exp_run_set_param_works():
     """`dvc exp run -S key=value` only reruns what declares the key: every leaf of params.yaml is declared."""
-    declared = [p for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values() for p in stage.get("do", stage).get("params", [])
-                if isinstance(p, str)]  # not check_params' `params.yaml:` (the whole file, for validation only)
+    declared = [
+        p
+        for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values()
+        for p in stage.get("do", stage).get("params", [])
+        if isinstance(p, str)
+    ]  # not check_params' `params.yaml:` (the whole file, for validation only)
 
     def leaves(tree: dict, prefix: str = "") -> list[str]:
         out = []
@@ -84,12 +100,22 @@ def test_preprocess_change_reruns_downstream_and_going_back_restores_from_run_ca
     model = digest(llama_repo / "models" / "finetuned")
     original = set_params(llama_repo, "preprocess", val_fraction=0.2)  # a different split
     try:
-        assert stages_ran(dvc(llama_repo, "repro").stdout) == {"preprocess", "tokenize", "train", "score@base", "score@finetuned",
-                                                               "evaluate", "transcripts", "export"}
+        assert stages_ran(dvc(llama_repo, "repro").stdout) == {
+            "preprocess",
+            "tokenize",
+            "train",
+            "score@base",
+            "score@finetuned",
+            "evaluate",
+            "transcripts",
+            "export",
+        }
     finally:
         (llama_repo / "params.yaml").write_text(original)
     back = dvc(llama_repo, "repro")
-    assert stages_ran(back.stdout) == {"evaluate", "transcripts"}, back.stdout  # nothing recomputed but the seconds-long summaries
+    assert stages_ran(back.stdout) == {"evaluate", "transcripts"}, (
+        back.stdout
+    )  # nothing recomputed but the seconds-long summaries
     for stage in ("preprocess", "tokenize", "train", "score@base", "score@finetuned", "export"):
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in back.stdout
     assert metrics_snapshot(llama_repo) == before and digest(llama_repo / "models" / "finetuned") == model
@@ -123,8 +149,15 @@ def test_push_to_a_remote_and_pull_into_an_empty_cache(llama_repo, tmp_path):
 
 
 def start_repro(repo: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dvc", "repro", *args], cwd=repo, env=tool_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro", *args],
+        cwd=repo,
+        env=tool_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for(condition, process: subprocess.Popen, seconds: float = 180) -> None:
@@ -181,7 +214,9 @@ def test_repro_killed_during_train_resumes_to_the_same_metrics_and_a_second_repr
     wait_for(lambda: stage_process_running("train"), process)
     second = dvc(repo, "repro", check=False)  # a concurrent run must be refused, not interleaved
     refused = second.stderr + second.stdout
-    assert second.returncode != 0 and ("Unable to acquire lock" in refused or "is busy, it is being blocked by" in refused), refused
+    assert second.returncode != 0 and (
+        "Unable to acquire lock" in refused or "is busy, it is being blocked by" in refused
+    ), refused
 
     from stages.train import complete
 
@@ -190,14 +225,19 @@ def test_repro_killed_during_train_resumes_to_the_same_metrics_and_a_second_repr
     kill_group(process, signal.SIGKILL)
     deadline = time.time() + 10  # torchrun's workers run in sessions of their own: the group kill does not reach them
     while stage_process_running("train"):
-        assert time.time() < deadline, "a train worker outlived its killed launcher (it would write beside the resumed run)"
+        assert time.time() < deadline, (
+            "a train worker outlived its killed launcher (it would write beside the resumed run)"
+        )
         time.sleep(0.1)
     assert not (repo / "models" / "finetuned").exists(), "half-written models/finetuned"
     assert not (repo / "metrics" / "train.json").exists()
 
     resumed = dvc(repo, "repro", "train")
     assert "train" in stages_ran(resumed.stdout)
-    assert read_json(repo / "metrics" / "runtime" / "train.json")["resumed_from_step"] == 75, (sorted(p.name for p in (repo / "models" / "checkpoints").iterdir()), resumed.stdout[-1500:])
+    assert read_json(repo / "metrics" / "runtime" / "train.json")["resumed_from_step"] == 75, (
+        sorted(p.name for p in (repo / "models" / "checkpoints").iterdir()),
+        resumed.stdout[-1500:],
+    )
     # the uninterrupted run of the same configuration: llama_repo
     assert (repo / "metrics" / "train.json").read_bytes() == (llama_repo / "metrics" / "train.json").read_bytes()
     assert "Data and pipelines are up to date" in dvc(repo, "status", "train").stdout
@@ -224,9 +264,17 @@ def test_queued_learning_rate_sweep_runs_and_compares(llama_repo):
         raise AssertionError(f"{status}\n{logs}")
     shown = dvc(llama_repo, "exp", "show", "--md", "--drop", ".*", "--keep", EXP_COLUMNS).stdout
     header = [cell.strip() for cell in shown.splitlines()[0].strip("|").split("|")]
-    header[1] = header[1].rsplit(":", 1)[-1]  # DVC prefixes a column with its file only when another file has the same key
-    assert header == ["Experiment", "trained_tokens_per_s", "finetuned.perplexity",
-                      "finetuned.chrf", "finetuned.stop_rate", "train.learning_rate"], header
+    header[1] = header[1].rsplit(":", 1)[
+        -1
+    ]  # DVC prefixes a column with its file only when another file has the same key
+    assert header == [
+        "Experiment",
+        "trained_tokens_per_s",
+        "finetuned.perplexity",
+        "finetuned.chrf",
+        "finetuned.stop_rate",
+        "train.learning_rate",
+    ], header
     rates = sorted(line.strip("|").split("|")[-1].strip() for line in shown.splitlines()[2:] if "[" in line)
     assert rates == ["0.002", "0.01"], shown
     assert "Data and pipelines are up to date" in dvc(llama_repo, "status").stdout  # the workspace is untouched

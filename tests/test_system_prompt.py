@@ -1,12 +1,18 @@
-"""tokenize.system_prompt (docs/DESIGN.md §4.10): written into the chat template, so training, evaluation and chat agree."""
+"""tokenize.system_prompt (docs/DESIGN.md §4.10): written into the chat template, so training, evaluation and chat
+agree."""
+
 import pytest
 
 from stages.lib.labels import IGNORE_INDEX, encode
 from stages.lib.template import fit_prompt, injected_system_block, render, with_system_prompt
 from tiny import CHATML_TEMPLATE, PERSONA, PERSONA_TEMPLATE, train_tokenizer
 
-CHAT = [{"role": "user", "content": "hi, how was your day?"}, {"role": "assistant", "content": "great, i went hiking."},
-        {"role": "user", "content": "where?"}, {"role": "assistant", "content": "up the hill."}]
+CHAT = [
+    {"role": "user", "content": "hi, how was your day?"},
+    {"role": "assistant", "content": "great, i went hiking."},
+    {"role": "user", "content": "where?"},
+    {"role": "assistant", "content": "up the hill."},
+]
 
 
 def persona_tokenizer(template: str = PERSONA_TEMPLATE):
@@ -32,7 +38,9 @@ def test_none_removes_the_persona_and_keeps_a_conversations_own_system_message()
 
 def test_custom_text_becomes_the_system_message_of_every_conversation_without_one():
     tokenizer = with_system_prompt(persona_tokenizer(), "You are a friendly person chatting.")
-    assert render(tokenizer, CHAT).startswith("<|im_start|>system\nYou are a friendly person chatting.<|im_end|>\n<|im_start|>user")
+    assert render(tokenizer, CHAT).startswith(
+        "<|im_start|>system\nYou are a friendly person chatting.<|im_end|>\n<|im_start|>user"
+    )
     assert PERSONA not in render(tokenizer, CHAT)
     own = [{"role": "system", "content": "be kind"}] + CHAT
     assert render(tokenizer, own).startswith("<|im_start|>system\nbe kind<|im_end|>")
@@ -44,7 +52,7 @@ def test_default_keeps_the_template_as_it_is():
     assert PERSONA in render(tokenizer, CHAT)
 
 
-@pytest.mark.parametrize("setting", ["default", "none", "It's a \"quoted\" text\nwith a newline \\ and a backslash."])
+@pytest.mark.parametrize("setting", ["default", "none", 'It\'s a "quoted" text\nwith a newline \\ and a backslash.'])
 def test_labels_stay_on_the_replies_and_chat_prompts_equal_the_training_prefix(setting, tmp_path):
     """The saved tokenizer carries the choice: chat's prompt tokens equal the prefix of the trained example."""
     from transformers import AutoTokenizer

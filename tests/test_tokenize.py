@@ -1,4 +1,5 @@
 """tokenize streams windows to Arrow; the saved files must be byte-identical to `Dataset.from_list`'s."""
+
 import random
 
 import datasets
@@ -14,7 +15,14 @@ def rows(count: int, seed: int = 0) -> list[dict]:
     for _ in range(count):
         n = rng.randint(1, 40)
         ids = [rng.randrange(50000) for _ in range(n)]
-        out.append({"input_ids": ids, "labels": [i if rng.random() < 0.5 else -100 for i in ids], "attention_mask": [1] * n, "length": n})
+        out.append(
+            {
+                "input_ids": ids,
+                "labels": [i if rng.random() < 0.5 else -100 for i in ids],
+                "attention_mask": [1] * n,
+                "length": n,
+            }
+        )
     return out
 
 
@@ -32,7 +40,9 @@ def test_streamed_arrow_is_byte_identical_to_from_list(tmp_path, count):
             chunk = data[start : start + 333]
             writer.write(pa.Table.from_pylist(chunk, schema=example_features().arrow_schema))
         writer.close()
-    streamed = datasets.Dataset(MemoryMappedTable.from_file(str(path)), info=datasets.DatasetInfo(features=example_features()))
+    streamed = datasets.Dataset(
+        MemoryMappedTable.from_file(str(path)), info=datasets.DatasetInfo(features=example_features())
+    )
     streamed.save_to_disk(str(tmp_path / "streamed"))
     for name in ("data-00000-of-00001.arrow", "dataset_info.json"):
         assert (tmp_path / "list" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes(), name
@@ -51,7 +61,11 @@ def test_max_length_above_the_models_positions_is_rejected_before_work(tmp_path)
     params = load_params(REPO / "params.yaml").tokenize
     cost = TemplateCost(preamble=3, per_message=5)
     check_max_length(params.model_copy(update={"max_length": 512}), cost, tmp_path)
-    with pytest.raises(ParamsError, match=r"tokenize\.max_length: 513 is more than the 512 positions the base model has \(max_position_embeddings in .*model_card\.json\); expected at most 512"):
+    with pytest.raises(
+        ParamsError,
+        match=r"tokenize\.max_length: 513 is more than the 512 positions the base model has "
+        r"\(max_position_embeddings in .*model_card\.json\); expected at most 512",
+    ):
         check_max_length(params.model_copy(update={"max_length": 513}), cost, tmp_path)
 
 
@@ -62,7 +76,9 @@ def test_outputs_past_one_shard_are_saved_by_worker_processes(monkeypatch):
 
     from stages.tokenize import save_workers
 
-    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows(300)), "val": datasets.Dataset.from_list(rows(3))})
+    splits = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows(300)), "val": datasets.Dataset.from_list(rows(3))}
+    )
     assert save_workers(splits) is None
     monkeypatch.setattr(config, "MAX_SHARD_SIZE", "1KB")
     assert save_workers(splits) is not None and save_workers(splits) >= 1

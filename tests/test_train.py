@@ -1,4 +1,5 @@
 """The train stage on tiny models: gradient accumulation, LoRA, resume after a kill, two-process DDP."""
+
 import math
 import os
 import shutil
@@ -22,10 +23,15 @@ from tiny import save_tiny, save_tiny_encoder
 
 def tiny_params(train: dict | None = None, **sections: dict) -> dict:
     """The fixture pipeline's params: tiny Llama, fixture chats, TINY_TRAIN updated with `train`."""
-    return {"data": {"source": "data/external/chats.jsonl"}, "model": {"base": "tiny-model"},
-            "preprocess": {"val_fraction": 0.1, "test_fraction": 0.1},
-            "tokenize": {"max_length": 128, "max_val_examples": None}, "train": {**TINY_TRAIN, **(train or {})},
-            "evaluate": {"max_new_tokens": 24, "precision": "fp32", "bootstrap": {"resamples": 200, "confidence": 0.95}}, **sections}
+    return {
+        "data": {"source": "data/external/chats.jsonl"},
+        "model": {"base": "tiny-model"},
+        "preprocess": {"val_fraction": 0.1, "test_fraction": 0.1},
+        "tokenize": {"max_length": 128, "max_val_examples": None},
+        "train": {**TINY_TRAIN, **(train or {})},
+        "evaluate": {"max_new_tokens": 24, "precision": "fp32", "bootstrap": {"resamples": 200, "confidence": 0.95}},
+        **sections,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -50,22 +56,45 @@ def workspace(prepared: Path, tmp_path: Path, train: dict | None = None) -> Path
     return work
 
 
-def one_step_weights(prepared: Path, tmp_path: Path, batch: int, accumulation: int, model_class: type | None = None) -> dict[str, torch.Tensor]:
+def one_step_weights(
+    prepared: Path, tmp_path: Path, batch: int, accumulation: int, model_class: type | None = None
+) -> dict[str, torch.Tensor]:
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stages.train import build_trainer
 
     params = load_params(prepared / "params.yaml")
-    params = params.model_copy(update={"train": params.train.model_copy(update={
-        "batch_size": batch, "gradient_accumulation": accumulation, "max_steps": 1, "warmup_ratio": 0.0,
-        "lr_scheduler": "constant", "learning_rate": 0.5, "max_grad_norm": 1e9})})
+    params = params.model_copy(
+        update={
+            "train": params.train.model_copy(
+                update={
+                    "batch_size": batch,
+                    "gradient_accumulation": accumulation,
+                    "max_steps": 1,
+                    "warmup_ratio": 0.0,
+                    "lr_scheduler": "constant",
+                    "learning_rate": 0.5,
+                    "max_grad_norm": 1e9,
+                }
+            )
+        }
+    )
     model = (model_class or AutoModelForCausalLM).from_pretrained(prepared / "models" / "base", use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(prepared / "models" / "base")
     data = datasets.load_from_disk(str(prepared / "data" / "tokenized"))
     data["val"] = data["val"].select([])
-    trainer, counter = build_trainer(params, model, tokenizer, data, tmp_path / f"out-{batch}x{accumulation}",
-                                     optim="sgd", train_sampling_strategy="sequential", report_to="none", save_strategy="no")
+    trainer, counter = build_trainer(
+        params,
+        model,
+        tokenizer,
+        data,
+        tmp_path / f"out-{batch}x{accumulation}",
+        optim="sgd",
+        train_sampling_strategy="sequential",
+        report_to="none",
+        save_strategy="no",
+    )
     trainer.train()
     return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}, counter
 
@@ -85,8 +114,13 @@ class LlamaWithoutLossKwargs(LlamaForCausalLM):
     """A causal LM whose forward takes no **kwargs: the Trainer then does not pass num_items_in_batch to it."""
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, use_cache=None):
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                               logits_to_keep=logits_to_keep, use_cache=use_cache)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+            use_cache=use_cache,
+        )
 
 
 def test_6_accumulation_is_exact_for_a_model_whose_forward_takes_no_loss_kwargs(prepared, tmp_path):
@@ -107,20 +141,32 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def ddp_step(work: Path, out: Path, processes: int, batch: int, distributed: str = "ddp",
-             nodes: int = 1) -> tuple[dict[str, torch.Tensor], dict]:
+def ddp_step(
+    work: Path, out: Path, processes: int, batch: int, distributed: str = "ddp", nodes: int = 1
+) -> tuple[dict[str, torch.Tensor], dict]:
     """tests/ddp_step.py under torchrun: one launcher (--standalone), or `nodes` launchers on this machine started
     the way dvc.yaml starts each node of a multi-node job (stages/lib/launch.py: NNODES, NODE_RANK, MASTER_ADDR)."""
     env = {**tool_env(), "PYTHONPATH": str(REPO)}
-    script = ["--nproc_per_node", str(processes), str(REPO / "tests" / "ddp_step.py"), str(out), str(batch), distributed]
+    script = [
+        "--nproc_per_node",
+        str(processes),
+        str(REPO / "tests" / "ddp_step.py"),
+        str(out),
+        str(batch),
+        distributed,
+    ]
     if nodes == 1:
         launchers = [(["torchrun", "--standalone", *script], env)]
     else:
         meet = {"NNODES": str(nodes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-        launchers = [([sys.executable, "-m", "stages.lib.launch", *script], {**env, **meet, "NODE_RANK": str(rank)})
-                     for rank in range(nodes)]
-    running = [subprocess.Popen(command, cwd=work, env=node_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for command, node_env in launchers]
+        launchers = [
+            ([sys.executable, "-m", "stages.lib.launch", *script], {**env, **meet, "NODE_RANK": str(rank)})
+            for rank in range(nodes)
+        ]
+    running = [
+        subprocess.Popen(command, cwd=work, env=node_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for command, node_env in launchers
+    ]
     for process in running:
         _, stderr = process.communicate(timeout=900)
         assert process.returncode == 0, stderr[-4000:]
@@ -131,7 +177,10 @@ def ddp_step(work: Path, out: Path, processes: int, batch: int, distributed: str
 def reference_steps(prepared, tmp_path_factory) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
     """One SGD step of 1 process × 8 examples and of 2 DDP processes × 4: what every other layout must equal."""
     out = tmp_path_factory.mktemp("reference")
-    return {"one": ddp_step(prepared, out / "one.safetensors", 1, 8), "ddp": ddp_step(prepared, out / "two.safetensors", 2, 4)}
+    return {
+        "one": ddp_step(prepared, out / "one.safetensors", 1, 8),
+        "ddp": ddp_step(prepared, out / "two.safetensors", 2, 4),
+    }
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -139,6 +188,7 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max(float((a[name] - b[name]).abs().max()) for name in a)
 
 
+@pytest.mark.slow
 def test_6_two_ddp_processes_of_4_equal_one_process_of_8(prepared, reference_steps, tmp_path):
     """Gradients averaged by DDP, losses normalised by the global trained-token count: one SGD step of 2 × 4
     gives the weights of 1 × 8 (a wrong scale, e.g. a mean of per-process means, would not). And the validation
@@ -166,8 +216,12 @@ def test_two_nodes_and_fsdp_take_the_step_of_one_process_with_the_global_batch(p
     ddp, _ = reference_steps["ddp"]
     nodes, nodes_eval = ddp_step(prepared, tmp_path / "nodes.safetensors", 1, 4, nodes=2)
     fsdp, fsdp_eval = ddp_step(prepared, tmp_path / "fsdp.safetensors", 2, 4, distributed="fsdp")
-    differences = {"2 nodes vs 1 process": max_difference(nodes, one), "fsdp vs 1 process": max_difference(fsdp, one),
-                   "fsdp vs ddp": max_difference(fsdp, ddp), "2 nodes vs 2 processes": max_difference(nodes, ddp)}
+    differences = {
+        "2 nodes vs 1 process": max_difference(nodes, one),
+        "fsdp vs 1 process": max_difference(fsdp, one),
+        "fsdp vs ddp": max_difference(fsdp, ddp),
+        "2 nodes vs 2 processes": max_difference(nodes, ddp),
+    }
     print(differences)
     assert nodes_eval["world_size"] == fsdp_eval["world_size"] == 2
     assert max(differences.values()) < 2e-6, differences
@@ -182,9 +236,17 @@ def run_train(work: Path, *launcher: str) -> subprocess.CompletedProcess:
     return subprocess.run(command + ["-m", "stages.train"], cwd=work, env=env, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_lora_trains_and_saves_a_merged_model(prepared, tmp_path):
-    work = workspace(prepared, tmp_path, {"method": "lora", "learning_rate": 1.0e-2, "lora": {"r": 4, "alpha": 8, "dropout": 0.0,
-                                                                                           "target_modules": ["q_proj", "v_proj"], "merge": True}})
+    work = workspace(
+        prepared,
+        tmp_path,
+        {
+            "method": "lora",
+            "learning_rate": 1.0e-2,
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "merge": True},
+        },
+    )
     result = run_train(work)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_json(work / "metrics" / "train.json")
@@ -196,22 +258,32 @@ def test_lora_trains_and_saves_a_merged_model(prepared, tmp_path):
     assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
 
 
+@pytest.mark.slow
 def test_lora_adapter_only_records_its_base_and_evaluates(prepared, tmp_path):
-    work = workspace(prepared, tmp_path, {"method": "lora", "max_steps": 4, "lora": {"r": 4, "alpha": 8, "merge": False}})
+    work = workspace(
+        prepared, tmp_path, {"method": "lora", "max_steps": 4, "lora": {"r": 4, "alpha": 8, "merge": False}}
+    )
     result = run_train(work)
     assert result.returncode == 0, result.stderr[-3000:]
     out = work / "models" / "finetuned"
     assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
     assert read_json(out / "base_model.json")["base_model"] == "models/base"
     save_tiny_encoder(work / "tiny-encoder")
-    write_params(work, tiny_params({"method": "lora", "max_steps": 4, "lora": {"r": 4, "alpha": 8, "merge": False}},
-                                   evaluate={"max_conversations": 3, "max_new_tokens": 8}, encoder={"model": "tiny-encoder"}))
+    write_params(
+        work,
+        tiny_params(
+            {"method": "lora", "max_steps": 4, "lora": {"r": 4, "alpha": 8, "merge": False}},
+            evaluate={"max_conversations": 3, "max_new_tokens": 8},
+            encoder={"model": "tiny-encoder"},
+        ),
+    )
     for args in (("score", "--model", "base"), ("score", "--model", "finetuned"), ("encoder",), ("evaluate",)):
         evaluated = run_stage(args[0], work, *args[1:])  # base model + adapter on top, the way score loads it
         assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert read_json(work / "metrics" / "eval.json")["finetuned"]["scored_tokens"] > 0
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(prepared, tmp_path):
     settings = {"max_steps": 200, "save_steps": 10, "eval_steps": 100, "logging_steps": 10, "batch_size": 2}
     straight = workspace(prepared, tmp_path / "a", settings)
@@ -234,6 +306,7 @@ def test_killed_run_resumes_to_the_same_weights(prepared, tmp_path):
     assert not list((killed / "models" / "checkpoints").glob("checkpoint-*"))
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_train_with_ddp_and_save_once(prepared, tmp_path):
     work = workspace(prepared, tmp_path, {"max_steps": 6, "eval_steps": 6, "save_steps": 6, "logging_steps": 3})
     result = run_train(work, "torchrun", "--standalone", "--nproc_per_node", "2")
@@ -248,8 +321,15 @@ def test_two_cpu_processes_train_with_ddp_and_save_once(prepared, tmp_path):
 def kill_after_checkpoint(work: Path, command: list[str] | str, step: int) -> None:
     """Start the train stage, SIGKILL its whole process group once checkpoint-`step` is complete."""
     env = {**tool_env(), "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(command, cwd=work, env=env, shell=isinstance(command, str),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        cwd=work,
+        env=env,
+        shell=isinstance(command, str),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 600
     state = work / "models" / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json"
     while not state.exists() and process.poll() is None and time.time() < deadline:
@@ -271,8 +351,15 @@ def dvc_command(work: Path) -> str:
 def test_fsdp_resumes_after_a_kill_to_the_same_weights_and_saves_a_model_score_loads(prepared, tmp_path):
     """FSDP2 across 2 processes through dvc.yaml's command: a run killed after a checkpoint resumes to the weights
     and metrics of an uninterrupted one, and the saved model is a whole safetensors model that score loads."""
-    settings = {"distributed": "fsdp", "processes": 2, "max_steps": 30, "save_steps": 10, "eval_steps": 30, "logging_steps": 10,
-                "batch_size": 2}
+    settings = {
+        "distributed": "fsdp",
+        "processes": 2,
+        "max_steps": 30,
+        "save_steps": 10,
+        "eval_steps": 30,
+        "logging_steps": 10,
+        "batch_size": 2,
+    }
     straight = workspace(prepared, tmp_path / "a", settings)
     result = dvc_train(straight)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -299,15 +386,27 @@ def test_fsdp_resumes_after_a_kill_to_the_same_weights_and_saves_a_model_score_l
 def test_fsdp_trains_lora_in_bf16_with_gradient_checkpointing_as_ddp_does(prepared, tmp_path):
     """LoRA, bf16 and FSDP's activation checkpointing under FSDP2: the merged model it saves is the one DDP saves,
     to bf16's rounding."""
-    settings = {"method": "lora", "precision": "bf16", "gradient_checkpointing": True, "processes": 2, "max_steps": 4,
-                "eval_steps": 4, "save_steps": 4, "logging_steps": 2, "learning_rate": 1.0e-2,
-                "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "merge": True}}
+    settings = {
+        "method": "lora",
+        "precision": "bf16",
+        "gradient_checkpointing": True,
+        "processes": 2,
+        "max_steps": 4,
+        "eval_steps": 4,
+        "save_steps": 4,
+        "logging_steps": 2,
+        "learning_rate": 1.0e-2,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "merge": True},
+    }
     runs = {}
     for mode in ("ddp", "fsdp"):
         work = workspace(prepared, tmp_path / mode, {**settings, "distributed": mode})
         result = dvc_train(work)
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[mode] = read_json(work / "metrics" / "train.json"), load_file(work / "models" / "finetuned" / "model.safetensors")
+        runs[mode] = (
+            read_json(work / "metrics" / "train.json"),
+            load_file(work / "models" / "finetuned" / "model.safetensors"),
+        )
     base = load_file(prepared / "models" / "base" / "model.safetensors")
     (ddp_metrics, ddp), (fsdp_metrics, fsdp) = runs["ddp"], runs["fsdp"]
     assert fsdp_metrics["method"] == "lora-merged" and fsdp_metrics["precision"] == "bf16" and set(fsdp) == set(base)
@@ -331,8 +430,18 @@ def test_the_train_command_on_two_nodes_trains_as_two_processes_on_one_and_write
     heads = [workspace(prepared, tmp_path / f"node{rank}", settings) for rank in (0, 1)]
     meet = {"NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     env = {**tool_env(), "PYTHONPATH": str(REPO), **meet}
-    running = [subprocess.Popen(dvc_command(work), shell=True, cwd=work, env={**env, "NODE_RANK": str(rank)},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank, work in enumerate(heads)]
+    running = [
+        subprocess.Popen(
+            dvc_command(work),
+            shell=True,
+            cwd=work,
+            env={**env, "NODE_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank, work in enumerate(heads)
+    ]
     outputs = [process.communicate(timeout=900) for process in running]
     for process, (_, stderr) in zip(running, outputs):
         assert process.returncode == 0, stderr[-3000:]
@@ -367,13 +476,18 @@ def test_auto_precision_is_measured_and_explained():
 def dvc_train(work: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """The train stage's command exactly as dvc.yaml runs it (pre-flight check, then the real torchrun)."""
     command = dvc_command(work)
-    env = {key: value for key, value in {**tool_env(), "PYTHONPATH": str(REPO), **(env or {})}.items() if value is not None}
+    env = {
+        key: value for key, value in {**tool_env(), "PYTHONPATH": str(REPO), **(env or {})}.items() if value is not None
+    }
     return subprocess.run(command, shell=True, cwd=work, env=env, capture_output=True, text=True, timeout=600)
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, (result.returncode, result.stderr[-3000:])
+    assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, (
+        result.returncode,
+        result.stderr[-3000:],
+    )
     return lines[0]
 
 
@@ -383,10 +497,14 @@ def with_previous_outputs(work: Path) -> dict[Path, bytes]:
     (work / "models" / "finetuned" / "model.safetensors").write_bytes(b"earlier weights")
     (work / "metrics").mkdir(exist_ok=True)
     (work / "metrics" / "train.json").write_text('{"earlier": true}')
-    return {path: path.read_bytes() for path in (work / "models" / "finetuned" / "model.safetensors", work / "metrics" / "train.json")}
+    return {
+        path: path.read_bytes()
+        for path in (work / "models" / "finetuned" / "model.safetensors", work / "metrics" / "train.json")
+    }
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs on a GPU")
+@pytest.mark.slow
 def test_fp16_on_a_cpu_is_refused_in_one_line_under_torchrun(prepared, tmp_path):
     """The Trainer ran fp16 on a CPU in float32 while metrics/train.json recorded fp16."""
     work = workspace(prepared, tmp_path, {"precision": "fp16"})
@@ -397,10 +515,13 @@ def test_fp16_on_a_cpu_is_refused_in_one_line_under_torchrun(prepared, tmp_path)
     assert not (work / "models" / "checkpoints").exists()  # refused before any work
 
 
+@pytest.mark.slow
 def test_recorded_precision_is_the_one_that_ran(prepared, tmp_path):
     """`auto` is recorded as what it resolved to on this machine (measured once, by `--check`, for every worker),
     never as `auto` or a precision that did not run."""
-    work = workspace(prepared, tmp_path, {"precision": "auto", "max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1})
+    work = workspace(
+        prepared, tmp_path, {"precision": "auto", "max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}
+    )
     assert dvc_train(work).returncode == 0
     choice = read_json(work / "metrics" / "runtime" / "train.json")["precision"]
     assert read_json(work / "metrics" / "train.json")["precision"] == choice["precision"] in ("bf16", "fp32")
@@ -428,6 +549,7 @@ def test_the_compiled_loss_equals_the_eager_loss_and_its_gradient():
         torch.testing.assert_close(results["compiled"][1].float(), results["eager"][1].float(), rtol=1.6e-2, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torch_compile_auto_compiles_where_inductor_works_and_trains_eagerly_where_it_cannot(prepared, tmp_path):
     """`auto` compiles where a two-line function compiles for real (a C++ compiler on a CPU) and records why; a
     machine without a compiler trains eagerly and says so; `true` there is a one-line error before any work.
@@ -446,7 +568,9 @@ def test_torch_compile_auto_compiles_where_inductor_works_and_trains_eagerly_whe
     assert runs["eager"][0] == {"enabled": False, "reason": "set in params.yaml"} and runs["eager"][2] is None
     if compile_problem(torch.device("cpu")) is None:
         assert runs["auto"][0] == {"enabled": True, "reason": "inductor compiles on cpu here"}
-        assert runs["auto"][2] == str(home / ".cache" / "torchinductor")  # the torchrun worker's, not torch's /tmp default
+        assert runs["auto"][2] == str(
+            home / ".cache" / "torchinductor"
+        )  # the torchrun worker's, not torch's /tmp default
         assert abs(runs["auto"][1]["val_loss_after"] - runs["eager"][1]["val_loss_after"]) < 1e-3
 
     no_compiler = {"CXX": "/nonexistent/g++", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "empty-cache")}
@@ -457,7 +581,10 @@ def test_torch_compile_auto_compiles_where_inductor_works_and_trains_eagerly_whe
     work = workspace(prepared, tmp_path / "refused", {**short, "torch_compile": True})
     previous = with_previous_outputs(work)
     message = one_line_error(dvc_train(work, no_compiler))
-    assert message.startswith("error: train.torch_compile: true, but torch.compile fails on this machine (") and "No working C++ compiler" in message
+    assert (
+        message.startswith("error: train.torch_compile: true, but torch.compile fails on this machine (")
+        and "No working C++ compiler" in message
+    )
     assert {path: path.read_bytes() for path in previous} == previous
 
 
@@ -465,7 +592,9 @@ def test_unknown_lora_target_is_one_line_naming_the_layers_before_training(prepa
     work = workspace(prepared, tmp_path, {"method": "lora", "lora": {"target_modules": ["q_proj", "qkv_proj"]}})
     previous = with_previous_outputs(work)
     message = one_line_error(dvc_train(work))
-    assert message.startswith("error: train.lora.target_modules: 'qkv_proj' matches no module in LlamaForCausalLM; its linear layers are ")
+    assert message.startswith(
+        "error: train.lora.target_modules: 'qkv_proj' matches no module in LlamaForCausalLM; its linear layers are "
+    )
     assert "q_proj" in message and "down_proj" in message and "all-linear" in message
     assert {path: path.read_bytes() for path in previous} == previous
     assert not (work / "models" / "checkpoints").exists()
@@ -485,10 +614,15 @@ def gpt2_prepared(prepared, tmp_path_factory) -> Path:
     return work
 
 
+@pytest.mark.slow
 def test_lora_with_default_target_modules_trains_gpt2(gpt2_prepared, tmp_path):
     """The default used to name Llama's q_proj...down_proj: GPT-2 failed with a 73-line traceback."""
     assert load_params(REPO / "params.yaml").train.lora.target_modules == "all-linear"
-    work = workspace(gpt2_prepared, tmp_path, {"method": "lora", "max_steps": 4, "eval_steps": 4, "save_steps": 4, "logging_steps": 2})
+    work = workspace(
+        gpt2_prepared,
+        tmp_path,
+        {"method": "lora", "max_steps": 4, "eval_steps": 4, "save_steps": 4, "logging_steps": 2},
+    )
     assert load_params(work / "params.yaml").train.lora == load_params(REPO / "params.yaml").train.lora
     result = dvc_train(work)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -499,11 +633,14 @@ def test_lora_with_default_target_modules_trains_gpt2(gpt2_prepared, tmp_path):
     assert changed and all(key.rsplit(".", 2)[-2] in ("c_attn", "c_proj", "c_fc") for key in changed)
 
 
+@pytest.mark.slow
 def test_llama_target_names_on_gpt2_name_gpt2s_layers(gpt2_prepared, tmp_path):
     work = workspace(gpt2_prepared, tmp_path, {"method": "lora", "lora": {"target_modules": ["q_proj", "v_proj"]}})
     message = one_line_error(dvc_train(work))
-    assert message == ("error: train.lora.target_modules: 'q_proj' matches no module in GPT2LMHeadModel; "
-                       "its linear layers are c_attn, c_fc, c_proj, lm_head (or set all-linear)")
+    assert message == (
+        "error: train.lora.target_modules: 'q_proj' matches no module in GPT2LMHeadModel; "
+        "its linear layers are c_attn, c_fc, c_proj, lm_head (or set all-linear)"
+    )
 
 
 def test_the_last_step_writes_no_checkpoint_the_finished_run_would_delete(prepared, tmp_path):
@@ -513,7 +650,9 @@ def test_the_last_step_writes_no_checkpoint_the_finished_run_would_delete(prepar
     from stages.train import build_trainer
 
     params = load_params(prepared / "params.yaml")
-    params = params.model_copy(update={"train": params.train.model_copy(update={"max_steps": 4, "save_steps": 2, "eval_steps": 4})})
+    params = params.model_copy(
+        update={"train": params.train.model_copy(update={"max_steps": 4, "save_steps": 2, "eval_steps": 4})}
+    )
     model = AutoModelForCausalLM.from_pretrained(prepared / "models" / "base", use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(prepared / "models" / "base")
     data = datasets.load_from_disk(str(prepared / "data" / "tokenized"))
@@ -543,13 +682,15 @@ print(done, "|", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, "|
 def test_freed_memory_is_reused_not_faulted_in_again_every_step():
     faults = {}
     for mode in ("default", "kept"):
-        result = subprocess.run([sys.executable, "-c", ALLOCATION_LOOP, mode], cwd=REPO, capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [sys.executable, "-c", ALLOCATION_LOOP, mode], cwd=REPO, capture_output=True, text=True, check=True
+        )
         done, count, touched = result.stdout.split("|")
         faults[mode] = int(count)
     assert "freed memory kept" in done
     pages = int(touched) // os.sysconf("SC_PAGE_SIZE")
     assert faults["default"] > pages // 2, faults  # every step maps its tensors afresh and faults their pages in
-    assert faults["kept"] < pages // 10, faults    # the same pages, step after step
+    assert faults["kept"] < pages // 10, faults  # the same pages, step after step
 
 
 SAME_SIZE_LOOP = """
@@ -577,7 +718,9 @@ def test_a_freed_block_is_reused_for_the_next_block_of_the_same_size():
     env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
     runs = {}
     for mode in ("kept", "restart"):
-        result = subprocess.run([sys.executable, "-c", SAME_SIZE_LOOP, mode], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [sys.executable, "-c", SAME_SIZE_LOOP, mode], cwd=REPO, env=env, capture_output=True, text=True, check=True
+        )
         done, count, touched, argv = result.stdout.split("|")
         runs[mode] = (done, int(count), argv.strip())
     pages = int(touched) // os.sysconf("SC_PAGE_SIZE")
@@ -603,7 +746,9 @@ def test_validation_loss_is_in_the_training_precision_before_training_too(prepar
         model = AutoModelForCausalLM.from_pretrained(prepared / "models" / "base", use_safetensors=True)
         trainer, _ = build_trainer(params, model, tokenizer, data, tmp_path / precision, report_to="none")
         losses[precision] = trainer.evaluate()["eval_loss"]
-    trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model, evaluation_mode=True)  # as train() leaves it
+    trainer.model_wrapped = trainer.accelerator.prepare_model(
+        trainer.model, evaluation_mode=True
+    )  # as train() leaves it
     assert trainer.evaluate()["eval_loss"] == losses["bf16"] != losses["fp32"]
 
 
@@ -629,7 +774,9 @@ def test_bf16_training_hands_the_loss_bf16_logits_not_a_float32_copy(prepared, t
     params = load_params(prepared / "params.yaml")
     params = params.model_copy(update={"train": params.train.model_copy(update={"precision": "bf16", "max_steps": 2})})
     model = AutoModelForCausalLM.from_pretrained(prepared / "models" / "base", use_safetensors=True)
-    trainer, _ = train.build_trainer(params, model, tokenizer, data, tmp_path, report_to="none", save_strategy="no", eval_strategy="no")
+    trainer, _ = train.build_trainer(
+        params, model, tokenizer, data, tmp_path, report_to="none", save_strategy="no", eval_strategy="no"
+    )
     trainer.train()
     assert dtypes == [torch.bfloat16, torch.bfloat16]
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # autocast: the weights stay float32
@@ -656,6 +803,7 @@ print(all(torch.equal(grads[0], g) for g in grads[1:]))
 """
 
 
+@pytest.mark.slow
 def test_compiled_training_accumulates_the_embedding_gradient_in_a_fixed_order(tmp_path):
     """train.torch_compile: inductor's C++ backward of an embedding lookup added the rows of repeated tokens from
     parallel threads in no fixed order, so compiled runs ended at different losses run to run (3.6353, 3.6364,
@@ -663,8 +811,14 @@ def test_compiled_training_accumulates_the_embedding_gradient_in_a_fixed_order(t
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     same = {}
     for mode in ("default", "stage"):
-        result = subprocess.run([sys.executable, "-c", COMPILED_EMBEDDING_BACKWARD, mode], cwd=REPO, env=env,
-                                capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [sys.executable, "-c", COMPILED_EMBEDDING_BACKWARD, mode],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         same[mode] = result.stdout.strip().splitlines()[-1] == "True"
     assert same["stage"]
     if (os.cpu_count() or 1) >= 2:  # the race needs two threads: the control shows the test can see it

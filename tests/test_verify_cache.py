@@ -1,5 +1,6 @@
 """DVC's cache gap and the check for it: an object damaged in place is checked out silently and every dvc status
 reports in sync; stages.tools.verify_cache finds it, and pull + checkout --relink restore cache and workspace."""
+
 from __future__ import annotations
 
 import os

@@ -119,7 +119,7 @@ def compile_problem(device: torch.device) -> str | None:
     try:
         probe = torch.compile(lambda x: torch.nn.functional.silu(x) * x.sum(), fullgraph=True, dynamic=False)
         probe(torch.ones(16, device=device))
-    except Exception as exc:  # noqa: BLE001: any failure means "not here"; its first line is the reason
+    except Exception as exc:  # noqa: BLE001 (any failure means "not here"; its first line is the reason)
         lines = str(exc).strip().splitlines()
         return f"{type(exc).__name__}: {lines[0] if lines else ''}".strip()
     finally:
