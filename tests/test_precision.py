@@ -120,3 +120,15 @@ def test_the_benchmark_times_the_stage_on_the_batches_a_pipeline_run_trains_on()
     old = _padding([regrouped["length"][i] for i in order], batch)
     new = _padding(chosen["length"], batch)
     assert new < 0.03 and old > 3 * new, (new, old)
+
+
+def test_the_precision_choice_survives_a_slow_spell_of_a_busy_machine(monkeypatch):
+    """Each precision is the best of interleaved rounds: one slow round on a busy machine does not decide."""
+    from types import SimpleNamespace
+
+    from stages.lib import precision
+
+    measured = iter([200.0, 1.2, 210.0, 850.0, 205.0, 860.0])  # fp32, bf16 per round: the first bf16 round was slow
+    monkeypatch.setattr(precision, "matmul_gflops", lambda dtype, *shape: next(measured))
+    choice = precision.choose("auto", SimpleNamespace(hidden_size=576, intermediate_size=1536))
+    assert choice.precision == "bf16" and (choice.fp32_gflops, choice.bf16_gflops) == (210.0, 860.0)

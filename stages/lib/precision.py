@@ -68,6 +68,9 @@ def model_shapes(config: Any) -> tuple[int, int]:
     return int(hidden), int(inner)
 
 
+MEASURE_ROUNDS = 3
+
+
 def choose(requested: str, config: Any, tokens: int = 2048) -> PrecisionChoice:
     """Resolve a `precision` param (auto | bf16 | fp16 | fp32) for this machine."""
     cuda = torch.cuda.is_available()
@@ -80,8 +83,10 @@ def choose(requested: str, config: Any, tokens: int = 2048) -> PrecisionChoice:
             return PrecisionChoice("bf16", f"GPU {torch.cuda.get_device_name(0)} supports bf16")
         return PrecisionChoice("fp16", f"GPU {torch.cuda.get_device_name(0)} has no bf16")
     hidden, inner = model_shapes(config)
-    fp32 = matmul_gflops(torch.float32, tokens, hidden, inner)
-    bf16 = matmul_gflops(torch.bfloat16, tokens, hidden, inner)
+    fp32 = bf16 = 0.0
+    for _ in range(MEASURE_ROUNDS):  # interleaved, best of each: a slow spell of a busy machine costs one round
+        fp32 = max(fp32, matmul_gflops(torch.float32, tokens, hidden, inner))
+        bf16 = max(bf16, matmul_gflops(torch.bfloat16, tokens, hidden, inner))
     shape = f"{tokens}×{hidden}×{inner} GEMM"
     if bf16 >= BF16_MARGIN * fp32:
         return PrecisionChoice(
