@@ -211,3 +211,15 @@ def test_a_gate_that_is_not_a_boolean_is_never_read_as_passed(gate, word):
     from stages.tools.review import gate_word
 
     assert gate_word(gate) == word
+
+
+def test_a_file_from_before_a_metric_existed_gives_no_verdict_on_it():
+    """Scores written before semantic similarity and ranking existed compare as 'n/a', never as a change from 0."""
+    old = records(0.5, 1, range(40))
+    for record in old:
+        for reply in record["finetuned"]["replies"]:
+            del reply["semantic"]
+        del record["finetuned"]["ranked"]
+    lines, _ = significance([run("base", old)], [run("new", records(0.5, 1, range(40)))], resamples=200)
+    assert verdict_of(lines, "semantic_similarity") == "n/a (not a number)"
+    assert verdict_of(lines, "next_reply_hits_at_1") == "n/a (not a number)"

@@ -60,7 +60,7 @@ class Reply:
     human: str
     stopped: bool  # ended with the end-of-turn token within max_new_tokens
     relevance: float  # TF-IDF cosine between the reply and its context
-    semantic: float = 0.0  # cosine of sentence embeddings of the reply and the human reply
+    semantic: float = math.nan  # cosine of sentence embeddings with the human reply (nan: not scored, an older file)
     context: str = ""  # digest of the context the reply answers: pairing by turn checks it
 
     @property
