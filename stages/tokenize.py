@@ -16,7 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterator
 
-from stages.lib.atomic import atomic_path, write_json
+from stages.lib.atomic import publish_together
 from stages.lib.cli import ArgumentParser, run
 from stages.lib.conversations import (
     Conversation,
@@ -383,11 +383,13 @@ def main() -> int:
     if args.show is not None:
         return show(args.show)
     params = load_params()
-    with atomic_path(OUTPUT, is_dir=True) as staged, tempfile.TemporaryDirectory(dir=staged.parent) as cache:
-        staged.mkdir(exist_ok=True)
-        dataset, report = build(params.tokenize, staged / "tokenizer", Path(cache))
-        dataset.save_to_disk(str(staged), num_proc=save_workers(dataset))
-    write_json(TOKEN_METRICS, report)
+    # The dataset and its report are published together, or neither (docs/DESIGN.md §9).
+    with publish_together(files=[TOKEN_METRICS], dirs=[OUTPUT]) as outputs:
+        staged = outputs[OUTPUT]
+        with tempfile.TemporaryDirectory(dir=staged.parent) as cache:
+            dataset, report = build(params.tokenize, staged / "tokenizer", Path(cache))
+            dataset.save_to_disk(str(staged), num_proc=save_workers(dataset))
+        outputs.write_json(TOKEN_METRICS, report)
     train = report["train"]
     print(
         f"tokenize: train {train['examples']} examples ({train['trained_tokens']} trained of {train['tokens']} tokens, "
