@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from stages.lib.allocator import keep_freed_memory
-from stages.lib.atomic import atomic_path, write_json
+from stages.lib.atomic import publish_together, write_json
 from stages.lib.cli import ArgumentParser, run
 from stages.lib.conversations import InputError
 from stages.lib.labels import IGNORE_INDEX
@@ -619,26 +619,31 @@ def unsharded(params: TrainParams, weights: dict[str, torch.Tensor]) -> Any:
     return model
 
 
-def save_model(model: Any, tokenizer: Any, params: TrainParams, output: Path = OUTPUT) -> str:
-    """Save weights (merged LoRA by default), tokenizer, chat template and generation config (DESIGN §4.8)."""
-    saved = "full"
+def saved_as(params: TrainParams) -> str:
+    """What `save_model` writes: full weights, LoRA merged into them (the default) or the adapter alone, or the
+    QLoRA adapters merged into a bf16 base."""
     if params.method == "qlora":
-        model, saved = merged_bf16(model, params), "qlora-merged-bf16"
-    elif params.method == "lora":
-        if params.lora.merge:
-            model = model.merge_and_unload()
-            saved = "lora-merged"
-        else:
-            saved = "lora-adapter"
-    with atomic_path(output, is_dir=True) as staged:
-        model.save_pretrained(staged, safe_serialization=True)
-        tokenizer.save_pretrained(staged)
-        if saved == "lora-adapter":
-            write_json(
-                staged / "base_model.json",
-                {"base_model": str(BASE_MODEL), "card": json.loads((BASE_MODEL / "model_card.json").read_text())},
-            )
-    return saved
+        return "qlora-merged-bf16"
+    if params.method == "lora":
+        return "lora-merged" if params.lora.merge else "lora-adapter"
+    return "full"
+
+
+def save_model(model: Any, tokenizer: Any, params: TrainParams, directory: Path) -> None:
+    """Save weights (merged LoRA by default), tokenizer, chat template and generation config (DESIGN §4.8) into
+    `directory`, which the caller publishes together with the training metrics."""
+    saved = saved_as(params)
+    if saved == "qlora-merged-bf16":
+        model = merged_bf16(model, params)
+    elif saved == "lora-merged":
+        model = model.merge_and_unload()
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    if saved == "lora-adapter":
+        write_json(
+            directory / "base_model.json",
+            {"base_model": str(BASE_MODEL), "card": json.loads((BASE_MODEL / "model_card.json").read_text())},
+        )
 
 
 def mean_logged_loss(history: list[dict]) -> float | None:
@@ -738,7 +743,8 @@ def main(argv: list[str] | None = None) -> int:
         max(counter.tokens // max(counter.batches, 1), 1),
         counter.trained / max(counter.tokens, 1),
     )
-    saved = save_model(trainer.model if weights is None else unsharded(params.train, weights), tokenizer, params.train)
+    trained = trainer.model if weights is None else unsharded(params.train, weights)
+    saved = saved_as(params.train)
     # Only what the same params and data reproduce, resumed or not: byte-identical across runs on one machine.
     metrics = {
         "method": saved,
@@ -781,8 +787,11 @@ def main(argv: list[str] | None = None) -> int:
         "fraction_of_ceiling": ceiling.fraction(counter.tokens / wall),
         "peak_memory_mb": peak_memory_mb(),
     }
-    write_json(TRAIN_RUNTIME, runtime)
-    write_json(TRAIN_METRICS, metrics)
+    # The model and its metrics are published together, or none of them (docs/DESIGN.md §9).
+    with publish_together(files=[TRAIN_METRICS, TRAIN_RUNTIME], dirs=[OUTPUT]) as outputs:
+        save_model(trained, tokenizer, params.train, outputs[OUTPUT])
+        outputs.write_json(TRAIN_RUNTIME, runtime)
+        outputs.write_json(TRAIN_METRICS, metrics)
     reset_checkpoints(identity, "complete")
     print(
         f"train: {metrics['steps']} steps ({saved}, {metrics['precision']}, {runtime['device']}), val loss "
