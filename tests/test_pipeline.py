@@ -99,21 +99,7 @@ def test_gpt2_with_plain_template_trains_through_dvc(tmp_path):
     assert train["val_loss_after"] < train["val_loss_before"] - 1.0
 
 
-HEADLINE_METRICS = (
-    "perplexity",
-    "bits_per_byte",
-    "token_accuracy",
-    "bleu",
-    "chrf",
-    "rouge_l",
-    "stop_rate",
-    "distinct_1",
-    "distinct_2",
-    "repetition_rate",
-    "mean_reply_words",
-    "empty_reply_rate",
-    "context_relevance",
-)
+VERDICTS = ("better", "worse", "closer to human", "further from human", "no significant change", "unchanged", "")
 
 
 def test_finetuned_model_beats_the_base_on_fluency_and_stopping(llama_repo):
@@ -127,12 +113,17 @@ def test_finetuned_model_beats_the_base_on_fluency_and_stopping(llama_repo):
 
 def test_every_headline_metric_carries_its_interval_and_a_paired_verdict(llama_repo):
     results = read_json(llama_repo / "metrics" / "eval.json")
-    for key in HEADLINE_METRICS:
+    from stages.lib.stats import DESCRIPTIVE, HEADLINE
+
+    for key in HEADLINE:
         for model in (results["base"], results["finetuned"]):
             assert model[f"{key}_low"] <= model[key] <= model[f"{key}_high"], key
         paired = results["change"]["perplexity_improvement" if key == "perplexity" else key]
         assert paired["low"] <= paired["value"] <= paired["high"], key
-        assert paired["verdict"] in ("better", "worse", "within noise", "higher", "lower"), key
+        assert paired["verdict"] in VERDICTS and (paired["verdict"] in ("", "unchanged")) == (
+            key in DESCRIPTIVE or paired["verdict"] == "unchanged"
+        ), (key, paired["verdict"])
+    assert {"base", "finetuned", "human", "change"} <= set(results["unseen"])  # the held-out topics, beside
 
 
 def test_eval_records_the_precision_each_model_was_scored_in(llama_repo):
@@ -147,7 +138,8 @@ def test_slices_and_per_conversation_statistics_are_written(llama_repo):
     depth = read_json(llama_repo / "metrics" / "eval_by_depth.json")
     assert depth and {"depth", "replies", "tokens", "base_perplexity", "finetuned_perplexity"} <= set(depth[0])
     per_conversation = read_json(llama_repo / "metrics" / "eval_conversations.json")
-    assert len(per_conversation) == results["test_conversations"]
+    assert sum(r["set"] == "test" for r in per_conversation) == results["test_conversations"]
+    assert sum(r["set"] == "unseen" for r in per_conversation) == results["unseen"]["test_conversations"] > 0
     assert {"id", "base", "finetuned"} <= set(per_conversation[0])
 
 
@@ -210,7 +202,8 @@ def test_review_report_shows_what_a_change_did(llama_repo):
         assert "train.learning_rate" in report and "0.005" in report and "0.002" in report
         assert report.index("## Significance") < report.index("## Parameters")  # the table opens the report
         assert "| perplexity |" in report and "| stop_rate |" in report and "[" in report
-        assert any(word in report for word in ("| better |", "| worse |", "| within noise |"))
+        assert any(f"| {word} |" in report for word in VERDICTS if word)
+        assert "a verdict is about these two models" in report  # one trained model a side: said plainly
         assert "| **gate** |" in report and "metrics/train.json" in report
         image = llama_repo / "review" / "review-training-loss.png"  # named after the report, not generically
         assert "![Training loss](review-training-loss.png)" in report and image.stat().st_size > 1000
