@@ -104,7 +104,8 @@ def require(obj: dict, key: str, where: str) -> Any:
     return obj[key]
 
 
-def topic_of(obj: dict) -> str | None:
+def raw_topic(obj: dict) -> str | None:
+    """The topic a raw record carries (`meta.topic` or `topic`), None when it has none."""
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
     topic = meta.get("topic", obj.get("topic"))
     return str(topic) if topic not in (None, "") else None
@@ -124,7 +125,7 @@ def from_message_list(obj: dict, where: str, index: int, source: str, keys: tupl
         role = to_role(require(message, role_key, at), at)
         messages.append({"role": role, "content": content_text(require(message, text_key, at), at)})
     return make_conversation(
-        conversation_id(obj.get("id", f"conv-{index:06d}"), where), messages, topic_of(obj), source
+        conversation_id(obj.get("id", f"conv-{index:06d}"), where), messages, raw_topic(obj), source
     )
 
 

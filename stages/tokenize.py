@@ -27,6 +27,7 @@ from stages.lib.conversations import (
     validate_conversation,
 )
 from stages.lib.labels import IGNORE_INDEX, TemplateCost, WindowStats, windows_batch
+from stages.lib.modeling import load_tokenizer
 from stages.lib.params import ParamsError, TokenizeParams, load_params
 from stages.lib.paths import BASE_MODEL, PROCESSED
 from stages.lib.paths import TOKENIZED as OUTPUT
@@ -47,13 +48,11 @@ def role_swapped(conversation: Conversation) -> Conversation:
     }
 
 
-def load_tokenizer(system_prompt: str, path: Path = BASE_MODEL) -> Any:
+def base_tokenizer(system_prompt: str, path: Path = BASE_MODEL) -> Any:
     """The base tokenizer with `tokenize.system_prompt` written into its chat template."""
-    from transformers import AutoTokenizer
-
     if not (path / "tokenizer_config.json").exists():
         raise InputError(f"{path}: no tokenizer; run the base_model stage first (dvc repro base_model)")
-    return with_system_prompt(AutoTokenizer.from_pretrained(path), system_prompt)
+    return with_system_prompt(load_tokenizer(path), system_prompt)
 
 
 def check_max_length(params: TokenizeParams, cost: TemplateCost, model_dir: Path = BASE_MODEL) -> None:
@@ -315,7 +314,7 @@ def build(params: TokenizeParams, tokenizer_dir: Path, cache: Path) -> tuple[Any
     """Tokenize train and val; the tokenizer with the system-prompt choice is saved in `tokenizer_dir`."""
     import datasets
 
-    tokenizer = load_tokenizer(params.system_prompt)  # fails early, with a clear message, if the base model is missing
+    tokenizer = base_tokenizer(params.system_prompt)  # fails early, with a clear message, if the base model is missing
     cost = TemplateCost.measure(tokenizer)
     check_max_length(params, cost)
     tokenizer.save_pretrained(tokenizer_dir)

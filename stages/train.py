@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import DVCLiveCallback
 
 from stages.lib.allocator import keep_freed_memory
 from stages.lib.atomic import publish_together, write_json
@@ -45,7 +47,15 @@ from stages.lib.conversations import InputError
 from stages.lib.labels import IGNORE_INDEX
 from stages.lib.launch import rendezvous, use_slot
 from stages.lib.machine import describe as describe_machine
-from stages.lib.modeling import collator, load_causal_lm, pick_device, read_config, trained_logits, unwrap
+from stages.lib.modeling import (
+    collator,
+    load_causal_lm,
+    load_tokenizer,
+    pick_device,
+    read_config,
+    trained_logits,
+    unwrap,
+)
 from stages.lib.params import Params, TrainParams, load_params
 from stages.lib.paths import BASE_MODEL, TOKENIZED
 from stages.lib.paths import FINETUNED as OUTPUT
@@ -265,10 +275,10 @@ def load_model(params: TrainParams) -> tuple[Any, Any]:
         )
         model.set_attn_implementation(attention_implementation(params.attention, model))
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
-        return get_peft_model(model, lora_config(params)), load_tokenizer()
+        return get_peft_model(model, lora_config(params)), tokenize_stage_tokenizer()
     model, _ = load_causal_lm(BASE_MODEL)
     model.set_attn_implementation(attention_implementation(params.attention, model))
-    tokenizer = load_tokenizer()
+    tokenizer = tokenize_stage_tokenizer()
     if params.method == "lora":
         from peft import get_peft_model
 
@@ -290,13 +300,11 @@ def merged_bf16(model: Any, params: TrainParams) -> Any:
     return wrapped.merge_and_unload()
 
 
-def load_tokenizer() -> Any:
+def tokenize_stage_tokenizer() -> Any:
     """The tokenizer exactly as tokenize used it (its chat template carries the system prompt choice)."""
-    from transformers import AutoTokenizer
-
     if not (TOKENIZED / "tokenizer" / "tokenizer_config.json").exists():
         raise InputError(f"{TOKENIZED}: no tokenized data; run the tokenize stage first (dvc repro tokenize)")
-    return AutoTokenizer.from_pretrained(TOKENIZED / "tokenizer")
+    return load_tokenizer(TOKENIZED / "tokenizer")
 
 
 def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -406,135 +414,155 @@ def fsdp_settings(train: TrainParams) -> dict[str, Any]:
     }
 
 
-def build_trainer(
-    params: Params,
-    model: Any,
-    tokenizer: Any,
-    datasets: Any,
-    output_dir: Path,
-    precision: PrecisionChoice | None = None,
-    compiled: CompileChoice | None = None,
-    **overrides: Any,
-) -> tuple[Any, TokenCounter]:
-    from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+# The training arithmetic (docs/DESIGN.md §4.6), all of it. One optimizer step sees a global batch of
+# batch_size × gradient_accumulation × processes windows, holding N trained tokens (the Trainer counts N over
+# all micro-batches and processes first and passes it as `num_items_in_batch`). For each micro-batch:
+#     loss = Σ NLL over its trained positions / N               ChatTrainer.compute_loss (trained_position_loss)
+#     loss = loss × processes                                   DDP's all-reduce averages the processes' gradients
+#     loss.backward()                                           gradients add up over the accumulation steps
+# and the optimizer steps once: the gradient of the mean NLL per trained token of the global batch, however the
+# batch is split into processes and micro-batches (tests/test_train.py, test_6_*). Precision: bf16 autocast
+# around the forward and the loss (`autocast_smart_context_manager`), the NLL summed in float32 (`nll_sum`).
+# Order: batches grouped by length and shuffled whole, from (train.seed, epoch) alone (`seeded_length_sampler`).
+#
+# Trainer internals this relies on, each pinned by tests/test_train.py::test_the_trainer_internals_train_py_uses:
+#   Trainer.loss_is_scaled_for_ga = True      training_step must not divide the loss by the accumulation steps
+#   Trainer.model_accepts_loss_kwargs = True  the Trainer counts num_items_in_batch for every model
+#   Trainer.accelerator.native_amp = False    accelerate must not wrap model.forward in its own autocast
+#   Trainer._get_train_sampler (private)      overridden: the seeded sampler
+#   Trainer.model_wrapped, Trainer._prepare_inputs (private)   the token-weighted evaluation loop
+#   DVCLiveCallback._initialized (private)    Curves.setup skips DVCLive's dump of every TrainingArguments field
+#   TrainingArguments.warmup_steps            a float below 1 is a ratio of the total steps (train.warmup_ratio)
 
-    train = params.train
-    precision = (precision or resolve_precision(train.precision, model.config)).precision
-    compiled = compiled or choose_compile(train.torch_compile, pick_device())
-    nll = nll_sum
-    if compiled.enabled:
-        compile_blocks(model)
-        nll = torch.compile(nll_sum, dynamic=True)  # dynamic: the count of trained positions differs every batch
-    counter = TokenCounter()
-    has_val = len(datasets["val"]) > 0
+
+class ChatTrainer(Trainer):
+    """The Hugging Face Trainer with the loss, precision, sampler and evaluation above; `counter` counts tokens."""
+
+    loss_is_scaled_for_ga = True  # compute_loss divides by the whole step's trained-token count itself
+
+    def __init__(self, *args: Any, counter: TokenCounter, nll: Any = nll_sum, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.counter, self.nll = counter, nll
+        self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch for any model
+        # bf16 autocast around the loss's forward here, not accelerate's wrapper of model.forward: that wrapper also
+        # converts every output to float32, a [positions × vocabulary] float32 copy of the logits and one of their
+        # gradient each step, which nll_sum's own upcast makes redundant. FSDP and DeepSpeed keep accelerate's
+        # mixed precision (they shard and cast the weights themselves).
+        plain = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        self.autocast_dtype = torch.bfloat16 if self.args.bf16 and plain else None
+        if self.autocast_dtype is not None:
+            self.accelerator.native_amp = False
+
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        if self.autocast_dtype is None:
+            return super().autocast_smart_context_manager(cache_enabled)
+        return torch.autocast(self.args.device.type, dtype=self.autocast_dtype, cache_enabled=cache_enabled)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.counter.add(inputs)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        # Grouped by the global batch (all processes, all accumulation steps): the same windows form one
+        # optimizer step whether it runs as 1 process × 8 or 2 processes × 4.
+        global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return seeded_length_sampler(dataset, global_batch, self.args.seed)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = trained_position_loss(model, inputs, num_items_in_batch, self.nll)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """Token-weighted validation loss (total NLL over all trained tokens, as the score stage computes it),
+        not the Trainer's mean of per-batch means."""
+        loader = self.get_eval_dataloader(eval_dataset)
+        model = self.model_wrapped
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        # One autocast region for the whole pass: the precision training runs in, before training (when
+        # accelerate has not yet wrapped an fp16 model's forward) as after, and weights cast once, not per batch.
+        half = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        cast = torch.autocast(self.args.device.type, dtype=half) if half else contextlib.nullcontext()
+        with torch.no_grad(), cast:
+            for inputs in loader:
+                inputs = self._prepare_inputs(inputs)
+                scored = trained_logits(model, inputs)
+                per_position = torch.nn.functional.cross_entropy(scored.logits, scored.targets, reduction="none")
+                by_example = sums.new_zeros(scored.keep.shape)
+                by_example[scored.keep] = per_position.double()  # [example, position]: the logits' row-major order
+                example_nll, example_tokens = by_example.sum(1), scored.keep.sum(1).double()
+                # Per example, so that accelerate can drop the examples its sampler repeated to give every
+                # process as many batches: summed across processes, they counted twice.
+                example_nll, example_tokens = self.accelerator.gather_for_metrics((example_nll, example_tokens))
+                sums += torch.stack([example_nll.sum(), example_tokens.sum()])
+        model.train(was_training)
+        metrics = {
+            f"{metric_key_prefix}_loss": float(sums[0] / sums[1].clamp(min=1)),
+            f"{metric_key_prefix}_tokens": int(sums[1]),
+        }
+        self.log({f"{metric_key_prefix}_loss": metrics[f"{metric_key_prefix}_loss"]})
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+class Throughput(TrainerCallback):
+    """Adds tokens/s since the previous log to each log record (DVCLive then plots it)."""
+
+    def __init__(self, counter: TokenCounter) -> None:
+        self.counter = counter
+        self.last = (time.perf_counter(), 0, 0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        now, tokens, trained = time.perf_counter(), self.counter.tokens, self.counter.trained
+        elapsed = max(now - self.last[0], 1e-9)
+        world = max(args.world_size, 1)
+        logs["tokens_per_s"] = round((tokens - self.last[1]) * world / elapsed, 1)
+        logs["trained_tokens_per_s"] = round((trained - self.last[2]) * world / elapsed, 1)
+        self.last = (now, tokens, trained)
+
+
+class NoCheckpointAtTheEnd(TrainerCallback):
+    """The Trainer checkpoints the last step too, though the finished run deletes its checkpoints (1.6 GB for
+    the default model). The trade-off: a run that dies after its last step (saving the model) resumes from the
+    checkpoint before. Kept where load_best_model_at_end reads checkpoints."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps and not args.load_best_model_at_end:
+            control.should_save = False
+
+
+class Curves(DVCLiveCallback):
+    """DVCLive's curves without its dump of every TrainingArguments field: params.yaml is the record, and an
+    extra git-tracked output would switch off DVC's run-cache for this stage."""
+
+    def setup(self, args, state, model):
+        self._initialized = True
+
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+        # Wall-clock series (runtimes, samples/s, tokens/s) differ on every run: they belong to
+        # metrics/runtime/train.json, not to git-tracked curves that `dvc plots diff` compares.
+        kept = {k: v for k, v in (logs or {}).items() if not WALL_CLOCK.search(k)}
+        super().on_log(args, state, control, model=model, logs=kept, **kwargs)
+
+
+def training_arguments(train: TrainParams, output_dir: Path, precision: str, has_val: bool, **overrides: Any) -> Any:
+    """The Trainer's settings, all from params.yaml's `train` section."""
     early = train.early_stopping_patience is not None and has_val
-
-    class CountingTrainer(Trainer):
-        # compute_loss below normalises by the trained-token count itself, whatever the model's forward accepts:
-        # the Trainer must count tokens for every model and must not divide by the accumulation steps again.
-        loss_is_scaled_for_ga = True
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch for any model
-            # bf16 autocast around the loss's forward here, not accelerate's wrapper of model.forward: that wrapper
-            # also converts every output to float32, a [positions × vocabulary] float32 copy of the logits and one of
-            # their gradient each step (75 ms of a 1.9 s default step), which nll_sum's own upcast makes redundant.
-            # FSDP and DeepSpeed keep accelerate's mixed precision (they shard and cast the weights themselves).
-            plain = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
-            self.autocast_dtype = torch.bfloat16 if self.args.bf16 and plain else None
-            if self.autocast_dtype is not None:
-                self.accelerator.native_amp = False
-
-        def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
-            if self.autocast_dtype is None:
-                return super().autocast_smart_context_manager(cache_enabled)
-            return torch.autocast(self.args.device.type, dtype=self.autocast_dtype, cache_enabled=cache_enabled)
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            counter.add(inputs)
-            return super().training_step(model, inputs, num_items_in_batch)
-
-        def _get_train_sampler(self, train_dataset=None):
-            if self.args.train_sampling_strategy != "group_by_length":
-                return super()._get_train_sampler(train_dataset)
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            # Grouped by the global batch (all processes, all accumulation steps): the same windows form one
-            # optimizer step whether it runs as 1 process × 8 or 2 processes × 4.
-            global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-            return seeded_length_sampler(dataset, global_batch, self.args.seed)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, outputs = trained_position_loss(model, inputs, num_items_in_batch, nll)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
-            return (loss, outputs) if return_outputs else loss
-
-        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            """Token-weighted validation loss (total NLL over all trained tokens, as `evaluate` computes it),
-            not the Trainer's mean of per-batch means."""
-            loader = self.get_eval_dataloader(eval_dataset)
-            model = self.model_wrapped
-            was_training = model.training
-            model.eval()
-            sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
-            # One autocast region for the whole pass: the precision training runs in, before training (when
-            # accelerate has not yet wrapped an fp16 model's forward) as after, and weights cast once, not per batch.
-            half = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-            cast = torch.autocast(self.args.device.type, dtype=half) if half else contextlib.nullcontext()
-            with torch.no_grad(), cast:
-                for inputs in loader:
-                    inputs = self._prepare_inputs(inputs)
-                    scored = trained_logits(model, inputs)
-                    per_position = torch.nn.functional.cross_entropy(scored.logits, scored.targets, reduction="none")
-                    by_example = sums.new_zeros(scored.keep.shape)
-                    by_example[scored.keep] = per_position.double()  # [example, position]: the logits' row-major order
-                    example_nll, example_tokens = by_example.sum(1), scored.keep.sum(1).double()
-                    # Per example, so that accelerate can drop the examples its sampler repeated to give every
-                    # process as many batches: summed across processes, they counted twice.
-                    example_nll, example_tokens = self.accelerator.gather_for_metrics((example_nll, example_tokens))
-                    sums += torch.stack([example_nll.sum(), example_tokens.sum()])
-            model.train(was_training)
-            metrics = {
-                f"{metric_key_prefix}_loss": float(sums[0] / sums[1].clamp(min=1)),
-                f"{metric_key_prefix}_tokens": int(sums[1]),
-            }
-            self.log({f"{metric_key_prefix}_loss": metrics[f"{metric_key_prefix}_loss"]})
-            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-            return metrics
-
-    class Throughput(TrainerCallback):
-        """Adds tokens/s since the previous log to each log record (DVCLive then plots it)."""
-
-        def __init__(self) -> None:
-            self.last = (time.perf_counter(), 0, 0)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs is None or "loss" not in logs:
-                return
-            now, tokens, trained = time.perf_counter(), counter.tokens, counter.trained
-            elapsed = max(now - self.last[0], 1e-9)
-            world = max(args.world_size, 1)
-            logs["tokens_per_s"] = round((tokens - self.last[1]) * world / elapsed, 1)
-            logs["trained_tokens_per_s"] = round((trained - self.last[2]) * world / elapsed, 1)
-            self.last = (now, tokens, trained)
-
-    class NoCheckpointAtTheEnd(TrainerCallback):
-        """The Trainer checkpoints the last step too, though the finished run deletes its checkpoints: 1.6 GB
-        and 4 s of a 2-minute run. The trade-off: a run that dies after its last step (saving the model)
-        resumes from the checkpoint before. Kept where load_best_model_at_end reads checkpoints."""
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= state.max_steps and not args.load_best_model_at_end:
-                control.should_save = False
-
     arguments = dict(
         output_dir=str(output_dir),
-        seed=params.train.seed,
-        data_seed=params.train.seed,
+        seed=train.seed,
+        data_seed=train.seed,
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler,
-        warmup_steps=train.warmup_ratio,
+        warmup_steps=train.warmup_ratio,  # below 1: a ratio of the total steps
         weight_decay=train.weight_decay,
         per_device_train_batch_size=train.batch_size,
         per_device_eval_batch_size=train.batch_size,
@@ -568,30 +596,37 @@ def build_trainer(
         # FSDP's own activation checkpointing: the Trainer's would all-gather each block's weights a second time.
         arguments.update(fsdp=True, fsdp_config=fsdp_settings(train), activation_checkpointing=False)
     arguments.update(overrides)
-    args = TrainingArguments(**arguments)
-    callbacks: list[Any] = [Throughput(), NoCheckpointAtTheEnd()]
-    if early:
+    return TrainingArguments(**arguments)
+
+
+def build_trainer(
+    params: Params,
+    model: Any,
+    tokenizer: Any,
+    datasets: Any,
+    output_dir: Path,
+    precision: PrecisionChoice | None = None,
+    compiled: CompileChoice | None = None,
+    **overrides: Any,
+) -> tuple[ChatTrainer, TokenCounter]:
+    train = params.train
+    precision = (precision or resolve_precision(train.precision, model.config)).precision
+    compiled = compiled or choose_compile(train.torch_compile, pick_device())
+    nll = nll_sum
+    if compiled.enabled:
+        compile_blocks(model)
+        nll = torch.compile(nll_sum, dynamic=True)  # dynamic: the count of trained positions differs every batch
+    counter = TokenCounter()
+    has_val = len(datasets["val"]) > 0
+    args = training_arguments(train, output_dir, precision, has_val, **overrides)
+    callbacks: list[Any] = [Throughput(counter), NoCheckpointAtTheEnd()]
+    if train.early_stopping_patience is not None and has_val:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     if args.process_index == 0 and overrides.get("report_to", "dvclive") == "dvclive":
-        from transformers.integrations import DVCLiveCallback
-
         from dvclive import Live
 
-        class Curves(DVCLiveCallback):
-            """DVCLive's curves without its dump of every TrainingArguments field: params.yaml is the record,
-            and an extra git-tracked output would switch off DVC's run-cache for this stage."""
-
-            def setup(self, args, state, model):
-                self._initialized = True
-
-            def on_log(self, args, state, control, model=None, logs=None, **kwargs):
-                # Wall-clock series (runtimes, samples/s, tokens/s) differ on every run: they belong to
-                # metrics/runtime/train.json, not to git-tracked curves that `dvc plots diff` compares.
-                kept = {k: v for k, v in (logs or {}).items() if not WALL_CLOCK.search(k)}
-                super().on_log(args, state, control, model=model, logs=kept, **kwargs)
-
         callbacks.append(Curves(live=Live(dir=str(DVCLIVE_DIR), save_dvc_exp=False, dvcyaml=None, report=None)))
-    trainer = CountingTrainer(
+    trainer = ChatTrainer(
         model=model,
         args=args,
         train_dataset=datasets["train"],
@@ -599,6 +634,8 @@ def build_trainer(
         data_collator=collator(tokenizer),
         processing_class=tokenizer,
         callbacks=callbacks,
+        counter=counter,
+        nll=nll,
     )
     return trainer, counter
 

@@ -823,3 +823,53 @@ def test_compiled_training_accumulates_the_embedding_gradient_in_a_fixed_order(t
     assert same["stage"]
     if (os.cpu_count() or 1) >= 2:  # the race needs two threads: the control shows the test can see it
         assert not same["default"]
+
+
+def test_the_trainer_internals_train_py_uses():
+    """Each Trainer internal listed above ChatTrainer in stages/train.py still means what the training arithmetic
+    needs: an upgrade of transformers or accelerate that renames or reroutes one fails here, not silently."""
+    import inspect
+
+    from accelerate import Accelerator
+    from transformers import Trainer, TrainingArguments
+    from transformers.integrations import DVCLiveCallback
+
+    trainer_source = inspect.getsource(Trainer)
+    # read by training_step: True stops the division of the loss by the accumulation steps
+    assert "self.loss_is_scaled_for_ga" in inspect.getsource(Trainer.training_step)
+    # what makes the Trainer count the trained tokens of the whole step (num_items_in_batch)
+    assert "self.model_accepts_loss_kwargs" in inspect.getsource(Trainer._get_num_items_in_batch)
+    # accelerate wraps model.forward in its autocast (and a float32 conversion of outputs) only when native_amp
+    assert "if self.native_amp:" in inspect.getsource(Accelerator.prepare_model)
+    # the sampler hook: its signature, and the train dataloader still asks it for the sampler
+    assert list(inspect.signature(Trainer._get_train_sampler).parameters) == ["self", "train_dataset"]
+    assert "sampler_fn=self._get_train_sampler" in trainer_source
+    # the evaluation loop's inputs and model
+    assert list(inspect.signature(Trainer._prepare_inputs).parameters) == ["self", "inputs"]
+    assert "self.model_wrapped = model" in inspect.getsource(Trainer.__init__)
+    # DVCLive: setup sets _initialized, and on_log calls setup only when it is not set
+    assert "self._initialized = True" in inspect.getsource(DVCLiveCallback.setup)
+    assert "if not self._initialized" in inspect.getsource(DVCLiveCallback.on_log)
+    # train.warmup_ratio passed as warmup_steps: a float below 1 is a ratio of the total steps
+    arguments = TrainingArguments(output_dir="unused", warmup_steps=0.05, max_steps=40, use_cpu=True, report_to="none")
+    assert arguments.get_warmup_steps(40) == 2 and arguments.get_warmup_steps(100) == 5
+
+
+def test_allocator_tuning_is_only_for_cpu_training(tmp_path, monkeypatch):
+    """The glibc allocator settings were measured on CPU training: a GPU host keeps glibc's defaults."""
+    from stages.lib.allocator import gpu_host
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert not gpu_host(tmp_path)
+    gpus = tmp_path / "proc" / "driver" / "nvidia" / "gpus"
+    gpus.mkdir(parents=True)
+    assert not gpu_host(tmp_path)  # the driver without a GPU
+    (gpus / "0000:01:00.0").mkdir()
+    assert gpu_host(tmp_path)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not gpu_host(tmp_path)  # hidden: this process trains on the CPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    (tmp_path / "proc").rename(tmp_path / "elsewhere")
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "kfd").touch()  # ROCm
+    assert gpu_host(tmp_path)

@@ -16,6 +16,10 @@ cache (tcache), which counts as in use, so the freed block can never merge with 
 too small for the next request of the same size. With the tcache off they merge at once and same-size blocks
 are reused (tests/test_train.py). The tcache is set only through GLIBC_TUNABLES, which the loader reads
 at process start: `restart_with_allocator_tunables` re-executes the process with it before torch is imported.
+
+Both were measured on CPU training (glibc Linux VMs, benchmarks/NOTES.md §Platform tuning) and apply only there:
+on a machine with a GPU (CUDA or ROCm) the large tensors live in the GPU's caching allocator, nothing showed
+them to pay, and the process keeps glibc's defaults.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from pathlib import Path
 from typing import Mapping
 
 M_TRIM_THRESHOLD = -1  # malloc.h: -1 disables trimming completely (mallopt(3))
@@ -31,10 +36,21 @@ TUNABLES = "glibc.malloc.tcache_count=0"  # no per-thread cache of freed chunks:
 RESTARTED = "STAGES_ALLOCATOR_RESTARTED"
 
 
+def gpu_host(root: Path = Path("/")) -> bool:
+    """Whether this process can train on a GPU (an NVIDIA or AMD driver, not hidden by CUDA_VISIBLE_DEVICES),
+    known before torch is imported."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    nvidia = root / "proc" / "driver" / "nvidia" / "gpus"
+    return (nvidia.is_dir() and any(nvidia.iterdir())) or (root / "dev" / "kfd").exists()
+
+
 def keep_freed_memory() -> str:
     """Configure glibc's malloc to reuse freed memory; returns what was done, for the runtime record."""
     if not sys.platform.startswith("linux"):
         return "default (not Linux)"
+    if gpu_host():
+        return "default (a GPU host: measured on CPU training only)"
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
@@ -68,9 +84,9 @@ def with_allocator_tunables(env: Mapping[str, str]) -> dict[str, str]:
 
 def restart_with_allocator_tunables() -> None:
     """Re-execute this process (same interpreter, arguments and process id) with TUNABLES in its environment,
-    unless it already has them or this is not glibc. Call it first thing, before heavy imports: the restart
-    repeats everything done before it."""
-    if not sys.executable or not glibc():
+    unless it already has them, this is not glibc, or a GPU trains here. Call it first thing, before heavy
+    imports: the restart repeats everything done before it."""
+    if not sys.executable or not glibc() or gpu_host():
         return
     env = with_allocator_tunables(os.environ)
     if env.get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES") or RESTARTED in os.environ:
