@@ -4,7 +4,7 @@ DVC removes a stage's outputs before it runs the stage's command, so a check ins
 its last good outputs are gone. Every other stage depends on this stage's output: an invalid value stops
 `dvc repro` and `dvc exp run` here, before any output is removed. The output's content never changes, so a valid
 edit reruns this stage (a second) and, that dependency unchanged, only the stages whose own params changed
-(docs/DESIGN.md §Reliability).
+(docs/DESIGN.md §9).
 """
 
 from __future__ import annotations

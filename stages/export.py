@@ -115,7 +115,7 @@ def export(params: Params) -> tuple[dict, dict]:
     ]
     base_card = read_json(BASE_MODEL / "model_card.json")
     timings = {}
-    # The model, its metrics and its timings are published together, or none of them (docs/DESIGN.md §Reliability).
+    # The model, its metrics and its timings are published together, or none of them (docs/DESIGN.md §9).
     with publish_together(files=[METRICS, RUNTIME], dirs=[OUTPUT]) as outputs:
         staged = outputs[OUTPUT]
         started = time.perf_counter()

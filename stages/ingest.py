@@ -46,7 +46,7 @@ ROLE_ALIASES = {
     "chatgpt": "assistant",
 }
 EXPECTED_SHAPES = (
-    "expected one of the shapes in README.md, 'Bring your own conversations': OpenAI messages, "
+    "expected one of the shapes in README.md, 'Your own data and model': OpenAI messages, "
     "ShareGPT conversations, rows (one message per row) or the chitchat JSON"
 )
 

@@ -1,5 +1,5 @@
 """Atomic outputs: each output is written to a temporary sibling and renamed into place, and the outputs of one
-stage are published together (docs/DESIGN.md §Reliability).
+stage are published together (docs/DESIGN.md §9).
 
 One file replaces its target by a single rename. Several outputs, or a directory (which takes two renames:
 the old one aside, the new one in), are published through a journal: every output is complete in its

@@ -11,7 +11,7 @@ job of N machines,
 N is `train.nodes`, or SKYPILOT_NUM_NODES / NNODES when the environment sets one; R is SKYPILOT_NODE_RANK /
 NODE_RANK; HOST is MASTER_ADDR, else the first line of SKYPILOT_NODE_IPS (SkyPilot's head node); PORT is
 MASTER_PORT, else 29500. Every node runs the same command on the same inputs; the job's first process writes the
-outputs (docs/DESIGN.md §Scale out).
+outputs (docs/DESIGN.md §8).
 
 Slots. DVC runs queued experiments side by side without assigning devices, so `N` trainings on one machine each
 take every core and every GPU and fight over them. With STAGES_SLOTS=N in the environment of

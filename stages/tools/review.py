@@ -357,8 +357,8 @@ def setup_warnings(old: str | None, new: str | None, old_label: str, new_label: 
         if None not in (a, b) and a != b:
             warnings.append(
                 f"Different {label}: {a} at `{old_label}`, {b} at `{new_label}`. Two trainings of the same code "
-                "differ by other kernels' rounding as much as by another training seed (README, Reproducibility): "
-                "read verdicts with replicates."
+                "differ by other kernels' rounding as much as by another training seed (README, Reproducibility "
+                "and reliability): read verdicts with replicates."
             )
     setups = [(json_at(commit, EVAL, name) or {}).get("setup") for commit, name in ((old, old_label), (new, new_label))]
     comparable = True

@@ -6,7 +6,7 @@
 
 DVC remembers a file's hash by its inode, mtime and size, so an object damaged in place (same size and mtime: a
 disk error, a bad copy) is checked out without complaint, and `dvc status`, `dvc status --cloud`, `dvc push` and
-`dvc pull` all report it in sync (docs/DESIGN.md §Reliability). This reads every object once.
+`dvc pull` all report it in sync (docs/DESIGN.md §9). This reads every object once.
 """
 
 from __future__ import annotations
