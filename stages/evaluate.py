@@ -244,21 +244,10 @@ def quality_gate(change: dict, tuned: dict, params: EvaluateParams) -> dict:
     improvement = change["perplexity_improvement"]
     check("perplexity_improvement", improvement["value"], _nan(improvement[low]), gate.min_perplexity_improvement, True)
     check("stop_rate", tuned["stop_rate"], bound_of(tuned, "stop_rate", low), gate.min_stop_rate, True)
-    check(
-        "empty_reply_rate",
-        tuned["empty_reply_rate"],
-        bound_of(tuned, "empty_reply_rate", high),
-        gate.max_empty_reply_rate,
-        False,
-    )
-    if gate.max_generic_reply_share is not None:
-        check(
-            "generic_reply_share",
-            tuned["generic_reply_share"],
-            bound_of(tuned, "generic_reply_share", high),
-            gate.max_generic_reply_share,
-            False,
-        )
+    ceilings = (("empty_reply_rate", gate.max_empty_reply_rate), ("generic_reply_share", gate.max_generic_reply_share))
+    for name, most in ceilings:
+        if most is not None:  # a ceiling: the interval's upper end must stay under it
+            check(name, tuned[name], bound_of(tuned, name, high), most, False)
     if gate.min_ranking_change is not None:
         ranking = change["next_reply_hits_at_1"]
         check("next_reply_hits_at_1_change", ranking["value"], _nan(ranking[low]), gate.min_ranking_change, True)

@@ -11,7 +11,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from tiny import corpus
+from tiny import TINY_DECODER, corpus, save_model_directory
 
 # tokenizer.json's Split regexes: Meta-Llama-3's and Qwen2.5's/Qwen3's (transformers' Qwen2Tokenizer.PRETOKENIZE_REGEX)
 LLAMA3_SPLIT = (
@@ -171,12 +171,7 @@ def family_model(name: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     shape = dict(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        **TINY_DECODER,
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
@@ -202,10 +197,5 @@ def family_model(name: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
 
 
 def save_family(directory: Path, name: str) -> Path:
-    """A model directory as a user would point model.base at: safetensors weights plus tokenizer."""
     tokenizer = family_tokenizer(name)
-    model = family_model(name, len(tokenizer))
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_model_directory(directory, family_model(name, len(tokenizer)), tokenizer)

@@ -78,17 +78,23 @@ def train_tokenizer(style: str = "chatml") -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+# Every tiny decoder of the tests: 2 layers, hidden 32, grouped-query attention (4 heads, 2 key/value heads).
+TINY_DECODER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+
 def tiny_model(arch: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     if arch == "llama":
         config = LlamaConfig(
             vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
+            **TINY_DECODER,
             tie_word_embeddings=True,
             bos_token_id=1,
             eos_token_id=2,
@@ -101,14 +107,17 @@ def tiny_model(arch: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
     return GPT2LMHeadModel(config)
 
 
-def save_tiny(directory: Path, arch: str) -> Path:
+def save_model_directory(directory: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast) -> Path:
     """A model directory as a user would point model.base at: safetensors weights plus tokenizer."""
-    tokenizer = train_tokenizer("chatml" if arch == "llama" else "gpt2")
-    model = tiny_model(arch, len(tokenizer))
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def save_tiny(directory: Path, arch: str) -> Path:
+    tokenizer = train_tokenizer("chatml" if arch == "llama" else "gpt2")
+    return save_model_directory(directory, tiny_model(arch, len(tokenizer)), tokenizer)
 
 
 def save_tiny_encoder(directory: Path) -> Path:
