@@ -79,22 +79,6 @@ def test_every_param_reaches_a_stage_so_exp_run_set_param_works():
         assert any(leaf == d or leaf.startswith(d + ".") for d in declared), f"{leaf} is read by no stage in dvc.yaml"
 
 
-def test_two_runs_from_scratch_give_byte_identical_metrics(llama_repo, tmp_path):
-    second = make_repo(tmp_path, "llama")
-    dvc(second, "repro")
-    first_metrics, second_metrics = metrics_snapshot(llama_repo), metrics_snapshot(second)
-    assert first_metrics.keys() == second_metrics.keys() and len(first_metrics) >= 7
-    for name, content in first_metrics.items():
-        assert second_metrics[name] == content, f"metrics/{name} differs between two runs from scratch"
-    for output in DVC_OUTPUTS:
-        assert digest(llama_repo / output) == digest(second / output), output
-    print("\nbyte-identical across two runs from scratch:")
-    for name, content in first_metrics.items():
-        print(f"  metrics/{name:<22} sha256 {hashlib.sha256(content).hexdigest()[:16]}")
-    for output in DVC_OUTPUTS:
-        print(f"  {output:<30} sha256 {digest(second / output)[:16]}")
-
-
 def test_preprocess_change_reruns_downstream_and_going_back_restores_from_run_cache(llama_repo):
     before = metrics_snapshot(llama_repo)
     model = digest(llama_repo / "models" / "finetuned")
@@ -210,8 +194,11 @@ def test_repro_killed_during_preprocess_leaves_no_torn_output(tmp_path, signum):
     assert "Data and pipelines are up to date" in dvc(repo, "status", "preprocess").stdout
 
 
-def test_repro_killed_during_train_resumes_to_the_same_metrics_and_a_second_repro_is_locked_out(llama_repo, tmp_path):
-    repo = make_repo(tmp_path, "llama")  # the same params and data as llama_repo, never trained here
+def test_a_run_from_scratch_killed_during_train_and_resumed_reproduces_every_output_byte_for_byte(llama_repo, tmp_path):
+    """The same params and data from scratch in a second repository, killed (SIGKILL) after a checkpoint and
+    resumed, gives the uninterrupted run's outputs and metrics byte for byte (llama_repo); while it runs, a second
+    `dvc repro` is refused."""
+    repo = make_repo(tmp_path, "llama")  # the same params and data as llama_repo, never run here
     process = start_repro(repo, "train")
     wait_for(lambda: stage_process_running("train"), process)
     second = dvc(repo, "repro", check=False)  # a concurrent run must be refused, not interleaved
@@ -240,9 +227,19 @@ def test_repro_killed_during_train_resumes_to_the_same_metrics_and_a_second_repr
         sorted(p.name for p in (repo / "models" / "checkpoints").iterdir()),
         resumed.stdout[-1500:],
     )
-    # the uninterrupted run of the same configuration: llama_repo
-    assert (repo / "metrics" / "train.json").read_bytes() == (llama_repo / "metrics" / "train.json").read_bytes()
-    assert "Data and pipelines are up to date" in dvc(repo, "status", "train").stdout
+    dvc(repo, "repro")  # the rest of the pipeline
+    first_metrics, second_metrics = metrics_snapshot(llama_repo), metrics_snapshot(repo)
+    assert first_metrics.keys() == second_metrics.keys() and len(first_metrics) >= 7
+    for name, content in first_metrics.items():
+        assert second_metrics[name] == content, f"metrics/{name} differs from the uninterrupted run"
+    for output in DVC_OUTPUTS:
+        assert digest(llama_repo / output) == digest(repo / output), output
+    assert "Data and pipelines are up to date" in dvc(repo, "status").stdout
+    print("\nbyte-identical across two runs from scratch, one of them killed and resumed:")
+    for name, content in first_metrics.items():
+        print(f"  metrics/{name:<22} sha256 {hashlib.sha256(content).hexdigest()[:16]}")
+    for output in DVC_OUTPUTS:
+        print(f"  {output:<30} sha256 {digest(repo / output)[:16]}")
 
 
 def test_queued_learning_rate_sweep_runs_and_compares(llama_repo):
@@ -251,7 +248,7 @@ def test_queued_learning_rate_sweep_runs_and_compares(llama_repo):
 
     sh(llama_repo, "git", "add", "-A")
     sh(llama_repo, "git", "commit", "-qm", "baseline for the sweep", check=False)  # queued runs start from HEAD
-    dvc(llama_repo, "exp", "run", "--queue", "-S", "train.learning_rate=0.002,0.01")
+    dvc(llama_repo, "exp", "run", "--queue", "-S", "train.learning_rate=0.002,0.01", "evaluate")  # not export
     dvc(llama_repo, "queue", "start", "-j", "1")
     deadline = time.time() + 600
     while True:
