@@ -76,8 +76,8 @@ def check_same_sample(base: dict, tuned: dict) -> None:
         a, b = base["sets"].get(name, {}), tuned["sets"].get(name, {})
         same = (
             a.get("conversations") == b.get("conversations")
-            and [(r["conversation"], r["turn"]) for r in a.get("replies", [])]
-            == [(r["conversation"], r["turn"]) for r in b.get("replies", [])]
+            and [(r["conversation"], r["turn"], "reply" in r) for r in a.get("replies", [])]
+            == [(r["conversation"], r["turn"], "reply" in r) for r in b.get("replies", [])]
             and [(r["conversation"], r["turn"], r["distractors"]) for r in a.get("ranking", [])]
             == [(r["conversation"], r["turn"], r["distractors"]) for r in b.get("ranking", [])]
         )
@@ -126,11 +126,20 @@ class Scored:
         self.contexts = [context_digest(self.messages[r["conversation"]][: r["turn"]]) for r in generated]
         humans = [self.messages[r["conversation"]][r["turn"]]["content"] for r in generated]
         texts = {model: [r["reply"] for r in self.scores[model]["replies"] if "reply" in r] for model in MODELS}
-        relevance = text_metrics.Relevance(contexts + humans + texts["base"] + texts["finetuned"])
+        # Fitted on what the test set fixes (contexts and human replies), never on the models' own replies: one
+        # model's replies would otherwise move the other's overlap, and a review across revisions.
+        relevance = text_metrics.Relevance(contexts + humans)
         self.relevance = {model: relevance.each(contexts, texts[model]) for model in MODELS}
         self.relevance["human"] = relevance.each(contexts, humans)
-        self.semantic = {model: similarities(*encoder, texts[model], humans) for model in MODELS}
+        self.semantic = {}
+        for model in MODELS:  # an empty reply says nothing: 0, not the similarity of an empty sentence's embedding
+            raw = similarities(*encoder, texts[model], humans)
+            self.semantic[model] = [value if text.strip() else 0.0 for text, value in zip(texts[model], raw)]
         self.semantic["human"] = [1.0] * len(humans)
+
+    def depth(self, conversation: int, turn: int) -> int:
+        """The 1-based dialogue turn of message `turn` (its index), system messages not counted."""
+        return turn + 1 - sum(m["role"] == "system" for m in self.messages[conversation][:turn])
 
     def units(
         self, name: str, key: Callable[[int, int], Hashable] = lambda conversation, turn: None
@@ -145,7 +154,10 @@ class Scored:
             meta = self.conversations[conversation]
             return pieces.setdefault((conversation, k), ConversationScores(meta["id"], meta["topic"]))
 
-        if name != "human":
+        if name == "human":  # the human replies cover the models' conversations, replies generated or not
+            for t in source["turns"] + source["ranking"]:
+                piece(t["conversation"], t["turn"])
+        else:
             for t in source["turns"]:
                 unit = piece(t["conversation"], t["turn"])
                 unit.nll += t["nll"]
@@ -338,7 +350,7 @@ def evaluate_set(name: str, scored: Scored, params: EvaluateParams, seed: int) -
     results["human"]["within_max_new_tokens"] = round(metric_sets["human"].metric("stop_rate", everything), 4)
     results["change"] = compare(metric_sets, params, seed)
     edges = params.depth_buckets
-    depth_key = lambda conversation, turn: depth_bucket(turn + 1, edges)  # noqa: E731
+    depth_key = lambda conversation, turn: depth_bucket(scored.depth(conversation, turn), edges)  # noqa: E731
     by_depth = (
         slice_table(scored, "depth", depth_key, edges, merge_small_depths(params.min_slice_replies), params, seed)
         if name == "test"

@@ -96,6 +96,7 @@ def ollama_parameters(params: Params) -> dict[str, float | int]:
     return {
         "temperature": decode.temperature if decode.do_sample else 0,
         "top_p": decode.top_p,
+        "top_k": 0,  # off, as in the evaluation (Ollama's default is 40)
         "repeat_penalty": decode.repetition_penalty,
         "num_predict": decode.max_new_tokens,
         "seed": params.seed,

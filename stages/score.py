@@ -20,6 +20,7 @@ import hashlib
 import inspect
 import json
 import random
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -158,6 +159,11 @@ def words_in(text: str) -> int:
     return len(text.split())
 
 
+def wording(text: str) -> str:
+    """A reply reduced to its letters and digits, lowercased: "Haha, same." and "haha same" are one reply."""
+    return re.sub(r"[\W_]+", "", text.lower())
+
+
 def distractors(
     conversations: list[Conversation], index: int, turn: int, count: int, seed: int
 ) -> list[tuple[int, int]]:
@@ -166,14 +172,21 @@ def distractors(
     Any non-system message is a real human reply to something, so any can serve."""
     real = conversations[index]["messages"][turn]["content"]
     target = words_in(real)
-    pool = [
-        (abs(words_in(m["content"]) - target), c, t)
+    candidates = sorted(
+        (abs(words_in(m["content"]) - target), c, t, wording(m["content"]))
         for c, conversation in enumerate(conversations)
         if c != index
         for t, m in enumerate(conversation["messages"])
-        if m["role"] != "system" and m["content"].strip() != real.strip()
-    ]
-    pool.sort()
+        if m["role"] != "system"
+    )
+    # No copy of the real reply in other words, and no two candidates with the same wording: a model that
+    # picks any of several copies of the right answer is not guessing among K.
+    seen = {wording(real)}
+    pool = []
+    for distance, c, t, words in candidates:
+        if words not in seen:
+            seen.add(words)
+            pool.append((distance, c, t))
     if len(pool) < count:
         return []
     # Every reply as near in length as the count-th nearest is eligible: ties are broken by the seed, not by order.

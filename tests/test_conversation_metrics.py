@@ -69,6 +69,15 @@ def test_distractors_have_the_real_replys_word_count_so_length_alone_picks_at_ch
     assert distractors(test, 0, 3, candidates - 1, seed=1) == distractors(test, 0, 3, candidates - 1, seed=1)
 
 
+def test_no_distractor_is_the_real_reply_in_other_words_or_a_copy_of_another():
+    replies = ["Haha, same.", "haha same", "HAHA same!!", "Not at all.", "not at all", "Pretty good.", "Fine, you?"]
+    test = [chat(f"c{i}", [reply]) for i, reply in enumerate(replies)]
+    chosen = distractors(test, 0, 1, 3, seed=1)  # the real reply: "Haha, same."
+    texts = [test[c]["messages"][t]["content"] for c, t in chosen]
+    wordings = {"".join(ch for ch in text.lower() if ch.isalnum()) for text in texts}
+    assert "hahasame" not in wordings and len(wordings) == len(texts) == 3, texts
+
+
 def test_ranking_prefers_the_real_reply_for_a_trained_model_and_is_at_chance_for_a_random_one(llama_repo):
     """The fixture pipeline's fine-tuned model learnt the fixture conversations: it ranks their real replies
     first; an untrained model of the same shape ranks at chance (1/K within the interval)."""

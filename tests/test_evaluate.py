@@ -228,3 +228,72 @@ def chatml_model():
     model = tiny_model("llama", len(tokenizer))
     prepare_tokenizer(model, tokenizer)
     return tokenizer, model.eval()
+
+
+def synthetic_scores(replied: list[bool]) -> tuple[dict, dict]:
+    """Scores of two conversations as the score stage writes them; conversation i has a generated reply when
+    replied[i] (a reply prompt that does not fit max_length is skipped, its turn still scored)."""
+    conversations = [{"id": f"c{i}", "topic": "t"} for i in range(len(replied))]
+    turns = [{"conversation": i, "turn": 1, "nll": 2.0, "tokens": 2, "correct": 1, "bytes": 8} for i in range(2)]
+    replies = [
+        {"conversation": i, "turn": 1, "human_fits_max_new_tokens": True}
+        | ({"reply": f"hello number {i}", "stopped": True} if replied[i] else {})
+        for i in range(len(replied))
+    ]
+    scores = {"conversations": conversations, "turns": turns, "ranking": [], "replies": replies}
+    test = {
+        f"c{i}": {"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hey {i}"}]}
+        for i in range(len(replied))
+    }
+    return scores, test
+
+
+def test_a_conversation_without_a_generated_reply_is_evaluated_not_a_crash(tmp_path):
+    from stages.evaluate import Scored, evaluate_set
+    from stages.lib.semantic import load_encoder
+    from tiny import save_tiny_encoder
+
+    encoder = load_encoder(save_tiny_encoder(tmp_path / "encoder"))
+    scores, test = synthetic_scores([True, False])
+    params = load_params(REPO / "params.yaml").evaluate.model_copy(
+        update={"bootstrap": load_params(REPO / "params.yaml").evaluate.bootstrap.model_copy(update={"resamples": 50})}
+    )
+    scored = Scored("test", scores, scores, test, encoder)
+    results, *_ = evaluate_set("test", scored, params, seed=0)
+    assert results["human"]["mean_reply_words"] == 2.0  # the human reply of the conversation with a reply
+    assert results["change"]["mean_reply_words"]["verdict"] == "unchanged"
+
+
+def test_an_empty_reply_has_no_semantic_similarity(tmp_path):
+    from stages.evaluate import Scored
+    from stages.lib.semantic import load_encoder
+    from tiny import save_tiny_encoder
+
+    encoder = load_encoder(save_tiny_encoder(tmp_path / "encoder"))
+    scores, test = synthetic_scores([True, True])
+    empty = {**scores, "replies": [{**scores["replies"][0], "reply": ""}, scores["replies"][1]]}
+    scored = Scored("test", empty, empty, test, encoder)
+    assert scored.semantic["finetuned"][0] == 0.0 and scored.semantic["finetuned"][1] != 0.0
+
+
+def test_a_verdict_needs_the_interval_shown_to_exclude_zero():
+    """A p-value below alpha beside an interval that holds 0 (BCa moves the ends) is no significant change."""
+    assert verdict("semantic_similarity", Interval(0.02, 0.005, 0.04), 0.01, 0.05) == "better"
+    assert verdict("semantic_similarity", Interval(0.02, -0.002, 0.04), 0.01, 0.05) == "no significant change"
+
+
+def test_the_decoding_leaves_nothing_to_the_models_generation_config(tmp_path):
+    """A hub model's generation_config.json (top_k, repetition_penalty) or transformers' default top_k 50 must not
+    slip into the measured decoding."""
+    from transformers import GenerationConfig
+
+    from stages.lib.decoding import decoding
+    from tiny import tiny_model
+
+    params = load_params(REPO / "params.yaml").evaluate
+    model = tiny_model("llama", 64)
+    model.generation_config = GenerationConfig(top_k=20, repetition_penalty=1.05, no_repeat_ngram_size=3, min_p=0.1)
+    arguments = {k: v for k, v in decoding(params, 4, [2]).items() if k not in ("logits_processor",)}
+    config, _ = model._prepare_generation_config(None, **arguments)
+    assert (config.top_k, config.repetition_penalty, config.no_repeat_ngram_size, config.min_p) == (0, 1.0, 0, 0.0)
+    assert (config.temperature, config.top_p, config.do_sample) == (params.temperature, params.top_p, True)

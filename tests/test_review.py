@@ -91,6 +91,18 @@ def test_a_turn_that_answers_another_context_is_left_out_with_a_warning():
     assert any("1 generated `test` turns were left out" in w for w in warnings), warnings
 
 
+def test_ranking_is_compared_on_the_turns_every_run_ranked():
+    """One side ranked a second turn (ranking.turns_per_conversation 2): Hits@1 of both sides covers the first only."""
+    from stages.tools.review import pair
+
+    old = run("base", records(0.5, 1, range(30)))
+    more = records(0.5, 1, range(30))
+    for record in more:
+        record["finetuned"] = {**record["finetuned"], "ranked": record["finetuned"]["ranked"] + [[3, 1.0]]}
+    paired = pair([old], [run("new", more)], "test")
+    assert list(paired.sides["new"][0].ranked) == list(paired.sides["old"][0].ranked) == [1] * 30
+
+
 def test_different_test_sets_are_compared_on_the_shared_conversations_with_a_warning():
     lines, warnings = significance(
         [run("base", records(0.5, 1, range(0, 100)))], [run("new", records(0.5, 1, range(50, 150)))], resamples=200

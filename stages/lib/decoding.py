@@ -34,11 +34,21 @@ class ReplyRepetitionPenalty:
 def decoding(params: Any, prompt_length: int, stop_ids: list[int]) -> dict[str, Any]:
     """`model.generate` keyword arguments from the decoding params (do_sample, temperature, top_p,
     repetition_penalty, max_new_tokens) for prompts `prompt_length` tokens long (left-padded in a batch)."""
+    # Every other knob explicitly neutral: transformers fills an unset one from the model's generation_config.json
+    # (a hub model's repetition_penalty or top_k) or from its own defaults (top_k 50), which would make the
+    # measured decoding differ from the params and from the Ollama Modelfile.
+    sampling = (
+        {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0, "min_p": 0.0, "typical_p": 1.0}
+        | {"epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+        if params.do_sample
+        else {}
+    )
     return {
         "max_new_tokens": params.max_new_tokens,
         "do_sample": params.do_sample,
-        "temperature": params.temperature if params.do_sample else None,
-        "top_p": params.top_p if params.do_sample else None,
+        **sampling,
+        "repetition_penalty": 1.0,  # transformers' own would penalise the prompt: ReplyRepetitionPenalty instead
+        "no_repeat_ngram_size": 0,
         "logits_processor": [ReplyRepetitionPenalty(params.repetition_penalty, prompt_length, stop_ids)],
         "eos_token_id": stop_ids,
     }

@@ -378,7 +378,10 @@ def verdict(name: str, change: Interval, adjusted_p: float, alpha: float, identi
         return "n/a (not a number)"
     if name in DESCRIPTIVE:
         return ""
-    if not math.isfinite(adjusted_p) or adjusted_p >= alpha:
+    # Both tests must agree: the adjusted p-value (from the percentile bootstrap) and the interval shown beside
+    # it (BCa, whose ends can move past 0 where the percentiles do not). A change whose interval holds 0 is no win.
+    holds_zero = not (change.low > 0.0 or change.high < 0.0)
+    if not math.isfinite(adjusted_p) or adjusted_p >= alpha or holds_zero:
         return "no significant change"
     up = change.value > 0.0
     if name in HUMAN_REFERENCED:

@@ -165,7 +165,7 @@ def conversation_scores(record: dict, model: str, turns: set[int], ranked: set[i
     return replace(
         unit,
         replies=[r for r in unit.replies if r.turn in turns],
-        ranked=[r for r in unit.ranked if r[0] in turns | ranked],
+        ranked=[r for r in unit.ranked if r[0] in ranked],  # ranked by every run
     )
 
 
