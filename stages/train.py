@@ -37,6 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from stages.lib.precision import keep_compile_cache
+
+# Before the Trainer's import: it imports torch._dynamo, which fixes inductor's cache to torch's default under
+# /tmp (emptied by a reboot) when TORCHINDUCTOR_CACHE_DIR is unset.
+keep_compile_cache()
+
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import DVCLiveCallback
 
@@ -108,9 +115,15 @@ def attention_implementation(requested: str, model: Any = None) -> str:
     return chosen
 
 
-def fingerprint(params: Params) -> str:
-    """Identity of a training run: a checkpoint is resumed only by the run that wrote it."""
-    parts = [json.dumps(params.train.model_dump(), sort_keys=True), str(params.train.seed)]
+def fingerprint(params: Params, precision: PrecisionChoice, compiled: CompileChoice) -> str:
+    """Identity of a training run: a checkpoint is resumed only by the run that wrote it, in the precision and
+    compilation it measured (a resume must not continue an fp32 run in bf16)."""
+    parts = [
+        json.dumps(params.train.model_dump(), sort_keys=True),
+        str(params.train.seed),
+        precision.precision,
+        str(compiled.enabled),
+    ]
     for path in (
         TOKENIZED / "train" / "state.json",
         TOKENIZED / "val" / "state.json",
@@ -746,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(params.train.seed)
     data = hf_datasets.load_from_disk(str(TOKENIZED))
     model, tokenizer = load_model(params.train)
-    identity = fingerprint(params)
+    identity = fingerprint(params, precision, compiled)
     nodes = int(os.environ.get("WORLD_SIZE", "1")) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's
     # Checkpoints live on the first node's disk, which the other nodes do not see: a multi-node run that was
     # interrupted starts again from step 0 (to the same result), never from a step only one node could load.

@@ -873,3 +873,30 @@ def test_allocator_tuning_is_only_for_cpu_training(tmp_path, monkeypatch):
     (tmp_path / "dev").mkdir()
     (tmp_path / "dev" / "kfd").touch()  # ROCm
     assert gpu_host(tmp_path)
+
+
+def test_importing_the_train_stage_keeps_inductors_cache_out_of_tmp(tmp_path):
+    """The Trainer's import fixes inductor's cache directory: the stage must set it first, or every reboot
+    recompiles."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env |= {"PYTHONPATH": str(REPO), "HOME": str(tmp_path)}
+    shown = subprocess.run(
+        [sys.executable, "-c", "import os, stages.train; print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert shown.stdout.strip() == str(tmp_path / ".cache" / "torchinductor"), shown.stdout
+
+
+def test_a_checkpoint_is_resumed_only_in_the_precision_and_compilation_it_was_written_in():
+    from stages.lib.precision import CompileChoice, PrecisionChoice
+    from stages.train import fingerprint
+
+    params = load_params(REPO / "params.yaml")
+    fp32, bf16 = PrecisionChoice("fp32", "measured"), PrecisionChoice("bf16", "measured")
+    eager, compiled = CompileChoice(False, "off"), CompileChoice(True, "on")
+    prints = {fingerprint(params, p, c) for p in (fp32, bf16) for c in (eager, compiled)}
+    assert len(prints) == 4
+    assert fingerprint(params, fp32, eager) == fingerprint(params, PrecisionChoice("fp32", "another reason"), eager)
