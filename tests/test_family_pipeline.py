@@ -1,10 +1,11 @@
 """Each family through the real stages as a user runs them (DESIGN §4.12): ingest, preprocess, base_model,
 tokenize, train (full and LoRA on all-linear targets), score, export (f16 and q8_0, round trip through
 transformers' GGUF loader) and chat, on a tiny model of the family's architecture with its real chat template.
-Slow: about a minute per family on 2 cores, so the default run takes two families whose templates differ most
-from ChatML (Llama 3: BOS inside the template; Gemma 2: no system role, user-first alternation, logit
-softcapping, norms stored + 1); `FAMILY_MATRIX=all python -m pytest tests/test_family_pipeline.py` runs all
-seven. Every family's labels, chat prefix, Ollama template and GGUF round trip are tested in test_families.py."""
+Slow: about a minute per family and method on 2 cores, so the default run takes the two families whose templates
+differ most from ChatML, one method each (Llama 3, BOS inside the template: full, f16; Gemma 2, no system role,
+user-first alternation, logit softcapping, norms stored + 1: LoRA, q8_0);
+`FAMILY_MATRIX=all python -m pytest tests/test_family_pipeline.py` runs all seven with both methods. Every
+family's labels, chat prefix, Ollama template and GGUF round trip are tested in test_families.py."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -66,13 +68,30 @@ def train(work: Path) -> None:
     stage(work, "train")
 
 
-PIPELINE_FAMILIES = sorted(FAMILIES) if os.environ.get("FAMILY_MATRIX") == "all" else ["gemma2", "llama3"]
+EVERY_FAMILY = os.environ.get("FAMILY_MATRIX") == "all"
+PIPELINE_FAMILIES = sorted(FAMILIES) if EVERY_FAMILY else ["gemma2", "llama3"]
+METHODS = [("full", "f16"), ("lora", "q8_0")]
+RUNS = (
+    [(name, *method) for name in PIPELINE_FAMILIES for method in METHODS]
+    if EVERY_FAMILY
+    else [("gemma2", "lora", "q8_0"), ("llama3", "full", "f16")]
+)
 
 
-@pytest.fixture(scope="module", params=PIPELINE_FAMILIES)
-def tokenized(request, tmp_path_factory) -> tuple[str, Path]:
-    name = request.param
-    work = tmp_path_factory.mktemp(f"family-{name}")
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory) -> Callable[[str], tuple[str, Path]]:
+    """`tokenized(name)`: a workspace of family `name` through tokenize, made once per module and family."""
+    made: dict[str, Path] = {}
+
+    def prepare(name: str) -> tuple[str, Path]:
+        if name not in made:
+            made[name] = tokenize_family(name, tmp_path_factory.mktemp(f"family-{name}"))
+        return name, made[name]
+
+    return prepare
+
+
+def tokenize_family(name: str, work: Path) -> Path:
     (work / "data" / "external").mkdir(parents=True)
     chats = [json.loads(line) for line in (FIXTURES / "conversations.jsonl").read_text().splitlines()]
     chats[0]["messages"][0]["content"] += (
@@ -83,7 +102,7 @@ def tokenized(request, tmp_path_factory) -> tuple[str, Path]:
     write_params(work, params())
     for step in ("ingest", "preprocess", "base_model", "tokenize"):
         stage(work, step)
-    return name, work
+    return work
 
 
 def run_method(tokenized: tuple[str, Path], tmp_path: Path, method: str, precision: str) -> tuple[str, Path]:
@@ -104,8 +123,9 @@ def run_method(tokenized: tuple[str, Path], tmp_path: Path, method: str, precisi
     return name, work
 
 
-def test_tokenize_reports_the_data(tokenized):
-    name, work = tokenized
+@pytest.mark.parametrize("family", PIPELINE_FAMILIES)
+def test_tokenize_reports_the_data(tokenized, family):
+    name, work = tokenized(family)
     report = read_json(work / "metrics" / "tokenize.json")["train"]
     assert report["examples"] > 0 and report["trained_tokens"] > 0
     assert report["dropped_turns_too_long"] == 0
@@ -113,9 +133,9 @@ def test_tokenize_reports_the_data(tokenized):
     assert card["end_of_turn"] == FAMILIES[name].end_of_turn
 
 
-@pytest.mark.parametrize("method,precision", [("full", "f16"), ("lora", "q8_0")])
-def test_train_score_export_chat(tokenized, tmp_path, method, precision):
-    name, work = run_method(tokenized, tmp_path, method, precision)
+@pytest.mark.parametrize("family,method,precision", RUNS)
+def test_train_score_export_chat(tokenized, tmp_path, family, method, precision):
+    name, work = run_method(tokenized(family), tmp_path, method, precision)
     metrics = read_json(work / "metrics" / "train.json")
     assert metrics["method"] == ("full" if method == "full" else "lora-merged")
     scores = read_json(work / "data" / "scores" / "finetuned.json")
@@ -158,8 +178,9 @@ def test_train_score_export_chat(tokenized, tmp_path, method, precision):
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without CUDA")
-def test_qlora_is_refused_in_one_line_without_cuda(tokenized, tmp_path):
-    name, prepared = tokenized
+@pytest.mark.parametrize("family", PIPELINE_FAMILIES)
+def test_qlora_is_refused_in_one_line_without_cuda(tokenized, tmp_path, family):
+    name, prepared = tokenized(family)
     work = tmp_path / "work"
     shutil.copytree(prepared, work)
     write_params(work, params({"method": "qlora"}))
