@@ -20,7 +20,7 @@ from stages.lib.labels import (
 from stages.lib.modeling import collator
 from stages.lib.template import PLAIN_CHAT_TEMPLATE, end_of_turn_token, with_system_prompt
 from stages.train import trained_position_loss
-from tiny import tiny_model, train_tokenizer
+from tiny import TINY_DECODER, tiny_model, train_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "you are a helpful assistant."},
@@ -224,11 +224,7 @@ def test_11_loss_equals_the_models_own_for_heads_that_do_more_than_a_linear_laye
     torch.manual_seed(0)
     shape = dict(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_DECODER,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,

@@ -37,12 +37,8 @@ def decoding(params: Any, prompt_length: int, stop_ids: list[int]) -> dict[str, 
     # Every other knob explicitly neutral: transformers fills an unset one from the model's generation_config.json
     # (a hub model's repetition_penalty or top_k) or from its own defaults (top_k 50), which would make the
     # measured decoding differ from the params and from the Ollama Modelfile.
-    sampling = (
-        {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0, "min_p": 0.0, "typical_p": 1.0}
-        | {"epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
-        if params.do_sample
-        else {}
-    )
+    neutral = {"top_k": 0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+    sampling = {"temperature": params.temperature, "top_p": params.top_p, **neutral} if params.do_sample else {}
     return {
         "max_new_tokens": params.max_new_tokens,
         "do_sample": params.do_sample,
