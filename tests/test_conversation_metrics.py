@@ -204,6 +204,15 @@ def test_a_proportion_at_one_gets_a_lower_bound_below_one():
     assert 0.975 < interval.low < 0.985
 
 
+def test_a_share_s_interval_stays_between_0_and_1():
+    """The generic share is set-based: its bootstrap spread is re-centred on the estimate, which can carry the lower
+    end past 0 (3 of 8 replies open alike: the percentiles reach -0.04 once re-centred)."""
+    units = [conversation(str(i), ["i'm not sure that works" if i < 3 else f"word{i} other"]) for i in range(8)]
+    interval = metric_interval(MetricSet(units), "generic_reply_share", 200, 0.95, seed=42)
+    assert interval.value == pytest.approx(3 / 8)
+    assert interval.low == 0.0 and interval.value < interval.high <= 1.0
+
+
 def test_holm_adjusts_within_a_family_and_verdicts_need_the_adjusted_p():
     assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
     changes = {

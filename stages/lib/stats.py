@@ -324,6 +324,8 @@ def metric_interval(metrics: MetricSet, name: str, resamples: int, confidence: f
         clusters = metrics.clusters(name)
         low, high = wilson(interval.value * clusters, clusters, confidence)
         return Interval(interval.value, min(low, interval.value), max(high, interval.value))
+    if name in PROPORTIONS and math.isfinite(interval.low):  # a re-centred spread can pass 0 or 1; a share cannot
+        return Interval(interval.value, max(0.0, interval.low), min(1.0, interval.high), interval.p)
     return interval
 
 
