@@ -1,18 +1,18 @@
 """Placing a stage's processes (stages/lib/launch.py): torchrun's rendezvous across nodes from params and the
-environment, slots that split one machine between queued experiments, and `dvc queue start -j 2` giving each
-experiment the results it has alone. The multi-process training equalities are in test_train.py."""
+environment, and slots that split one machine between queued experiments. `dvc queue start -j 2` running two
+experiments in their own slots is tested on the fixture pipeline in test_reproducibility.py; the multi-process
+training equalities are in test_train.py."""
 
 import json
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO
-from pipeline_repo import dvc, make_repo, sh, tool_env
+from pipeline_repo import tool_env
 from stages.lib.errors import InputError
 from stages.lib.launch import HELD, Rendezvous, rendezvous, share, use_slot
 
@@ -154,79 +154,6 @@ def test_the_train_command_rejects_an_impossible_layout_in_one_line_before_any_w
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [message]
     assert not (tmp_path / "models").exists()
-
-
-def wait_for_queue(repo: Path, env: dict, timeout: float = 1200) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = sh(repo, sys.executable, "-m", "dvc", "queue", "status").stdout
-        if not any(word in status for word in ("Queued", "Running")):
-            return status
-        time.sleep(5)
-    raise AssertionError(f"the queue did not finish in {timeout} s:\n{status}")
-
-
-def experiment(repo: Path, name: str) -> tuple[bytes, dict, str]:
-    """An experiment's train metrics, runtime record and trained model's hash, read from its Git ref (the
-    metrics are Git-tracked; dvc.lock holds the model directory's hash)."""
-    import yaml
-
-    refs = sh(repo, "git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps").stdout.splitlines()
-    (rev,) = [line.split()[0] for line in refs if line.endswith(f"/{name}")]
-    show = lambda path: sh(repo, "git", "show", f"{rev}:{path}").stdout  # noqa: E731
-    lock = yaml.safe_load(show("dvc.lock"))
-    (model,) = [out["md5"] for out in lock["stages"]["train"]["outs"] if out["path"] == "models/finetuned"]
-    return show("metrics/train.json").encode(), json.loads(show("metrics/runtime/train.json")), model
-
-
-@pytest.mark.slow
-def test_two_queued_experiments_run_at_once_in_their_own_slots_and_train_as_they_do_alone(tmp_path, monkeypatch):
-    """`dvc queue start -j 2` with STAGES_SLOTS=2: both experiments train at the same time, each on its own half of
-    the cores (slots 0 and 1), and each trains the model, byte for byte, and the metrics it trains alone (there
-    on every core)."""
-    import shutil
-
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "STAGES_SLOTS", HELD):
-        monkeypatch.delenv(name, raising=False)
-
-    short = {"max_steps": 8, "eval_steps": 8, "save_steps": 8, "logging_steps": 4}
-    repo = make_repo(tmp_path, "llama", {"train": short})
-    dvc(repo, "repro", "train")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "baseline")
-    rates = ("1.0e-3", "3.0e-3")
-    for rate in rates:
-        dvc(repo, "exp", "run", "--temp", "-n", f"alone-{rate}", "-S", f"train.learning_rate={rate}", "train")
-    shutil.rmtree(repo / ".dvc" / "cache" / "runs")  # else the queued experiments restore these results, untrained
-    for rate in rates:
-        dvc(repo, "exp", "run", "--queue", "-n", f"queued-{rate}", "-S", f"train.learning_rate={rate}", "train")
-    env = {**tool_env(), "STAGES_SLOTS": "2", "STAGES_SLOTS_DIR": str(tmp_path / "slots")}
-    started = subprocess.run(
-        [sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=repo, env=env, capture_output=True, text=True
-    )
-    assert started.returncode == 0, started.stderr
-    status = wait_for_queue(repo, env)
-    assert status.count("Success") == 2, status
-    slots, models = set(), set()
-    for rate in rates:
-        metrics, runtime, model = experiment(repo, f"queued-{rate}")
-        alone_metrics, alone_runtime, alone_model = experiment(repo, f"alone-{rate}")
-        print(
-            {
-                rate: {
-                    "queued": (json.loads(metrics)["val_loss_after"], model, runtime["slot"]),
-                    "alone": (json.loads(alone_metrics)["val_loss_after"], alone_model),
-                }
-            }
-        )
-        assert metrics == alone_metrics and model == alone_model, rate
-        models.add(model)
-        assert alone_runtime["slot"] is None and runtime["slot"]["count"] == 2
-        slots.add(runtime["slot"]["index"])
-        if (os.cpu_count() or 1) >= 2:
-            assert len(runtime["slot"]["cpus"]) == (os.cpu_count() or 1) // 2
-    assert slots == {0, 1}  # the second experiment found slot 0 held: they ran at the same time
-    assert len(models) == 2  # two learning rates, two models: the comparison can tell models apart
 
 
 def test_fsdp_with_qlora_is_refused_by_the_params_check():

@@ -1,6 +1,7 @@
 """Reproducibility, caching and data safety through the real `dvc` CLI on the fixture pipeline."""
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import yaml
 
 from conftest import REPO
 from pipeline_repo import dvc, make_repo, read_json, stages_ran, tool_env
+from test_pipeline import VERDICTS
 
 DVC_OUTPUTS = [
     "data/raw/conversations.jsonl",
@@ -79,28 +81,42 @@ def test_every_param_reaches_a_stage_so_exp_run_set_param_works():
         assert any(leaf == d or leaf.startswith(d + ".") for d in declared), f"{leaf} is read by no stage in dvc.yaml"
 
 
-def test_preprocess_change_reruns_downstream_and_going_back_restores_from_run_cache(llama_repo):
+def test_a_training_change_reruns_downstream_is_reviewed_and_going_back_restores_from_run_cache(llama_repo):
+    """Commit the reference run, change a training param, reproduce, review the workspace against the commit, then
+    go back: every stage comes back from the run-cache with the reference's bytes. (One training run serves the
+    three claims: on 2 cores the fixture pipeline's training and scoring take minutes.)"""
+    from pipeline_repo import sh
+
     before = metrics_snapshot(llama_repo)
     model = digest(llama_repo / "models" / "finetuned")
-    original = set_params(llama_repo, "preprocess", val_fraction=0.2)  # a different split
+    sh(llama_repo, "git", "add", "-A")
+    sh(llama_repo, "git", "commit", "-qm", "reference run", check=False)
+    original = set_params(llama_repo, "train", learning_rate=3.0e-3)
     try:
-        assert stages_ran(dvc(llama_repo, "repro").stdout) == {
-            "preprocess",
-            "tokenize",
-            "train",
-            "score@base",
-            "score@finetuned",
-            "evaluate",
-            "transcripts",
-            "export",
-        }
+        # A training change re-scores the fine-tuned model only: the base model's scores are not recomputed.
+        ran = stages_ran(dvc(llama_repo, "repro").stdout)
+        assert ran == {"train", "score@finetuned", "evaluate", "transcripts", "export"}
+        review = [sys.executable, "-m", "stages.tools.review", "--base", "HEAD", "--out", "review/review.md"]
+        result = sh(llama_repo, *review)
+        report = (llama_repo / "review" / "review.md").read_text()
+        assert "train.learning_rate" in report and "0.005" in report and "0.003" in report
+        assert report.index("## Significance") < report.index("## Parameters")  # the table opens the report
+        assert "| perplexity |" in report and "| stop_rate |" in report and "[" in report
+        assert any(f"| {word} |" in report for word in VERDICTS if word)
+        assert "a verdict is about these two models" in report  # one trained model a side: said plainly
+        assert "| **gate** |" in report and "metrics/train.json" in report
+        image = llama_repo / "review" / "review-training-loss.png"  # named after the report, not generically
+        assert "![Training loss](review-training-loss.png)" in report and image.stat().st_size > 1000
+        assert "## Transcripts" in report
+        assert "review/review.md" in result.stdout
     finally:
         (llama_repo / "params.yaml").write_text(original)
+        shutil.rmtree(llama_repo / "review", ignore_errors=True)
     back = dvc(llama_repo, "repro")
     assert stages_ran(back.stdout) == {"evaluate", "transcripts"}, (
         back.stdout
     )  # nothing recomputed but the seconds-long summaries
-    for stage in ("preprocess", "tokenize", "train", "score@base", "score@finetuned", "export"):
+    for stage in ("train", "score@finetuned", "export"):
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in back.stdout
     assert metrics_snapshot(llama_repo) == before and digest(llama_repo / "models" / "finetuned") == model
     assert "Data and pipelines are up to date" in dvc(llama_repo, "status").stdout
@@ -196,8 +212,8 @@ def test_repro_killed_during_preprocess_leaves_no_torn_output(tmp_path, signum):
 
 def test_a_run_from_scratch_killed_during_train_and_resumed_reproduces_every_output_byte_for_byte(llama_repo, tmp_path):
     """The same params and data from scratch in a second repository, killed (SIGKILL) after a checkpoint and
-    resumed, gives the uninterrupted run's outputs and metrics byte for byte (llama_repo); while it runs, a second
-    `dvc repro` is refused."""
+    resumed, gives the uninterrupted run's outputs and metrics byte for byte (llama_repo: its losses are averaged
+    over every step, not since the resume); while it runs, a second `dvc repro` is refused."""
     repo = make_repo(tmp_path, "llama")  # the same params and data as llama_repo, never run here
     process = start_repro(repo, "train")
     wait_for(lambda: stage_process_running("train"), process)
@@ -227,6 +243,9 @@ def test_a_run_from_scratch_killed_during_train_and_resumed_reproduces_every_out
         sorted(p.name for p in (repo / "models" / "checkpoints").iterdir()),
         resumed.stdout[-1500:],
     )
+    checkpoints = repo / "models" / "checkpoints"  # finished: marked complete, its step checkpoints removed
+    assert read_json(checkpoints / "fingerprint.json")["status"] == "complete"
+    assert not list(checkpoints.glob("checkpoint-*"))
     dvc(repo, "repro")  # the rest of the pipeline
     first_metrics, second_metrics = metrics_snapshot(llama_repo), metrics_snapshot(repo)
     assert first_metrics.keys() == second_metrics.keys() and len(first_metrics) >= 7
@@ -242,15 +261,43 @@ def test_a_run_from_scratch_killed_during_train_and_resumed_reproduces_every_out
         print(f"  {output:<30} sha256 {digest(repo / output)[:16]}")
 
 
-def test_queued_learning_rate_sweep_runs_and_compares(llama_repo):
-    """`dvc exp run --queue` + `dvc queue start`: experiments run in temporary copies of the last commit."""
+def queued_experiment(repo: Path, name: str) -> tuple[bytes, dict, str]:
+    """An experiment's train metrics, runtime record and trained model's hash, read from its Git ref (the
+    metrics are Git-tracked; dvc.lock holds the model directory's hash)."""
     from pipeline_repo import sh
 
+    refs = sh(repo, "git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps").stdout.splitlines()
+    (rev,) = [line.split()[0] for line in refs if line.endswith(f"/{name}")]
+    show = lambda path: sh(repo, "git", "show", f"{rev}:{path}").stdout  # noqa: E731
+    lock = yaml.safe_load(show("dvc.lock"))
+    (model,) = [out["md5"] for out in lock["stages"]["train"]["outs"] if out["path"] == "models/finetuned"]
+    return show("metrics/train.json").encode(), json.loads(show("metrics/runtime/train.json")), model
+
+
+def test_a_queued_sweep_runs_two_at_once_in_their_own_slots_trains_as_alone_and_compares(llama_repo, monkeypatch):
+    """`dvc exp run --queue` then `STAGES_SLOTS=2 dvc queue start -j 2`: both experiments run from the last commit
+    at the same time, each on its own half of the cores (slots 0 and 1); one trains, byte for byte, the model and
+    metrics it trains alone (there on every core); `dvc exp show` compares them with the README's columns."""
+    from pipeline_repo import sh
+    from stages.lib.launch import HELD
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "STAGES_SLOTS", HELD):
+        monkeypatch.delenv(name, raising=False)
     sh(llama_repo, "git", "add", "-A")
     sh(llama_repo, "git", "commit", "-qm", "baseline for the sweep", check=False)  # queued runs start from HEAD
-    dvc(llama_repo, "exp", "run", "--queue", "-S", "train.learning_rate=0.002,0.01", "evaluate")  # not export
-    dvc(llama_repo, "queue", "start", "-j", "1")
-    deadline = time.time() + 600
+    rates = ("0.002", "0.01")
+    for rate in rates:  # to evaluate: not export
+        dvc(llama_repo, "exp", "run", "--queue", "-n", f"lr-{rate}", "-S", f"train.learning_rate={rate}", "evaluate")
+    env = {**tool_env(), "STAGES_SLOTS": "2", "STAGES_SLOTS_DIR": str(llama_repo.parent / "slots")}
+    started = subprocess.run(
+        [sys.executable, "-m", "dvc", "queue", "start", "-j", "2"],
+        cwd=llama_repo,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert started.returncode == 0, started.stderr
+    deadline = time.time() + 900
     while True:
         status = dvc(llama_repo, "queue", "status").stdout
         if not any(word in status for word in ("Queued", "Running")):
@@ -258,15 +305,39 @@ def test_queued_learning_rate_sweep_runs_and_compares(llama_repo):
         assert time.time() < deadline, status
         time.sleep(2)
     if status.count("Success") != 2:
-        names = [line.split()[1] for line in status.splitlines()[1:] if line.strip() and not line.startswith("Worker")]
-        logs = "\n".join(dvc(llama_repo, "queue", "logs", name, check=False).stdout[-3000:] for name in names)
+        logs = "\n".join(dvc(llama_repo, "queue", "logs", f"lr-{rate}", check=False).stdout[-3000:] for rate in rates)
         raise AssertionError(f"{status}\n{logs}")
+
     shown = dvc(llama_repo, "exp", "show", "--md", "--drop", ".*", "--keep", EXP_COLUMNS).stdout
     header = [cell.strip() for cell in shown.splitlines()[0].strip("|").split("|")]
     header = [cell.rsplit(":", 1)[-1] for cell in header]  # DVC prefixes a file only when two files share a key
     metric_columns = {"trained_tokens_per_s", "finetuned.perplexity", "finetuned.chrf", "finetuned.stop_rate"}
     assert header[0] == "Experiment" and header[-1] == "train.learning_rate", header  # metrics' order: DVC's
     assert set(header[1:-1]) == metric_columns, header
-    rates = sorted(line.strip("|").split("|")[-1].strip() for line in shown.splitlines()[2:] if "[" in line)
-    assert rates == ["0.002", "0.01"], shown
+    shown_rates = sorted(line.strip("|").split("|")[-1].strip() for line in shown.splitlines()[2:] if "[" in line)
+    assert shown_rates == sorted(rates), shown
+
+    slots, models = set(), set()
+    for rate in rates:
+        _, runtime, model = queued_experiment(llama_repo, f"lr-{rate}")
+        models.add(model)
+        assert runtime["slot"]["count"] == 2, runtime["slot"]
+        slots.add(runtime["slot"]["index"])
+        if (os.cpu_count() or 1) >= 2:
+            assert len(runtime["slot"]["cpus"]) == (os.cpu_count() or 1) // 2
+    assert slots == {0, 1}  # the second experiment found slot 0 held: they ran at the same time
+    assert len(models) == 2  # two learning rates, two models: the comparison can tell models apart
+
+    # The first rate again, alone on every core: --force --single-item retrains it (not a run-cache restore).
+    dvc(llama_repo, "exp", "run", "--temp", "-f", "-s", "-n", "alone", "-S", f"train.learning_rate={rates[0]}", "train")
+    metrics, runtime, model = queued_experiment(llama_repo, f"lr-{rates[0]}")
+    alone_metrics, alone_runtime, alone_model = queued_experiment(llama_repo, "alone")
+    print(
+        {
+            "queued": (json.loads(metrics)["val_loss_after"], model),
+            "alone": (json.loads(alone_metrics)["val_loss_after"], alone_model),
+        }
+    )
+    assert alone_runtime["slot"] is None and alone_runtime["resumed_from_step"] == 0
+    assert metrics == alone_metrics and model == alone_model
     assert "Data and pipelines are up to date" in dvc(llama_repo, "status").stdout  # the workspace is untouched

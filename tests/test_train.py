@@ -284,29 +284,6 @@ def test_lora_adapter_only_records_its_base_and_evaluates(prepared, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_weights(prepared, tmp_path):
-    settings = {"max_steps": 200, "save_steps": 10, "eval_steps": 100, "logging_steps": 10, "batch_size": 2}
-    straight = workspace(prepared, tmp_path / "a", settings)
-    assert run_train(straight).returncode == 0
-
-    killed = workspace(prepared, tmp_path / "b", settings)
-    kill_after_checkpoint(killed, [sys.executable, "-m", "stages.train"], 10)
-
-    resumed = run_train(killed)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert 10 <= read_json(killed / "metrics" / "runtime" / "train.json")["resumed_from_step"] < 200
-    # Same metrics as the uninterrupted run, byte for byte (losses averaged over all steps, not since the resume).
-    assert (killed / "metrics" / "train.json").read_bytes() == (straight / "metrics" / "train.json").read_bytes()
-    assert read_json(killed / "metrics" / "train.json")["steps"] == 200
-    a = load_file(straight / "models" / "finetuned" / "model.safetensors")
-    b = load_file(killed / "models" / "finetuned" / "model.safetensors")
-    for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-6), key
-    assert read_json(killed / "models" / "checkpoints" / "fingerprint.json")["status"] == "complete"
-    assert not list((killed / "models" / "checkpoints").glob("checkpoint-*"))
-
-
-@pytest.mark.slow
 def test_two_cpu_processes_train_with_ddp_and_save_once(prepared, tmp_path):
     work = workspace(prepared, tmp_path, {"max_steps": 6, "eval_steps": 6, "save_steps": 6, "logging_steps": 3})
     result = run_train(work, "torchrun", "--standalone", "--nproc_per_node", "2")
