@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from pipeline_repo import dvc, make_repo, read_json, stages_ran, tool_env
+from pipeline_repo import dvc, make_repo, read_json, sh, stages_ran, tool_env
 from test_pipeline import VERDICTS
 
 DVC_OUTPUTS = [
@@ -85,8 +85,6 @@ def test_a_training_change_reruns_downstream_is_reviewed_and_going_back_restores
     """Commit the reference run, change a training param, reproduce, review the workspace against the commit, then
     go back: every stage comes back from the run-cache with the reference's bytes. (One training run serves the
     three claims: on 2 cores the fixture pipeline's training and scoring take minutes.)"""
-    from pipeline_repo import sh
-
     before = metrics_snapshot(llama_repo)
     model = digest(llama_repo / "models" / "finetuned")
     sh(llama_repo, "git", "add", "-A")
@@ -264,8 +262,6 @@ def test_a_run_from_scratch_killed_during_train_and_resumed_reproduces_every_out
 def queued_experiment(repo: Path, name: str) -> tuple[bytes, dict, str]:
     """An experiment's train metrics, runtime record and trained model's hash, read from its Git ref (the
     metrics are Git-tracked; dvc.lock holds the model directory's hash)."""
-    from pipeline_repo import sh
-
     refs = sh(repo, "git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps").stdout.splitlines()
     (rev,) = [line.split()[0] for line in refs if line.endswith(f"/{name}")]
     show = lambda path: sh(repo, "git", "show", f"{rev}:{path}").stdout  # noqa: E731
@@ -278,7 +274,6 @@ def test_a_queued_sweep_runs_two_at_once_in_their_own_slots_trains_as_alone_and_
     """`dvc exp run --queue` then `STAGES_SLOTS=2 dvc queue start -j 2`: both experiments run from the last commit
     at the same time, each on its own half of the cores (slots 0 and 1); one trains, byte for byte, the model and
     metrics it trains alone (there on every core); `dvc exp show` compares them with the README's columns."""
-    from pipeline_repo import sh
     from stages.lib.launch import HELD
 
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "STAGES_SLOTS", HELD):
