@@ -59,10 +59,26 @@ def workdir(tmp_path: Path) -> Path:
 SLOW_FIXTURES = {"llama_repo", "chat_dir", "exported", "bad_workdir"}
 
 
+# Under pytest-xdist (pyproject.toml: `-n auto --dist loadgroup`) a test module runs on one worker, so its
+# module-scoped fixtures are built once; every user of the session's `llama_repo` pipeline shares one worker too.
+SESSION_GROUP = "llama_repo"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("bundled"):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SLOW_FIXTURES & fixtures or item.get_closest_marker("bundled"):
             item.add_marker(pytest.mark.slow)
+        group = SESSION_GROUP if SESSION_GROUP in fixtures else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_configure(config):
+    # Each xdist worker runs its own stage processes: one torch thread each keeps two workers from fighting over
+    # two cores (spinning OpenMP threads). Set before any stage process starts; a test may still override it.
+    if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1":
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
