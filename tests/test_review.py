@@ -2,6 +2,7 @@
 machine and the tokenizer are compared, and bad input is one line."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -77,6 +78,27 @@ def test_without_replicates_the_verdict_says_it_concerns_two_trained_models():
     )
     assert "a verdict is about these two models" in lines[0]
     assert verdict_of(lines, "perplexity") == "unchanged"  # identical values are not 'no significant change'
+
+
+def perplexity_times(data: list[dict], ratio: float) -> list[dict]:
+    """Varied per-conversation NLLs, each raised so that the fine-tuned perplexity is `ratio` times its own."""
+    out = []
+    for k, record in enumerate(data):
+        tuned = record["finetuned"]
+        nll = 8.0 + 4.0 * (k % 5) + tuned["tokens"] * math.log(ratio)
+        out.append({**record, "finetuned": {**tuned, "nll": nll}})
+    return out
+
+
+def test_another_machines_rounding_is_negligible_and_a_real_perplexity_change_is_a_verdict():
+    """The reference retrained on another CPU (bf16, not fp32) moved perplexity by 0.34% with a tight interval:
+    a real difference between the two models, smaller than a training seed moves it, so no 'worse'."""
+    same = records(0.5, 1, range(60))
+    old = [run("base", perplexity_times(same, 1.0))]
+    rounding, _ = significance(old, [run("new", perplexity_times(same, 1.0034))], resamples=200)
+    assert verdict_of(rounding, "perplexity") == "negligible", row(rounding, "perplexity")
+    real, _ = significance(old, [run("new", perplexity_times(same, 1.03))], resamples=200)
+    assert verdict_of(real, "perplexity") == "worse", row(real, "perplexity")
 
 
 def test_a_turn_that_answers_another_context_is_left_out_with_a_warning():

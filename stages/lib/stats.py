@@ -51,6 +51,21 @@ RATIO_TO_HUMAN = {"distinct_1_vs_human", "distinct_2_vs_human"}  # already model
 SET_BASED = {"distinct_1", "distinct_2", "distinct_1_vs_human", "distinct_2_vs_human", "generic_reply_share"}
 PROPORTIONS = {"stop_rate", "empty_reply_rate", "next_reply_hits_at_1", "generic_reply_share"}
 GENERIC_SHARE, GENERIC_MIN_REPLIES = 0.02, 3  # an opening used by 2% of the replies (and 3 or more) is a formula
+# The smallest change a verdict reports, in the units of the paired change (perplexity's is relative; a
+# human-referenced one is the change of the distance to the human value). A significant change below it is
+# 'negligible': kernels and seeds move a trained model by that much (docs/DESIGN.md §5.2).
+MIN_CHANGE = {
+    "perplexity": 0.01,
+    "next_reply_hits_at_1": 0.02,
+    "semantic_similarity": 0.01,
+    "stop_rate": 0.01,
+    "mean_reply_words": 1.0,
+    "distinct_1_vs_human": 0.02,
+    "distinct_2_vs_human": 0.02,
+    "generic_reply_share": 0.01,
+    "context_overlap": 0.01,
+    "repetition_rate": 0.01,
+}
 
 
 @dataclass
@@ -373,7 +388,8 @@ def holm(p_values: dict[str, float]) -> dict[str, float]:
 def verdict(name: str, change: Interval, adjusted_p: float, alpha: float, identical: bool = False) -> str:
     """The word for a change: 'unchanged' (identical values), 'better'/'worse' (primary), 'closer to human'/
     'further from human' (human-referenced), 'no significant change' (the family-adjusted p-value is not
-    below alpha: absence of evidence, not evidence of none), '' for descriptive metrics."""
+    below alpha: absence of evidence, not evidence of none), 'negligible' (significant, but smaller than
+    MIN_CHANGE), '' for descriptive metrics."""
     if identical:
         return "unchanged"
     if not math.isfinite(change.value):
@@ -385,6 +401,8 @@ def verdict(name: str, change: Interval, adjusted_p: float, alpha: float, identi
     holds_zero = not (change.low > 0.0 or change.high < 0.0)
     if not math.isfinite(adjusted_p) or adjusted_p >= alpha or holds_zero:
         return "no significant change"
+    if abs(change.value) < MIN_CHANGE.get(name, 0.0):
+        return "negligible"
     up = change.value > 0.0
     if name in HUMAN_REFERENCED:
         return "further from human" if up else "closer to human"

@@ -294,7 +294,8 @@ def significance(
         f"Fine-tuned model, `{test_set}` set: {len(paired.keys)} conversations, {paired.shared_turns} paired turns; "
         f"change = new − base with its {CONFIDENCE:.0%} interval; {scope}. Verdicts are Holm-adjusted within the "
         "primary and the human-referenced families; human-referenced changes are of the distance to the human value "
-        "(negative: closer).",
+        "(negative: closer); a significant change smaller than the metric's smallest change that matters "
+        "(docs/DESIGN.md §5.2) is negligible.",
         "",
         f"| family | metric | base (`{old_label}`) | new (`{new_label}`) | change [95% interval] "
         "| p (Holm) | verdict |",
