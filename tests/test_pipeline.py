@@ -98,7 +98,16 @@ def test_gpt2_with_plain_template_trains_through_dvc(tmp_path):
     assert train["val_loss_after"] < train["val_loss_before"] - 1.0
 
 
-VERDICTS = ("better", "worse", "closer to human", "further from human", "no significant change", "negligible", "unchanged", "")
+VERDICTS = (
+    "better",
+    "worse",
+    "closer to human",
+    "further from human",
+    "no significant change",
+    "negligible",
+    "unchanged",
+    "",
+)
 
 
 def test_finetuned_model_beats_the_base_on_fluency_and_stopping(llama_repo):
