@@ -280,8 +280,9 @@ def significance(
     scope = (
         "the change exceeds the test-sample noise and the spread between training replicates"
         if replicated
-        else "one trained model per side: a verdict is about these two models, not about the change (training "
-        "replicates separate it from run-to-run variation: README, Experiments)"
+        else "one trained model per side: a verdict is about these two models, not about the change (at the "
+        "defaults, a training seed alone moved Hits@1 by up to 0.058 and semantic similarity by up to 0.039; "
+        "training replicates separate a change from that: README, Experiments)"
     )
     names = [n for n in HEADLINE if comparable or n not in NOT_TOKEN_COMPARABLE]
     intervals = {name: change_interval(name, paired, resamples, SEED) for name in names}
@@ -331,7 +332,7 @@ def significance(
 MEASURED_MACHINE_EFFECT = (
     "Measured: the default pipeline retrained and rescored on an Intel Xeon with AMX (bf16) against the same code "
     "on an AMD EPYC (fp32) moved perplexity 0.34%, Hits@1 0.011 and semantic similarity 0.001, less than a "
-    "training seed moves them (SEEDFIGURES)."
+    "training seed moves them (up to 0.9%, 0.058 and 0.039 between three seeds)."
 )
 MACHINE_FIELDS = {
     "cpu": "processor",
