@@ -166,14 +166,16 @@ def wait_for(condition, process: subprocess.Popen, seconds: float = 180) -> None
         time.sleep(0.01)
 
 
-def stage_process_running(module: str) -> bool:
-    """A process of `python -m stages.<module>` (or torchrun ... -m stages.<module>) is alive."""
+def stage_process_running(module: str, repo: Path) -> bool:
+    """A process of `python -m stages.<module>` (or torchrun ... -m stages.<module>) is alive in `repo`: not one of
+    another test's (the suite runs on several workers) or of a pipeline the developer runs meanwhile."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
         except OSError:
             continue
-        if b"-m" in cmdline and f"stages.{module}".encode() in cmdline:
+        if b"-m" in cmdline and f"stages.{module}".encode() in cmdline and cwd.is_relative_to(repo.resolve()):
             return True
     return False
 
@@ -194,7 +196,7 @@ def test_repro_killed_during_preprocess_leaves_no_torn_output(tmp_path, signum):
     report = (repo / "metrics" / "data.json").read_bytes()
 
     process = start_repro(repo, "--force", "--single-item", "preprocess")
-    wait_for(lambda: stage_process_running("preprocess"), process)
+    wait_for(lambda: stage_process_running("preprocess", repo), process)
     time.sleep(2.0)  # mid-way through cleaning
     kill_group(process, signum)
     assert not processed.exists() or digest(processed) == complete, "half-written data/processed"
@@ -214,7 +216,7 @@ def test_a_run_from_scratch_killed_during_train_and_resumed_reproduces_every_out
     over every step, not since the resume); while it runs, a second `dvc repro` is refused."""
     repo = make_repo(tmp_path, "llama")  # the same params and data as llama_repo, never run here
     process = start_repro(repo, "train")
-    wait_for(lambda: stage_process_running("train"), process)
+    wait_for(lambda: stage_process_running("train", repo), process)
     second = dvc(repo, "repro", check=False)  # a concurrent run must be refused, not interleaved
     refused = second.stderr + second.stdout
     assert second.returncode != 0 and (
@@ -227,7 +229,7 @@ def test_a_run_from_scratch_killed_during_train_and_resumed_reproduces_every_out
     wait_for(lambda: complete(checkpoint), process)  # fully written: a half-written one is rightly not resumed
     kill_group(process, signal.SIGKILL)
     deadline = time.time() + 10  # torchrun's workers run in sessions of their own: the group kill does not reach them
-    while stage_process_running("train"):
+    while stage_process_running("train", repo):
         assert time.time() < deadline, (
             "a train worker outlived its killed launcher (it would write beside the resumed run)"
         )
@@ -323,7 +325,11 @@ def test_a_queued_sweep_runs_two_at_once_in_their_own_slots_trains_as_alone_and_
     assert slots == {0, 1}  # the second experiment found slot 0 held: they ran at the same time
     assert len(models) == 2  # two learning rates, two models: the comparison can tell models apart
 
-    # The first rate again, alone on every core: --force --single-item retrains it (not a run-cache restore).
+    # The first rate again, alone (no slot, no pinning) with the slot's thread count: --force --single-item
+    # retrains it (not a run-cache restore). Another thread count may sum products in another order (DESIGN §8).
+    threads = str(runtime["slot"]["threads"])
+    monkeypatch.setenv("OMP_NUM_THREADS", threads)
+    monkeypatch.setenv("MKL_NUM_THREADS", threads)
     dvc(llama_repo, "exp", "run", "--temp", "-f", "-s", "-n", "alone", "-S", f"train.learning_rate={rates[0]}", "train")
     metrics, runtime, model = queued_experiment(llama_repo, f"lr-{rates[0]}")
     alone_metrics, alone_runtime, alone_model = queued_experiment(llama_repo, "alone")
