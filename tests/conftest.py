@@ -59,7 +59,7 @@ def workdir(tmp_path: Path) -> Path:
 SLOW_FIXTURES = {"llama_repo", "chat_dir", "exported", "bad_workdir"}
 
 
-# Under pytest-xdist (pyproject.toml: `-n auto --dist loadgroup`) a test module runs on one worker, so its
+# Under pytest-xdist (`pytest -n 2`; pyproject.toml sets `--dist loadgroup`) a test module runs on one worker, so
 # module-scoped fixtures are built once; every user of the session's `llama_repo` pipeline shares one worker too.
 SESSION_GROUP = "llama_repo"
 
