@@ -155,6 +155,9 @@ def start_repro(repo: Path, *args: str) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        # As a shell starts a foreground command: a suite started in the background ignores SIGINT and SIGQUIT,
+        # and every stage would inherit that.
+        preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGQUIT)],
     )
 
 
