@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -120,6 +122,53 @@ def test_what_a_killed_stage_leaves_is_git_ignored_and_cleaned_by_the_next_run(w
     assert sorted(ignored) == left
     assert publish(work, "newer").returncode == 0
     assert state(work) == ("newer",) * 3 and leftovers(work) == []
+
+
+# A stage that forks a helper (as datasets.map's pool does) and is stopped by SIGTERM to its process group, as
+# `kill` of a job, `dvc queue kill` or a scheduler sends it. The helper writes a marker if it unwinds the stage's code.
+FORKING_STAGE = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {repo!r})
+    from stages.lib.atomic import publish_together
+    from stages.lib.cli import run
+
+    def main():
+        with publish_together(files=["metrics/a.json"]) as out:
+            out.write_json("metrics/a.json", {{"v": "new"}})
+            helper = os.fork()
+            try:
+                if helper:
+                    open("helper.pid", "w").write(str(helper))
+                while True:
+                    time.sleep(0.01)
+            finally:
+                if not helper:
+                    open("unwound-in-helper", "w").write("the helper ran the stage's cleanup")
+        return 0
+
+    run(main)
+""").format(repo=str(REPO))
+
+
+def test_sigterm_stops_a_stage_cleanly_and_its_forked_helpers_at_once(tmp_path):
+    (tmp_path / "stage.py").write_text(FORKING_STAGE)
+    stage = subprocess.Popen([sys.executable, "stage.py"], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    pid_file = tmp_path / "helper.pid"
+    deadline = time.time() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert stage.poll() is None and time.time() < deadline, stage.stderr.read() if stage.poll() else "timed out"
+        time.sleep(0.01)
+    helper = int(pid_file.read_text())
+    os.killpg(stage.pid, signal.SIGTERM)
+    assert stage.wait(timeout=30) == 128 + signal.SIGTERM
+    assert stage.stderr.read().strip() == "terminated"  # one line, no traceback
+    deadline = time.time() + 10  # the orphaned helper is reaped by init once it died
+    while Path(f"/proc/{helper}").exists():
+        assert time.time() < deadline, "the forked helper outlived the signal"
+        time.sleep(0.01)
+    assert not (tmp_path / "unwound-in-helper").exists(), "the helper unwound the stage's own cleanup"
+    assert leftovers(tmp_path) == [] and not (tmp_path / "metrics" / "a.json").exists()  # the stage's did run
 
 
 def test_a_file_size_limit_is_one_line_naming_the_output_and_keeps_the_old_set(work):

@@ -200,8 +200,15 @@ def test_repro_killed_during_preprocess_leaves_no_torn_output(tmp_path, signum):
 
     process = start_repro(repo, "--force", "--single-item", "preprocess")
     wait_for(lambda: stage_process_running("preprocess", repo), process)
-    time.sleep(2.0)  # mid-way through cleaning
+    time.sleep(2.0)  # mid-way through cleaning (datasets.map on two worker processes)
     kill_group(process, signum)
+    deadline = time.time() + 30  # the stage and every process it forked are gone, not hung on each other
+    while stage_process_running("preprocess", repo):
+        assert time.time() < deadline, "the stage outlived its signal"
+        time.sleep(0.1)
+    if signum == signal.SIGTERM:  # a clean stop, told in one line: no library's traceback from its killed workers
+        output = process.stdout.read()
+        assert "terminated" in output and "Traceback" not in output, output[-3000:]
     assert not processed.exists() or digest(processed) == complete, "half-written data/processed"
 
     again = dvc(repo, "repro", "preprocess")  # reruns it, or restores the completed run from the run-cache

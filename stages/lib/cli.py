@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from typing import Callable
@@ -20,12 +21,27 @@ class ArgumentParser(argparse.ArgumentParser):
         raise InputError(message)
 
 
+# The stage's own process, and the signal that asked it to stop (None while it runs). See docs/DESIGN.md §9.
+_stage_pid: int | None = None
+_terminated_by: int | None = None
+
+
 def _terminated(signum: int, frame: object) -> None:
+    global _terminated_by
+    if os.getpid() != _stage_pid:
+        # A forked helper (datasets.map's worker pool and its manager) inherits this handler. It must die as the
+        # signal intends: unwinding it through Python would wait on pipes its dying parent no longer reads.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    _terminated_by = signum
     raise SystemExit(128 + signum)  # unwinds through `finally`, so temporary outputs are removed
 
 
 def run(entry: Callable[[], int]) -> None:
     """Run a stage's main(); SIGTERM (what `kill` and job schedulers send) exits cleanly like Ctrl-C."""
+    global _stage_pid
+    _stage_pid = os.getpid()
     signal.signal(signal.SIGTERM, _terminated)
     try:
         recover()  # outputs a killed stage left half published: finished before anything reads them
@@ -37,4 +53,11 @@ def run(entry: Callable[[], int]) -> None:
     except KeyboardInterrupt:  # Ctrl-C: `finally` blocks removed what was staged; no traceback
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BaseException:
+        if _terminated_by is None:
+            raise
+        # Terminated: a library's cleanup may have replaced our SystemExit with its own error on the way out
+        # (datasets.map's pool reports its killed workers); the exit still says what happened.
+        print("terminated", file=sys.stderr)
+        sys.exit(128 + _terminated_by)
     sys.exit(code)
