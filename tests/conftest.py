@@ -59,9 +59,20 @@ def workdir(tmp_path: Path) -> Path:
 SLOW_FIXTURES = {"llama_repo", "chat_dir", "exported", "bad_workdir"}
 
 
-# Under pytest-xdist (`pytest -n 2`; pyproject.toml sets `--dist loadgroup`) a test module runs on one worker, so
-# module-scoped fixtures are built once; every user of the session's `llama_repo` pipeline shares one worker too.
+# Under pytest-xdist (pyproject.toml: `-n logical --dist loadgroup`) a test that shares a module-scoped fixture
+# with others runs on their worker, so the fixture is built once; every user of the session's `llama_repo` pipeline
+# shares one worker too. Every other test goes to whichever worker is free.
 SESSION_GROUP = "llama_repo"
+
+
+def xdist_group(item: pytest.Item) -> str | None:
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if SESSION_GROUP in fixtures:
+        return SESSION_GROUP
+    info = getattr(item, "_fixtureinfo", None)  # pytest's resolved fixtures; plugins' own (baseid "") don't count
+    shared = [d for defs in (info.name2fixturedefs.values() if info else ()) for d in defs
+              if d.baseid and d.scope in ("module", "session")]
+    return item.module.__name__ if shared else None
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
@@ -70,8 +81,9 @@ def pytest_collection_modifyitems(config, items):
         fixtures = set(getattr(item, "fixturenames", ()))
         if SLOW_FIXTURES & fixtures or item.get_closest_marker("bundled"):
             item.add_marker(pytest.mark.slow)
-        group = SESSION_GROUP if SESSION_GROUP in fixtures else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+        group = xdist_group(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_configure(config):

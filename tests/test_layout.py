@@ -228,3 +228,39 @@ def test_ci_runs_the_readme_test_command_and_the_linter():
     assert f"\n{command}\n" in ci, f"README's test command {command!r} is not what .ci/run runs"
     assert "\nruff check .\n" in ci or "\nruff check . " in ci
     assert re.search(r"^ruff==", (REPO / "requirements.txt").read_text(), re.MULTILINE)
+
+
+SHARED_FIXTURE_TESTS = '''
+import os, pytest
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    (tmp_path_factory.getbasetemp().parents[1] / f"built-{os.getpid()}").write_text("")
+
+@pytest.mark.parametrize("i", range(8))
+def test_shared(built, i):
+    pass
+
+@pytest.mark.parametrize("i", range(8))
+def test_free(tmp_path, i):
+    pass
+'''
+
+
+def test_tests_sharing_a_module_fixture_build_it_once_on_two_workers(tmp_path):
+    """The suite's own configuration (pyproject.toml, tests/conftest.py) on two xdist workers: a module-scoped
+    fixture is built by one worker only, and tests without one are spread freely."""
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "tests").mkdir()
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "tests")
+    (tmp_path / "tests" / "test_shared.py").write_text(SHARED_FIXTURE_TESTS)
+    command = [sys.executable, "-m", "pytest", "-n", "2", "-v", "-p", "no:cacheprovider", "--basetemp", "base"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert len(list(tmp_path.glob("built-*"))) == 1, result.stdout[-3000:]
+    shared = {line.split()[0] for line in result.stdout.splitlines() if "test_shared[" in line and "PASSED" in line}
+    assert len(shared) == 1, result.stdout[-3000:]
