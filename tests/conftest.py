@@ -65,8 +65,7 @@ SLOW_FIXTURES = {"llama_repo", "chat_dir", "exported", "bad_workdir"}
 SESSION_GROUP = "llama_repo"
 
 
-def xdist_group(item: pytest.Item) -> str | None:
-    fixtures = set(getattr(item, "fixturenames", ()))
+def xdist_group(item: pytest.Item, fixtures: set[str]) -> str | None:
     if SESSION_GROUP in fixtures:
         return SESSION_GROUP
     info = getattr(item, "_fixtureinfo", None)  # pytest's resolved fixtures; plugins' own (baseid "") don't count
@@ -81,7 +80,7 @@ def pytest_collection_modifyitems(config, items):
         fixtures = set(getattr(item, "fixturenames", ()))
         if SLOW_FIXTURES & fixtures or item.get_closest_marker("bundled"):
             item.add_marker(pytest.mark.slow)
-        group = xdist_group(item)
+        group = xdist_group(item, fixtures)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
 

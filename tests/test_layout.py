@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -250,10 +253,6 @@ def test_free(tmp_path, i):
 def test_tests_sharing_a_module_fixture_build_it_once_on_two_workers(tmp_path):
     """The suite's own configuration (pyproject.toml, tests/conftest.py) on two xdist workers: a module-scoped
     fixture is built by one worker only, and tests without one are spread freely."""
-    import shutil
-    import subprocess
-    import sys
-
     (tmp_path / "tests").mkdir()
     shutil.copy(REPO / "pyproject.toml", tmp_path)
     shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "tests")
