@@ -59,7 +59,7 @@ def workdir(tmp_path: Path) -> Path:
 SLOW_FIXTURES = {"llama_repo", "chat_dir", "exported", "bad_workdir"}
 
 
-# Under pytest-xdist (pyproject.toml: `-n logical --dist loadgroup`) a test that shares a module-scoped fixture
+# Under pytest-xdist (`pytest -n 2`; pyproject.toml sets `--dist loadgroup`) a test that shares a module-scoped fixture
 # with others runs on their worker, so the fixture is built once; every user of the session's `llama_repo` pipeline
 # shares one worker too. Every other test goes to whichever worker is free.
 SESSION_GROUP = "llama_repo"
