@@ -21,28 +21,27 @@ class ArgumentParser(argparse.ArgumentParser):
         raise InputError(message)
 
 
-# The stage's own process, and the signal that asked it to stop (None while it runs). See docs/DESIGN.md §9.
-_stage_pid: int | None = None
+# The signal that asked the stage to stop (None while it runs). See docs/DESIGN.md §9.
 _terminated_by: int | None = None
 
 
 def _terminated(signum: int, frame: object) -> None:
     global _terminated_by
-    if os.getpid() != _stage_pid:
-        # A forked helper (datasets.map's worker pool and its manager) inherits this handler. It must die as the
-        # signal intends: unwinding it through Python would wait on pipes its dying parent no longer reads.
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
     _terminated_by = signum
     raise SystemExit(128 + signum)  # unwinds through `finally`, so temporary outputs are removed
 
 
+def _default_sigterm_in_child() -> None:
+    """A forked helper (datasets.map's worker pool and its manager, DataLoader workers) dies at SIGTERM in the
+    kernel, never through the stage's handler: unwinding it through Python would wait on pipes its dying parent
+    no longer reads, and a helper forked while another thread held a lock never reaches Python code at all."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def run(entry: Callable[[], int]) -> None:
     """Run a stage's main(); SIGTERM (what `kill` and job schedulers send) exits cleanly like Ctrl-C."""
-    global _stage_pid
-    _stage_pid = os.getpid()
     signal.signal(signal.SIGTERM, _terminated)
+    os.register_at_fork(after_in_child=_default_sigterm_in_child)
     try:
         recover()  # outputs a killed stage left half published: finished before anything reads them
         code = entry()
