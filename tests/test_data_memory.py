@@ -7,6 +7,7 @@ import hashlib
 import json
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -96,12 +97,11 @@ def digests(root: Path) -> dict[str, str]:
     return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
 
 
-def make_workspace(root: Path, corpus_mb: int) -> Path:
-    """A repository with a tiny base model and, as its source, a corpus of `corpus_mb` MB."""
+def make_workspace(root: Path, corpus_mb: int, like: Path | None = None) -> Path:
+    """A repository with a tiny base model and, as its source, a corpus of `corpus_mb` MB; `like`, a workspace
+    made before, lends its base model and, if it is as large, its corpus (the same bytes: both are seeded)."""
     (root / "data" / "external").mkdir(parents=True)
     corpus = root / "data" / "external" / "chats.jsonl"
-    write_corpus(corpus, corpus_mb)
-    save_tiny(root / "tiny-model", "llama")
     write_params(
         root,
         {
@@ -111,8 +111,18 @@ def make_workspace(root: Path, corpus_mb: int) -> Path:
             "tokenize": {"max_length": 512, "max_val_examples": None},
         },
     )
-    result = run_stage("base_model", root)
-    assert result.returncode == 0, result.stderr[-2000:]
+    if like is None:
+        write_corpus(corpus, corpus_mb)
+        save_tiny(root / "tiny-model", "llama")
+        result = run_stage("base_model", root)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return root
+    source = like / "data" / "external" / "chats.jsonl"
+    if source.stat().st_size >= corpus_mb * MB:
+        shutil.copyfile(source, corpus)
+    else:
+        write_corpus(corpus, corpus_mb)
+    shutil.copytree(like / "models", root / "models")
     return root
 
 
@@ -125,8 +135,8 @@ def test_data_stages_finish_in_a_heap_smaller_than_the_corpus(tmp_path):
     """The cap is what each stage needs on a 2 MB corpus plus half the 32 MB one: a stage that held the
     corpus as Python objects (several times its size on disk) could not fit under it."""
     small = make_workspace(tmp_path / "small", SMALL_MB)
-    free = make_workspace(tmp_path / "free", CORPUS_MB)
-    capped = make_workspace(tmp_path / "capped", CORPUS_MB)
+    free = make_workspace(tmp_path / "free", CORPUS_MB, like=small)
+    capped = make_workspace(tmp_path / "capped", CORPUS_MB, like=free)
     for stage in STAGES:
         limit = peak_heap(stage, small) + CORPUS_MB * MB // 2
         assert run_stage(stage, free).returncode == 0

@@ -283,15 +283,25 @@ def test_lora_adapter_only_records_its_base_and_evaluates(prepared, tmp_path):
     assert read_json(work / "metrics" / "eval.json")["finetuned"]["scored_tokens"] > 0
 
 
-@pytest.mark.slow
-def test_two_cpu_processes_train_with_ddp_and_save_once(prepared, tmp_path):
-    work = workspace(prepared, tmp_path, {"max_steps": 6, "eval_steps": 6, "save_steps": 6, "logging_steps": 3})
-    result = run_train(work, "torchrun", "--standalone", "--nproc_per_node", "2")
+SIX_STEPS = {"max_steps": 6, "eval_steps": 6, "save_steps": 6, "logging_steps": 3}
+
+
+@pytest.fixture(scope="module")
+def two_processes(prepared, tmp_path_factory) -> tuple[Path, str]:
+    """dvc.yaml's train command with train.processes 2 (DDP over gloo): the workspace and what it printed."""
+    work = workspace(prepared, tmp_path_factory.mktemp("two-processes"), {**SIX_STEPS, "processes": 2})
+    result = dvc_train(work)
     assert result.returncode == 0, result.stderr[-4000:]
+    return work, result.stdout
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_with_ddp_and_save_once(two_processes):
+    work, stdout = two_processes
     metrics = read_json(work / "metrics" / "train.json")
     assert metrics["processes"] == 2 and metrics["steps"] == 6
     assert metrics["val_loss_after"] < metrics["val_loss_before"]
-    assert result.stdout.count("train: 6 steps") == 1  # only rank 0 reports and saves
+    assert stdout.count("train: 6 steps") == 1  # only rank 0 reports and saves
     assert (work / "models" / "finetuned" / "model.safetensors").exists()
 
 
@@ -396,15 +406,14 @@ def test_fsdp_trains_lora_in_bf16_with_gradient_checkpointing_as_ddp_does(prepar
 
 
 @pytest.mark.slow
-def test_the_train_command_on_two_nodes_trains_as_two_processes_on_one_and_writes_once(prepared, tmp_path):
+def test_the_train_command_on_two_nodes_trains_as_two_processes_on_one_and_writes_once(
+    prepared, two_processes, tmp_path
+):
     """dvc.yaml's command on two "machines" (two copies of the inputs, two launchers meeting at 127.0.0.1 through
     NNODES, NODE_RANK, MASTER_ADDR): the first node writes the model and metrics, the other nothing, and they are
     those of 1 node × 2 processes."""
-    settings = {"max_steps": 6, "eval_steps": 6, "save_steps": 6, "logging_steps": 3}
-    single = workspace(prepared, tmp_path / "single", {**settings, "processes": 2})
-    result = dvc_train(single)
-    assert result.returncode == 0, result.stderr[-3000:]
-    heads = [workspace(prepared, tmp_path / f"node{rank}", settings) for rank in (0, 1)]
+    single, _ = two_processes
+    heads = [workspace(prepared, tmp_path / f"node{rank}", SIX_STEPS) for rank in (0, 1)]
     meet = {"NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     env = {**tool_env(), "PYTHONPATH": str(REPO), **meet}
     running = [
@@ -493,9 +502,9 @@ def test_fp16_on_a_cpu_is_refused_in_one_line_under_torchrun(prepared, tmp_path)
 
 
 @pytest.mark.slow
-def test_recorded_precision_is_the_one_that_ran(prepared, tmp_path):
+def test_recorded_precision_and_compile_are_the_ones_that_ran(prepared, tmp_path):
     """`auto` is recorded as what it resolved to on this machine (measured once, by `--check`, for every worker),
-    never as `auto` or a precision that did not run."""
+    never as `auto` or a precision that did not run; compile set off is recorded off, with no cache."""
     work = workspace(
         prepared, tmp_path, {"precision": "auto", "max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}
     )
@@ -503,6 +512,8 @@ def test_recorded_precision_is_the_one_that_ran(prepared, tmp_path):
     choice = read_json(work / "metrics" / "runtime" / "train.json")["precision"]
     assert read_json(work / "metrics" / "train.json")["precision"] == choice["precision"] in ("bf16", "fp32")
     assert choice == read_json(work / "models" / "checkpoints" / "machine.json")["precision"]
+    runtime = read_json(work / "metrics" / "runtime" / "train.json")
+    assert runtime["compile"] == {"enabled": False, "reason": "set in params.yaml"} and runtime["compile_cache"] is None
 
 
 def test_the_compiled_loss_equals_the_eager_loss_and_its_gradient():
@@ -533,28 +544,24 @@ def test_torch_compile_auto_compiles_where_inductor_works_and_trains_eagerly_whe
     Compiled and eager runs agree on the validation loss to the precision's rounding."""
     from stages.lib.precision import compile_problem
 
-    short = {"max_steps": 4, "eval_steps": 4, "save_steps": 4, "logging_steps": 1}
-    runs = {}
+    short = {"max_steps": 4, "eval_steps": 4, "save_steps": 4, "logging_steps": 1, "torch_compile": "auto"}
     home = tmp_path / "home"  # no TORCHINDUCTOR_CACHE_DIR: the cache goes where a reboot keeps it, in every process
-    for name, train in (("eager", {"torch_compile": False}), ("auto", {"torch_compile": "auto"})):
-        work = workspace(prepared, tmp_path / name, {**short, **train})
-        result = dvc_train(work, {"HOME": str(home), "TORCHINDUCTOR_CACHE_DIR": None})
-        assert result.returncode == 0, result.stderr[-3000:]
-        runtime = read_json(work / "metrics" / "runtime" / "train.json")
-        runs[name] = runtime["compile"], read_json(work / "metrics" / "train.json"), runtime["compile_cache"]
-    assert runs["eager"][0] == {"enabled": False, "reason": "set in params.yaml"} and runs["eager"][2] is None
-    if compile_problem(torch.device("cpu")) is None:
-        assert runs["auto"][0] == {"enabled": True, "reason": "inductor compiles on cpu here"}
-        assert runs["auto"][2] == str(
-            home / ".cache" / "torchinductor"
-        )  # the torchrun worker's, not torch's /tmp default
-        assert abs(runs["auto"][1]["val_loss_after"] - runs["eager"][1]["val_loss_after"]) < 1e-3
+    work = workspace(prepared, tmp_path / "auto", short)
+    result = dvc_train(work, {"HOME": str(home), "TORCHINDUCTOR_CACHE_DIR": None})
+    assert result.returncode == 0, result.stderr[-3000:]
+    auto, auto_loss = read_json(work / "metrics" / "runtime" / "train.json"), read_json(work / "metrics" / "train.json")
 
     no_compiler = {"CXX": "/nonexistent/g++", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "empty-cache")}
-    work = workspace(prepared, tmp_path / "no-compiler", {**short, "torch_compile": "auto"})
+    work = workspace(prepared, tmp_path / "no-compiler", short)
     assert dvc_train(work, no_compiler).returncode == 0
     recorded = read_json(work / "metrics" / "runtime" / "train.json")["compile"]
     assert not recorded["enabled"] and "No working C++ compiler" in recorded["reason"], recorded
+    if compile_problem(torch.device("cpu")) is None:
+        assert auto["compile"] == {"enabled": True, "reason": "inductor compiles on cpu here"}
+        assert auto["compile_cache"] == str(home / ".cache" / "torchinductor")  # the worker's, not torch's /tmp
+        eager_loss = read_json(work / "metrics" / "train.json")  # the same run, trained eagerly
+        assert abs(auto_loss["val_loss_after"] - eager_loss["val_loss_after"]) < 1e-3
+
     work = workspace(prepared, tmp_path / "refused", {**short, "torch_compile": True})
     previous = with_previous_outputs(work)
     message = one_line_error(dvc_train(work, no_compiler))
