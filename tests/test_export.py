@@ -115,7 +115,10 @@ def test_modelfile_names_the_file_template_and_stops(exported):
     stops = json.loads((exported / "metrics" / "export.json").read_text())["stop"]
     assert text.startswith("FROM ./model.gguf\n") and 'TEMPLATE """' in text
     assert all(f"PARAMETER stop {json.dumps(s)}" in text for s in stops)
-    assert "PARAMETER temperature 0" in text  # evaluate.do_sample is false: greedy, as evaluated
+    decoding = yaml.safe_load((exported / "params.yaml").read_text())["evaluate"]
+    lines = text.splitlines()
+    expected = decoding["temperature"] if decoding["do_sample"] else 0  # the decoding that was evaluated
+    assert f"PARAMETER temperature {expected}" in lines and f"PARAMETER top_p {decoding['top_p']}" in lines
 
 
 def test_chat_with_the_exported_file(exported):
@@ -396,3 +399,22 @@ def test_export_runs_in_the_pipeline_with_dvc_lineage(llama_repo):
     assert {m["type"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}["perplexity"] == tuned[
         "perplexity"
     ]
+
+
+def test_the_modelfile_decodes_as_evaluated_greedy_included(tmp_path):
+    """Ollama's parameters are the evaluated decoding: the sampled temperature and top-p, or temperature 0 when
+    `evaluate.do_sample` is false (Ollama has no greedy switch of its own)."""
+    from stages.export import ollama_parameters
+    from stages.lib.params import load_params
+
+    sampled = load_params(write_params(tmp_path, {"evaluate": {"temperature": 0.85, "top_p": 0.8}}))
+    assert ollama_parameters(sampled) | {"seed": None} == {
+        "temperature": 0.85,
+        "top_p": 0.8,
+        "top_k": 0,
+        "repeat_penalty": sampled.evaluate.repetition_penalty,
+        "num_predict": sampled.evaluate.max_new_tokens,
+        "seed": None,
+    }
+    greedy = load_params(write_params(tmp_path, {"evaluate": {"do_sample": False}}))
+    assert ollama_parameters(greedy)["temperature"] == 0
