@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
 from stages.lib.conversations import read_conversations  # noqa: E402
-from stages.lib.params import load_params  # noqa: E402
+from stages.lib.params import Params, load_params  # noqa: E402
 from stages.lib.paths import SCORES, TEST_SETS  # noqa: E402
 from stages.lib.semantic import load_encoder, similarities  # noqa: E402
 from stages.lib.stats import Interval, bootstrap  # noqa: E402
@@ -33,11 +34,17 @@ def first_words(text: str, count: int) -> str:
     return " ".join(text.split()[:count])
 
 
+def scored(encoder: Any, tokenizer: Any, texts: list[str], human: list[str]) -> np.ndarray:
+    """Semantic similarity per reply, an empty reply scoring 0 (as `evaluate` scores it)."""
+    values = similarities(encoder, tokenizer, texts, human)
+    return np.array([value if text.strip() else 0.0 for text, value in zip(texts, values)])
+
+
 def replies(scores: dict) -> dict[tuple[int, int], str]:
     return {(r["conversation"], r["turn"]): r["reply"] for r in scores["replies"] if "reply" in r}
 
 
-def paired_change(first: np.ndarray, second: np.ndarray, conversation_of: np.ndarray, seed: int) -> Interval:
+def paired_change(first: np.ndarray, second: np.ndarray, conversation_of: np.ndarray, params: Params) -> Interval:
     """Mean of `first` minus mean of `second` over the same turns, resampling whole conversations."""
     members = [np.flatnonzero(conversation_of == c) for c in np.unique(conversation_of)]
 
@@ -45,7 +52,8 @@ def paired_change(first: np.ndarray, second: np.ndarray, conversation_of: np.nda
         chosen = np.concatenate([members[i] for i in sample])
         return float(first[chosen].mean() - second[chosen].mean())
 
-    return bootstrap(change, len(members), 2000, 0.95, seed)
+    resampling = params.evaluate.bootstrap
+    return bootstrap(change, len(members), resampling.resamples, resampling.confidence, params.seed)
 
 
 def main() -> int:
@@ -65,12 +73,12 @@ def main() -> int:
             "base, first 15 words": [first_words(base[k], 15) for k in turns],
             "base, first 25 words": [first_words(base[k], 25) for k in turns],
         }
-        tuned_sim = np.array(similarities(encoder, tokenizer, [tuned[k] for k in turns], human))
+        tuned_sim = scored(encoder, tokenizer, [tuned[k] for k in turns], human)
         conversation_of = np.array([c for c, _ in turns])
         rows = {"fine-tuned": {"semantic_similarity": round(float(tuned_sim.mean()), 4)}}
         for name, texts in variants.items():
-            sim = np.array(similarities(encoder, tokenizer, texts, human))
-            interval = paired_change(tuned_sim, sim, conversation_of, params.seed)
+            sim = scored(encoder, tokenizer, texts, human)
+            interval = paired_change(tuned_sim, sim, conversation_of, params)
             rows[name] = {
                 "semantic_similarity": round(float(sim.mean()), 4),
                 "fine_tuned_minus_this": [round(interval.value, 4), round(interval.low, 4), round(interval.high, 4)],

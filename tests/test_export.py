@@ -115,10 +115,12 @@ def test_modelfile_names_the_file_template_and_stops(exported):
     stops = json.loads((exported / "metrics" / "export.json").read_text())["stop"]
     assert text.startswith("FROM ./model.gguf\n") and 'TEMPLATE """' in text
     assert all(f"PARAMETER stop {json.dumps(s)}" in text for s in stops)
-    decoding = yaml.safe_load((exported / "params.yaml").read_text())["evaluate"]
+    from stages.lib.params import load_params
+
+    decoding = load_params(exported / "params.yaml").evaluate
     lines = text.splitlines()
-    expected = decoding["temperature"] if decoding["do_sample"] else 0  # the decoding that was evaluated
-    assert f"PARAMETER temperature {expected}" in lines and f"PARAMETER top_p {decoding['top_p']}" in lines
+    expected = decoding.temperature if decoding.do_sample else 0  # the decoding that was evaluated
+    assert f"PARAMETER temperature {expected}" in lines and f"PARAMETER top_p {decoding.top_p}" in lines
 
 
 def test_chat_with_the_exported_file(exported):
