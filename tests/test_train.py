@@ -509,10 +509,10 @@ def test_recorded_precision_and_compile_are_the_ones_that_ran(prepared, tmp_path
         prepared, tmp_path, {"precision": "auto", "max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}
     )
     assert dvc_train(work).returncode == 0
-    choice = read_json(work / "metrics" / "runtime" / "train.json")["precision"]
+    runtime = read_json(work / "metrics" / "runtime" / "train.json")
+    choice = runtime["precision"]
     assert read_json(work / "metrics" / "train.json")["precision"] == choice["precision"] in ("bf16", "fp32")
     assert choice == read_json(work / "models" / "checkpoints" / "machine.json")["precision"]
-    runtime = read_json(work / "metrics" / "runtime" / "train.json")
     assert runtime["compile"] == {"enabled": False, "reason": "set in params.yaml"} and runtime["compile_cache"] is None
 
 
