@@ -35,9 +35,8 @@ def first_words(text: str, count: int) -> str:
 
 
 def scored(encoder: Any, tokenizer: Any, texts: list[str], human: list[str]) -> np.ndarray:
-    """Semantic similarity per reply, an empty reply scoring 0 (as `evaluate` scores it)."""
-    values = similarities(encoder, tokenizer, texts, human)
-    return np.array([value if text.strip() else 0.0 for text, value in zip(texts, values)])
+    """Semantic similarity per reply, as `evaluate` scores it."""
+    return np.array(similarities(encoder, tokenizer, texts, human))
 
 
 def replies(scores: dict) -> dict[tuple[int, int], str]:

@@ -131,10 +131,7 @@ class Scored:
         relevance = text_metrics.Relevance(contexts + humans)
         self.relevance = {model: relevance.each(contexts, texts[model]) for model in MODELS}
         self.relevance["human"] = relevance.each(contexts, humans)
-        self.semantic = {}
-        for model in MODELS:  # an empty reply says nothing: 0, not the similarity of an empty sentence's embedding
-            raw = similarities(*encoder, texts[model], humans)
-            self.semantic[model] = [value if text.strip() else 0.0 for text, value in zip(texts[model], raw)]
+        self.semantic = {model: similarities(*encoder, texts[model], humans) for model in MODELS}
         self.semantic["human"] = [1.0] * len(humans)
 
     def depth(self, conversation: int, turn: int) -> int:

@@ -1,11 +1,11 @@
 """Stage `train`: fine-tune models/base on data/tokenized with the Hugging Face Trainer.
 
-Run it through a launcher so the same code runs on one CPU, one GPU, many GPUs or many machines:
-    python -m stages.train --check                              (what dvc.yaml runs: params and inputs checked in
-    python -m stages.lib.launch --nproc_per_node N -m stages.train    one process, then torchrun --standalone with
-                                                                N = train.processes, or torchrun across train.nodes
-                                                                machines: stages/lib/launch.py)
-    torchrun --standalone --nproc_per_node N -m stages.train   (the same on one machine; N > 1 on CPU uses gloo)
+    python -m stages.train            (what dvc.yaml runs: params and inputs checked, and the precision and
+                                       compile choices measured, in this one process; then it trains here when
+                                       the job is one process, or starts torchrun for train.processes per
+                                       machine on train.nodes machines: stages/lib/launch.py)
+    python -m stages.train --check    (the checks only)
+    torchrun --standalone --nproc_per_node N -m stages.train   (the workers of the job; N > 1 on CPU uses gloo)
     accelerate launch -m stages.train                          (with your accelerate config)
 train.distributed picks DDP (a full copy per process) or FSDP2 (weights, gradients and optimizer state sharded).
 dvc.yaml uses torchrun because `accelerate launch` without a config pins CPU runs to one thread.
@@ -52,7 +52,7 @@ from stages.lib.atomic import publish_together, write_json
 from stages.lib.cli import ArgumentParser, run
 from stages.lib.conversations import InputError
 from stages.lib.labels import IGNORE_INDEX
-from stages.lib.launch import rendezvous, use_slot
+from stages.lib.launch import launch, rendezvous, use_slot
 from stages.lib.machine import describe as describe_machine
 from stages.lib.modeling import (
     collator,
@@ -77,9 +77,8 @@ from stages.lib.precision import (
 
 CHECKPOINTS = Path("models/checkpoints")  # scratch for resuming, outside DVC: a persist out would disable the run-cache
 FINGERPRINT = CHECKPOINTS / "fingerprint.json"
-MACHINE_CHOICES = (
-    CHECKPOINTS / "machine.json"
-)  # precision and compile, measured by `--check` once, read by every torchrun worker
+# Precision and compile, measured once by the job's first process, read by every torchrun worker.
+MACHINE_CHOICES = CHECKPOINTS / "machine.json"
 TRAIN_METRICS = Path("metrics/train.json")
 TRAIN_RUNTIME = Path("metrics/runtime/train.json")  # wall-clock and this process's history: not reproducible
 DVCLIVE_DIR = Path("dvclive")
@@ -195,11 +194,12 @@ def lora_target_problem(targets: str | list[str], model: Any) -> str | None:
     return None
 
 
-def preflight(params: Params, check_only: bool = False) -> tuple[PrecisionChoice, CompileChoice]:
-    """Checks of params and inputs that need no weights, before any work: `python -m stages.train --check` runs
-    them before torchrun starts its workers (so an error is one line, not a launcher report), and each worker
-    runs them again. Returns the precision training runs in and whether it compiles: `--check` measures both
-    once and records them, and the workers reuse that record, so every process of a DDP run trains alike."""
+def preflight(params: Params, record: bool = True) -> tuple[PrecisionChoice, CompileChoice]:
+    """Checks of params and inputs that need no weights, before any work: the first process runs them before it
+    trains or torchrun starts the workers (so an error is one line, not a launcher report), and each worker
+    runs them again. Returns the precision training runs in and whether it compiles: the first process (`record`)
+    measures both and records them, and the workers reuse that record, so every process of a DDP run trains
+    alike."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     for path, stage in (
@@ -214,7 +214,7 @@ def preflight(params: Params, check_only: bool = False) -> tuple[PrecisionChoice
         "torch_compile": params.train.torch_compile,
         "config": (BASE_MODEL / "config.json").read_text(),
     }
-    recorded = json.loads(MACHINE_CHOICES.read_text()) if MACHINE_CHOICES.exists() and not check_only else {}
+    recorded = json.loads(MACHINE_CHOICES.read_text()) if MACHINE_CHOICES.exists() and not record else {}
     if recorded.get("requested") == requested:
         precision, compiled = PrecisionChoice(**recorded["precision"]), CompileChoice(**recorded["compile"])
     else:
@@ -232,7 +232,7 @@ def preflight(params: Params, check_only: bool = False) -> tuple[PrecisionChoice
         problem = lora_target_problem(params.train.lora.target_modules, skeleton)
         if problem:
             raise InputError(problem)
-    if check_only:  # every check passed: record the choices for the workers
+    if record:  # every check passed: record the choices for the workers
         write_json(
             MACHINE_CHOICES, {"requested": requested, "precision": precision.as_dict(), "compile": compiled.as_dict()}
         )
@@ -733,13 +733,13 @@ def die_with_launcher() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     die_with_launcher()
-    parser = ArgumentParser(description="Fine-tune models/base (run it through torchrun; see the module doc).")
+    parser = ArgumentParser(description="Fine-tune models/base (see the module doc for launchers).")
     parser.add_argument(
-        "--check", action="store_true", help="only check params and inputs (dvc.yaml runs it before torchrun)"
+        "--check", action="store_true", help="only check params and inputs, and record precision and compile choices"
     )
     args = parser.parse_args(argv)
     # Before anything imports torch._dynamo: that import sets TORCHINDUCTOR_CACHE_DIR to torch's default under /tmp
-    # when it is unset, and a worker that reuses `--check`'s recorded choices reaches compile_settings only after it.
+    # when it is unset, and a worker that reuses the recorded choices reaches compile_settings only after it.
     keep_compile_cache()
     params = load_params()
     shape = rendezvous(params.train.nodes, os.environ)  # a multi-node job that cannot meet: one line, before any work
@@ -748,10 +748,14 @@ def main(argv: list[str] | None = None) -> int:
             "train.distributed: fsdp shards the model across processes, but train.processes is 1 on 1 node; "
             "set train.processes to the GPUs per machine (or run on several nodes), or use ddp"
         )
-    slot = use_slot()  # this experiment's cores and GPUs when queued experiments share the machine (STAGES_SLOTS)
-    precision, compiled = preflight(params, check_only=args.check)
+    worker = "TORCHELASTIC_RUN_ID" in os.environ  # one of torchrun's processes: the job was checked and launched
+    # This experiment's cores and GPUs when queued experiments share the machine (STAGES_SLOTS).
+    slot = use_slot(1 if worker else params.train.processes)
+    precision, compiled = preflight(params, record=not worker)
     if args.check:
         return 0
+    if not worker and params.train.processes * shape.nodes > 1:  # torchrun starts the job's processes
+        return launch(params.train.processes, shape)
     allocator = keep_freed_memory()
     import datasets as hf_datasets
     from transformers import set_seed

@@ -97,5 +97,19 @@ def stages_ran(output: str, with_check: bool = False) -> set[str]:
     return ran if with_check else ran - {"check_params"}
 
 
+def stage_process_running(module: str, repo: Path) -> bool:
+    """A process of `python -m stages.<module>` (or torchrun ... -m stages.<module>) is alive in `repo`: not one of
+    another test's (the suite runs on several workers) or of a pipeline the developer runs meanwhile."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+        except OSError:
+            continue
+        if b"-m" in cmdline and f"stages.{module}".encode() in cmdline and cwd.is_relative_to(repo.resolve()):
+            return True
+    return False
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())

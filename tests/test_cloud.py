@@ -1,6 +1,5 @@
 """The SkyPilot task files (cloud/) as SkyPilot itself reads them: `pip install -r requirements-cloud.txt`."""
 
-import shlex
 from pathlib import Path
 
 import pytest
@@ -37,5 +36,4 @@ def test_task_files_load_with_skypilots_loader_and_run_the_dvc_experiment(path: 
     if raw.get("num_nodes", 1) > 1:  # each node runs dvc.yaml's train command; its launcher reads SkyPilot's nodes
         assert task.num_nodes == raw["num_nodes"] >= 2
         command = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["cmd"]
-        launcher = shlex.split(command.split("&&")[1])[:3]
-        assert " ".join(launcher) in run and "python -m stages.train --check" in run
+        assert f"{command}   # dvc.yaml's train command" in run

@@ -135,6 +135,14 @@ def test_semantic_similarity_is_the_cosine_of_mean_pooled_embeddings(tmp_path):
     assert float(padded[0] @ embed(model, tokenizer, [a])[0]) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_an_empty_reply_scores_zero_semantic_similarity(tmp_path):
+    from tiny import save_tiny_encoder
+
+    model, tokenizer = load_encoder(save_tiny_encoder(tmp_path / "encoder"))
+    empty, spaces, said = similarities(model, tokenizer, ["", "  ", "i like pizza"], ["i like pizza"] * 3)
+    assert (empty, spaces) == (0.0, 0.0) and said == pytest.approx(1.0, abs=1e-5)
+
+
 @pytest.mark.bundled
 def test_the_bundled_encoder_tells_paraphrase_from_unrelated(tmp_path, monkeypatch):
     from stages.encoder import materialise

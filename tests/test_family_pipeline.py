@@ -63,9 +63,6 @@ def stage(work: Path, name: str, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def train(work: Path) -> None:
-    stage(work, "train", "--check")
-    stage(work, "train")
 
 
 EVERY_FAMILY = os.environ.get("FAMILY_MATRIX") == "all"
@@ -117,7 +114,7 @@ def run_method(tokenized: tuple[str, Path], tmp_path: Path, method: str, precisi
             {"precision": precision},
         ),
     )
-    train(work)
+    stage(work, "train")
     stage(work, "score", "--model", "finetuned")
     stage(work, "export")
     return name, work

@@ -55,9 +55,10 @@ def embed(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 64
 
 
 def similarities(model: Any, tokenizer: Any, texts: Sequence[str], references: Sequence[str]) -> list[float]:
-    """Cosine of each text with its reference."""
+    """Cosine of each text with its reference; an empty text says nothing and scores 0, not the similarity of an
+    empty sentence's embedding."""
     if not texts:
         return []
     vectors = embed(model, tokenizer, list(texts) + list(references))
     a, b = vectors[: len(texts)], vectors[len(texts) :]
-    return [float(x) for x in (a * b).sum(1)]
+    return [float(x) if text.strip() else 0.0 for text, x in zip(texts, (a * b).sum(1))]
