@@ -52,7 +52,8 @@ from stages.lib.atomic import publish_together, write_json
 from stages.lib.cli import ArgumentParser, run
 from stages.lib.conversations import InputError
 from stages.lib.labels import IGNORE_INDEX
-from stages.lib.launch import launch, rendezvous, use_slot
+from stages.lib.launch import main as launch
+from stages.lib.launch import rendezvous, use_slot
 from stages.lib.machine import describe as describe_machine
 from stages.lib.modeling import (
     collator,
@@ -755,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         return 0
     if not worker and params.train.processes * shape.nodes > 1:  # torchrun starts the job's processes
-        return launch(params.train.processes, shape)
+        return launch(["--nproc_per_node", str(params.train.processes), "-m", "stages.train"])  # execs torchrun
     allocator = keep_freed_memory()
     import datasets as hf_datasets
     from transformers import set_seed

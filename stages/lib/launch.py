@@ -1,11 +1,10 @@
 """Where a stage's processes run: torchrun's rendezvous when a training job spans several machines, and this
 experiment's share of the machine when several experiments run at once (`dvc queue start -j N`).
 
-    python -m stages.lib.launch --nproc_per_node P -m stages.train      (what `python -m stages.train` runs, after
-                                                                        its checks, for a job of several processes)
+    python -m stages.lib.launch --nproc_per_node P -m stages.train      (dvc.yaml's train command)
 
-runs `torchrun --standalone --nproc_per_node P -m stages.train` on one machine, or, on node R of a job of N
-machines,
+runs `torchrun --standalone --nproc_per_node P -m stages.train` on one machine (the default), or, on node R of a
+job of N machines,
 
     torchrun --nnodes N --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:PORT --nproc_per_node P -m stages.train
 
@@ -205,21 +204,6 @@ def rendezvous(nodes_param: int, env: Mapping[str, str]) -> Rendezvous:
     return Rendezvous(nodes, rank, f"{host}:{port}")
 
 
-def exec_torchrun(shape: Rendezvous, argv: list[str]) -> int:
-    """Replace this process with torchrun: the rendezvous arguments, then `argv` (torchrun's own)."""
-    command = ["torchrun", *shape.torchrun_args(), *argv]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execvpe(command[0], command, os.environ)
-    return 1  # not reached
-
-
-def launch(processes: int, shape: Rendezvous) -> int:
-    """The train stage's job of `processes` per node on `shape.nodes` machines, started by torchrun from this
-    process (which holds the slot, if any: its children inherit it)."""
-    return exec_torchrun(shape, ["--nproc_per_node", str(processes), "-m", "stages.train"])
-
-
 def main(argv: list[str] | None = None) -> int:
     """Claim the slot, then exec torchrun with the rendezvous arguments before `argv` (torchrun's own)."""
     from stages.lib.params import load_params
@@ -230,7 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     counts = (argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in per_node)
     processes = next((int(count) for count in counts if count.isdigit()), 1)
     use_slot(processes)
-    return exec_torchrun(shape, argv)
+    command = ["torchrun", *shape.torchrun_args(), *argv]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(command[0], command, os.environ)
+    return 1  # not reached
 
 
 if __name__ == "__main__":
