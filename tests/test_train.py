@@ -507,6 +507,21 @@ def test_fp16_on_a_cpu_is_refused_in_one_line_before_any_work(prepared, tmp_path
 
 
 @pytest.mark.slow
+def test_a_one_process_job_trains_in_the_stage_process_without_torchrun(prepared, tmp_path):
+    """Under torchrun even one process joins a gloo process group and the Trainer wraps the model in DDP, whose
+    bucketing splits the compiled graph: the default run's model came out different. dvc.yaml's command trains a
+    one-process job itself; a `torchrun` on PATH that fails shows it never starts (two processes use it: above)."""
+    work = workspace(prepared, tmp_path, {"max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1})
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "torchrun").write_text("#!/bin/sh\necho 'torchrun started' >&2\nexit 3\n")
+    (fake / "torchrun").chmod(0o755)
+    result = dvc_train(work, {"PATH": f"{fake}{os.pathsep}{tool_env()['PATH']}"})
+    assert result.returncode == 0 and "torchrun started" not in result.stderr, result.stderr[-3000:]
+    assert read_json(work / "metrics" / "train.json")["processes"] == 1 and result.stdout.count("train: 2 steps") == 1
+
+
+@pytest.mark.slow
 def test_recorded_precision_and_compile_are_the_ones_that_ran(prepared, tmp_path):
     """`auto` is recorded as what it resolved to on this machine (measured once, by `--check`, for every worker),
     never as `auto` or a precision that did not run; compile set off is recorded off, with no cache."""
