@@ -48,7 +48,7 @@ DRIVER = textwrap.dedent("""
         return 0
 
     run(main)
-""").format(repo=str(REPO))
+""")
 
 
 def publish(work: Path, value: str, **env: str) -> subprocess.CompletedProcess:
@@ -132,6 +132,9 @@ FORKING_STAGE = textwrap.dedent("""
     from stages.lib.atomic import publish_together
     from stages.lib.cli import run
 
+    if {slow_child!r}:  # a child the scheduler starts late: the signal arrives before the stage's own fork hook ran
+        os.register_at_fork(after_in_child=lambda: time.sleep(1.0))
+
     def main():
         with publish_together(files=["metrics/a.json"]) as out:
             out.write_json("metrics/a.json", {{"v": "new"}})
@@ -147,11 +150,12 @@ FORKING_STAGE = textwrap.dedent("""
         return 0
 
     run(main)
-""").format(repo=str(REPO))
+""")
 
 
-def test_sigterm_stops_a_stage_cleanly_and_its_forked_helpers_at_once(tmp_path):
-    (tmp_path / "stage.py").write_text(FORKING_STAGE)
+@pytest.mark.parametrize("slow_child", [False, True], ids=["helper-running", "helper-starting"])
+def test_sigterm_stops_a_stage_cleanly_and_its_forked_helpers_at_once(tmp_path, slow_child):
+    (tmp_path / "stage.py").write_text(FORKING_STAGE.format(repo=str(REPO), slow_child=slow_child))
     stage = subprocess.Popen([sys.executable, "stage.py"], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
     pid_file = tmp_path / "helper.pid"
