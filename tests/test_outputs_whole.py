@@ -48,7 +48,7 @@ DRIVER = textwrap.dedent("""
         return 0
 
     run(main)
-""")
+""").format(repo=str(REPO))
 
 
 def publish(work: Path, value: str, **env: str) -> subprocess.CompletedProcess:
