@@ -63,8 +63,6 @@ def stage(work: Path, name: str, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
-
-
 EVERY_FAMILY = os.environ.get("FAMILY_MATRIX") == "all"
 PIPELINE_FAMILIES = sorted(FAMILIES) if EVERY_FAMILY else ["gemma2", "llama3"]
 METHODS = [("full", "f16"), ("lora", "q8_0")]
