@@ -8,7 +8,8 @@
     torchrun --standalone --nproc_per_node N -m stages.train   (the workers of the job; N > 1 on CPU uses gloo)
     accelerate launch -m stages.train                          (with your accelerate config)
 train.distributed picks DDP (a full copy per process) or FSDP2 (weights, gradients and optimizer state sharded).
-dvc.yaml uses torchrun because `accelerate launch` without a config pins CPU runs to one thread.
+A job of several processes starts under torchrun, not `accelerate launch`: without a config, accelerate pins
+CPU runs to one thread.
 
 Writes models/finetuned/ (safetensors + tokenizer + chat template + generation config), metrics/train.json,
 DVCLive curves under dvclive/ for `dvc plots`, and resumable checkpoints under models/checkpoints/; only the

@@ -1,7 +1,7 @@
 """Where a stage's processes run: torchrun's rendezvous when a training job spans several machines, and this
 experiment's share of the machine when several experiments run at once (`dvc queue start -j N`).
 
-    python -m stages.lib.launch --nproc_per_node P -m stages.train      (dvc.yaml's train command)
+    python -m stages.lib.launch --nproc_per_node P -m stages.train      (what `python -m stages.train` starts)
 
 runs `torchrun --standalone --nproc_per_node P -m stages.train` on one machine (the default), or, on node R of a
 job of N machines,
