@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import FIXTURES, REPO, write_params
@@ -109,6 +110,14 @@ def stage_process_running(module: str, repo: Path) -> bool:
         if b"-m" in cmdline and f"stages.{module}".encode() in cmdline and cwd.is_relative_to(repo.resolve()):
             return True
     return False
+
+
+def wait_until_gone(module: str, repo: Path, seconds: float, why: str) -> None:
+    """Fail with `why` unless every process of stage `module` in `repo` has exited within `seconds`."""
+    deadline = time.time() + seconds
+    while stage_process_running(module, repo):
+        assert time.time() < deadline, why
+        time.sleep(0.1)
 
 
 def read_json(path: Path) -> dict:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from pipeline_repo import dvc, make_repo, read_json, sh, stage_process_running, stages_ran, tool_env
+from pipeline_repo import dvc, make_repo, read_json, sh, stage_process_running, stages_ran, tool_env, wait_until_gone
 from test_pipeline import VERDICTS
 
 DVC_OUTPUTS = [
@@ -188,10 +188,8 @@ def test_repro_killed_during_preprocess_leaves_no_torn_output(tmp_path, signum):
     wait_for(lambda: stage_process_running("preprocess", repo), process)
     time.sleep(2.0)  # mid-way through cleaning (datasets.map on two worker processes)
     kill_group(process, signum)
-    deadline = time.time() + 30  # the stage and every process it forked are gone, not hung on each other
-    while stage_process_running("preprocess", repo):
-        assert time.time() < deadline, "the stage outlived its signal"
-        time.sleep(0.1)
+    # the stage and every process it forked are gone, not hung on each other
+    wait_until_gone("preprocess", repo, 30, "the stage outlived its signal")
     if signum == signal.SIGTERM:  # a clean stop, told in one line: no library's traceback from its killed workers
         output = process.stdout.read()
         assert "terminated" in output and "Traceback" not in output, output[-3000:]
@@ -224,10 +222,7 @@ def test_a_run_from_scratch_killed_during_train_and_resumed_reproduces_every_out
     checkpoint = repo / "models" / "checkpoints" / "checkpoint-75"
     wait_for(lambda: complete(checkpoint), process)  # fully written: a half-written one is rightly not resumed
     kill_group(process, signal.SIGKILL)
-    deadline = time.time() + 10
-    while stage_process_running("train", repo):
-        assert time.time() < deadline, "the train stage outlived its killed `dvc repro`"
-        time.sleep(0.1)
+    wait_until_gone("train", repo, 10, "the train stage outlived its killed `dvc repro`")
     assert not (repo / "models" / "finetuned").exists(), "half-written models/finetuned"
     assert not (repo / "metrics" / "train.json").exists()
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from conftest import FIXTURES, REPO, run_stage, write_params
-from pipeline_repo import TINY_TRAIN, read_json, stage_process_running, tool_env
+from pipeline_repo import TINY_TRAIN, read_json, tool_env, wait_until_gone
 from stages.lib.allocator import glibc
 from stages.lib.params import load_params
 from tiny import save_tiny, save_tiny_encoder
@@ -324,10 +324,8 @@ def kill_after_checkpoint(work: Path, command: list[str] | str, step: int) -> No
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "training finished before it could be killed"
-    deadline = time.time() + 10  # torchrun's workers run in sessions of their own: the group kill does not reach them
-    while stage_process_running("train", work):
-        assert time.time() < deadline, "a train worker outlived its killed launcher (it would write beside the resume)"
-        time.sleep(0.1)
+    # torchrun's workers run in sessions of their own: the group kill does not reach them
+    wait_until_gone("train", work, 10, "a train worker outlived its killed launcher (it would write beside the resume)")
     assert not (work / "models" / "finetuned").exists() and not (work / "metrics" / "train.json").exists()
 
 
