@@ -91,6 +91,12 @@ def make_repo(root: Path, arch: str = "llama", overrides: dict | None = None) ->
     return repo
 
 
+def share_cache(repo: Path, other: Path) -> None:
+    """Point `repo` at `other`'s DVC cache, run-cache included: a stage `other` ran with the same command, deps and
+    params is restored, not run again (`dvc repro --no-run-cache` runs it)."""
+    dvc(repo, "cache", "dir", "--local", str(other / ".dvc" / "cache"))
+
+
 def stages_ran(output: str, with_check: bool = False) -> set[str]:
     """Stages `dvc repro` ran (not those it restored from the run-cache or skipped). check_params, which reruns
     on any edit of params.yaml in a second and invalidates nothing, counts only `with_check`."""

@@ -14,7 +14,17 @@ import pytest
 import yaml
 
 from conftest import REPO
-from pipeline_repo import dvc, make_repo, read_json, sh, stage_process_running, stages_ran, tool_env, wait_until_gone
+from pipeline_repo import (
+    dvc,
+    make_repo,
+    read_json,
+    sh,
+    share_cache,
+    stage_process_running,
+    stages_ran,
+    tool_env,
+    wait_until_gone,
+)
 from test_pipeline import VERDICTS
 
 DVC_OUTPUTS = [
@@ -123,13 +133,14 @@ def test_a_training_change_reruns_downstream_is_reviewed_and_going_back_restores
 def test_push_to_a_remote_and_pull_into_an_empty_cache(llama_repo, tmp_path):
     before = metrics_snapshot(llama_repo)
     outputs = {output: digest(llama_repo / output) for output in DVC_OUTPUTS}
+    cache, session_cache = llama_repo / ".dvc" / "cache", tmp_path / "session-cache"
     dvc(llama_repo, "remote", "add", "--local", "-d", "store", str(tmp_path / "remote"))
     try:
         started = time.perf_counter()
         pushed = dvc(llama_repo, "push")
         push_s = time.perf_counter() - started
         assert "pushed" in pushed.stdout
-        shutil.rmtree(llama_repo / ".dvc" / "cache")
+        shutil.move(cache, session_cache)  # put back afterwards: later tests restore stages from its run-cache
         for output in DVC_OUTPUTS:
             path = llama_repo / output
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -137,9 +148,12 @@ def test_push_to_a_remote_and_pull_into_an_empty_cache(llama_repo, tmp_path):
         started = time.perf_counter()
         dvc(llama_repo, "pull")
         pull_s = time.perf_counter() - started
+        assert "Data and pipelines are up to date" in dvc(llama_repo, "status").stdout
     finally:
         dvc(llama_repo, "remote", "remove", "--local", "store")
-    assert "Data and pipelines are up to date" in dvc(llama_repo, "status").stdout
+        if session_cache.exists():
+            shutil.rmtree(cache, ignore_errors=True)
+            shutil.move(session_cache, cache)
     assert {output: digest(llama_repo / output) for output in DVC_OUTPUTS} == outputs
     assert metrics_snapshot(llama_repo) == before
     size = sum(p.stat().st_size for p in (tmp_path / "remote").rglob("*") if p.is_file())
@@ -175,15 +189,19 @@ def kill_group(process: subprocess.Popen, signum: int) -> None:
     assert process.returncode != 0
 
 
+@pytest.fixture(scope="module")
+def preprocessed(tmp_path_factory) -> tuple[Path, str, bytes]:
+    """A repository whose preprocess ran to the end on the bundled chats: its outputs' digest and data report."""
+    repo = make_repo(tmp_path_factory.mktemp("killed"), "llama", {"data": {"source": "data/chitchat.source"}})
+    dvc(repo, "repro", "preprocess")  # 7k conversations: ~10 s of work
+    return repo, digest(repo / "data" / "processed"), (repo / "metrics" / "data.json").read_bytes()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_repro_killed_during_preprocess_leaves_no_torn_output(tmp_path, signum):
-    repo = make_repo(tmp_path, "llama", {"data": {"source": "data/chitchat.source"}})  # 7k conversations: ~10 s of work
-    dvc(repo, "repro", "preprocess")
+def test_repro_killed_during_preprocess_leaves_no_torn_output(preprocessed, signum):
+    repo, complete, report = preprocessed  # each case leaves it as it found it: complete and up to date
     processed = repo / "data" / "processed"
-    complete = digest(processed)
-    report = (repo / "metrics" / "data.json").read_bytes()
-
     process = start_repro(repo, "--force", "--single-item", "preprocess")
     wait_for(lambda: stage_process_running("preprocess", repo), process)
     time.sleep(2.0)  # mid-way through cleaning (datasets.map on two worker processes)
@@ -204,12 +222,18 @@ def test_repro_killed_during_preprocess_leaves_no_torn_output(tmp_path, signum):
     assert "Data and pipelines are up to date" in dvc(repo, "status", "preprocess").stdout
 
 
-def test_a_run_from_scratch_killed_during_train_and_resumed_reproduces_every_output_byte_for_byte(llama_repo, tmp_path):
-    """The same params and data from scratch in a second repository, killed (SIGKILL) after a checkpoint and
-    resumed, gives the uninterrupted run's outputs and metrics byte for byte (llama_repo: its losses are averaged
-    over every step, not since the resume); while it runs, a second `dvc repro` is refused."""
-    repo = make_repo(tmp_path, "llama")  # the same params and data as llama_repo, never run here
-    process = start_repro(repo, "train")
+def test_a_run_killed_during_train_and_resumed_reproduces_the_model_scores_and_metrics_byte_for_byte(
+    llama_repo, tmp_path
+):
+    """The same params and data in a second repository, killed (SIGKILL) after a checkpoint and resumed, gives the
+    uninterrupted run's model, scores and metrics byte for byte (llama_repo: its losses are averaged over every
+    step, not since the resume); while it runs, a second `dvc repro` is refused. The second repository shares
+    llama_repo's cache: the data stages come back from its run-cache, while training and scoring run again."""
+    repo = make_repo(tmp_path, "llama")  # the same params and data as llama_repo
+    share_cache(repo, llama_repo)
+    restored = dvc(repo, "repro", "tokenize", "base_model")
+    assert stages_ran(restored.stdout) == set(), restored.stdout
+    process = start_repro(repo, "--no-run-cache", "train")  # trains: llama_repo's run-cache holds this run
     wait_for(lambda: stage_process_running("train", repo), process)
     second = dvc(repo, "repro", check=False)  # a concurrent run must be refused, not interleaved
     refused = second.stderr + second.stdout
@@ -226,7 +250,7 @@ def test_a_run_from_scratch_killed_during_train_and_resumed_reproduces_every_out
     assert not (repo / "models" / "finetuned").exists(), "half-written models/finetuned"
     assert not (repo / "metrics" / "train.json").exists()
 
-    resumed = dvc(repo, "repro", "train")
+    resumed = dvc(repo, "repro", "--no-run-cache", "train")
     assert "train" in stages_ran(resumed.stdout)
     assert read_json(repo / "metrics" / "runtime" / "train.json")["resumed_from_step"] == 75, (
         sorted(p.name for p in (repo / "models" / "checkpoints").iterdir()),
@@ -235,7 +259,9 @@ def test_a_run_from_scratch_killed_during_train_and_resumed_reproduces_every_out
     checkpoints = repo / "models" / "checkpoints"  # finished: marked complete, its step checkpoints removed
     assert read_json(checkpoints / "fingerprint.json")["status"] == "complete"
     assert not list(checkpoints.glob("checkpoint-*"))
-    dvc(repo, "repro")  # the rest of the pipeline
+    scored = dvc(repo, "repro", "--no-run-cache", "score@finetuned")  # the resumed model, scored again
+    assert stages_ran(scored.stdout) == {"score@finetuned"}, scored.stdout
+    dvc(repo, "repro")  # the rest: score@base from the run-cache; evaluate, transcripts and export run
     first_metrics, second_metrics = metrics_snapshot(llama_repo), metrics_snapshot(repo)
     assert first_metrics.keys() == second_metrics.keys() and len(first_metrics) >= 7
     for name, content in first_metrics.items():
@@ -243,7 +269,7 @@ def test_a_run_from_scratch_killed_during_train_and_resumed_reproduces_every_out
     for output in DVC_OUTPUTS:
         assert digest(llama_repo / output) == digest(repo / output), output
     assert "Data and pipelines are up to date" in dvc(repo, "status").stdout
-    print("\nbyte-identical across two runs from scratch, one of them killed and resumed:")
+    print("\nbyte-identical across two runs, one of them killed and resumed:")
     for name, content in first_metrics.items():
         print(f"  metrics/{name:<22} sha256 {hashlib.sha256(content).hexdigest()[:16]}")
     for output in DVC_OUTPUTS:
@@ -272,8 +298,10 @@ def test_a_queued_sweep_runs_two_at_once_in_their_own_slots_trains_as_alone_and_
     sh(llama_repo, "git", "add", "-A")
     sh(llama_repo, "git", "commit", "-qm", "baseline for the sweep", check=False)  # queued runs start from HEAD
     rates = ("0.002", "0.01")
+    short = ["-S", "train.max_steps=45", "-S", "train.eval_steps=45", "-S", "train.save_steps=45"]  # a third of it
     for rate in rates:  # to evaluate: not export
-        dvc(llama_repo, "exp", "run", "--queue", "-n", f"lr-{rate}", "-S", f"train.learning_rate={rate}", "evaluate")
+        queued = ["exp", "run", "--queue", "-n", f"lr-{rate}", "-S", f"train.learning_rate={rate}", *short, "evaluate"]
+        dvc(llama_repo, *queued)
     env = {**tool_env(), "STAGES_SLOTS": "2", "STAGES_SLOTS_DIR": str(llama_repo.parent / "slots")}
     started = subprocess.run(
         [sys.executable, "-m", "dvc", "queue", "start", "-j", "2"],
@@ -319,7 +347,8 @@ def test_a_queued_sweep_runs_two_at_once_in_their_own_slots_trains_as_alone_and_
     threads = str(runtime["slot"]["threads"])
     monkeypatch.setenv("OMP_NUM_THREADS", threads)
     monkeypatch.setenv("MKL_NUM_THREADS", threads)
-    dvc(llama_repo, "exp", "run", "--temp", "-f", "-s", "-n", "alone", "-S", f"train.learning_rate={rates[0]}", "train")
+    alone = ["exp", "run", "--temp", "-f", "-s", "-n", "alone", "-S", f"train.learning_rate={rates[0]}", *short]
+    dvc(llama_repo, *alone, "train")
     metrics, runtime, model = queued_experiment(llama_repo, f"lr-{rates[0]}")
     alone_metrics, alone_runtime, alone_model = queued_experiment(llama_repo, "alone")
     print(
