@@ -56,7 +56,7 @@ def workdir(tmp_path: Path) -> Path:
 # A test that uses one of these fixtures is `slow`, like every test on the bundled model (deselect them with
 # `-m "not slow"`; CI runs everything): the fixture pipeline takes minutes on 2 cores, and the others run stages or
 # chat in processes that each import torch and transformers (test_chat.py, test_export.py).
-SLOW_FIXTURES = {"llama_repo", "chat_dir", "exported", "bad_workdir"}
+SLOW_FIXTURES = {"llama_repo", "chat_dir", "exported", "bad_workdir", "llama_workdir"}
 
 
 # Under pytest-xdist (`pytest -n 2`; pyproject.toml sets `--dist loadgroup`) a test that shares a module-scoped fixture

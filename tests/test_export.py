@@ -29,18 +29,19 @@ SMOLLM_LIKE = (
 )
 
 
+def workdir_params(export: dict | None = None) -> dict:
+    return {
+        "model": {"base": "tiny-model"},
+        "tokenize": {"max_length": 128},
+        "evaluate": {"max_new_tokens": 32},
+        "export": {"round_trip": dict(ROUND_TRIP), **(export or {})},
+    }
+
+
 def make_workdir(root: Path, arch: str = "llama", export: dict | None = None) -> Path:
     """models/base from the base_model stage, copied as models/finetuned; the fixture chats as the test split."""
     save_tiny(root / "tiny-model", arch)
-    write_params(
-        root,
-        {
-            "model": {"base": "tiny-model"},
-            "tokenize": {"max_length": 128},
-            "evaluate": {"max_new_tokens": 32},
-            "export": {"round_trip": dict(ROUND_TRIP), **(export or {})},
-        },
-    )
+    write_params(root, workdir_params(export))
     result = run_stage("base_model", root)
     assert result.returncode == 0, result.stderr
     shutil.copytree(root / "models" / "base", root / "models" / "finetuned")
@@ -77,9 +78,26 @@ def finetuned_logits(work: Path, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits
 
 
+@pytest.fixture(scope="module")
+def llama_workdir(tmp_path_factory) -> Path:
+    """make_workdir's tiny Llama, made once for the module: tests take a copy (`workdir_like`)."""
+    return make_workdir(tmp_path_factory.mktemp("export-llama-template"))
+
+
+def workdir_like(template: Path, target: Path, export: dict | None = None) -> Path:
+    """A copy of `template` (a make_workdir of the same model) with `export` in its params."""
+    shutil.copytree(template, target)
+    write_params(target, workdir_params(export))
+    return target
+
+
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
-def exported(request, tmp_path_factory) -> Path:
-    work = make_workdir(tmp_path_factory.mktemp(f"export-{request.param}"), request.param, {"precision": "f32"})
+def exported(request, llama_workdir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp(f"export-{request.param}")
+    if request.param == "llama":
+        work = workdir_like(llama_workdir, root / "work", {"precision": "f32"})
+    else:
+        work = make_workdir(root, request.param, {"precision": "f32"})
     result = run_stage("export", work)
     assert result.returncode == 0, result.stderr[-3000:]
     return work
@@ -153,8 +171,8 @@ def git(cwd: Path, *args: str) -> str:
 
 
 @pytest.mark.slow
-def test_card_yaml_lineage_intervals_and_determinism(tmp_path):
-    work = make_workdir(tmp_path)
+def test_card_yaml_lineage_intervals_and_determinism(llama_workdir, tmp_path):
+    work = workdir_like(llama_workdir, tmp_path / "work")
     (work / "metrics").mkdir()
     evaluation = {
         "base": {"perplexity": 60.0, "perplexity_ci_low": 55.0, "perplexity_ci_high": 65.0},
@@ -204,10 +222,10 @@ def test_card_yaml_lineage_intervals_and_determinism(tmp_path):
 
 
 @pytest.mark.slow
-def test_q8_0_perplexity_within_one_percent(tmp_path):
+def test_q8_0_perplexity_within_one_percent(llama_workdir, tmp_path):
     from gguf import GGMLQuantizationType, GGUFReader
 
-    work = make_workdir(tmp_path, export={"precision": "q8_0"})
+    work = workdir_like(llama_workdir, tmp_path / "work", {"precision": "q8_0"})
     result = run_stage("export", work)
     assert result.returncode == 0, result.stderr[-3000:]
     checked = json.loads((work / "metrics" / "export.json").read_text())["round_trip"]
@@ -217,11 +235,11 @@ def test_q8_0_perplexity_within_one_percent(tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_adapter_is_merged(tmp_path, monkeypatch):
+def test_lora_adapter_is_merged(llama_workdir, tmp_path, monkeypatch):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    work = make_workdir(tmp_path, export={"precision": "f32"})
+    work = workdir_like(llama_workdir, tmp_path / "work", {"precision": "f32"})
     shutil.rmtree(work / "models" / "finetuned")
     base = AutoModelForCausalLM.from_pretrained(work / "models" / "base")
     peft = get_peft_model(
@@ -249,8 +267,8 @@ def test_lora_adapter_is_merged(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def bad_workdir(tmp_path_factory) -> Path:
-    return make_workdir(tmp_path_factory.mktemp("export-bad"))
+def bad_workdir(llama_workdir, tmp_path_factory) -> Path:
+    return workdir_like(llama_workdir, tmp_path_factory.mktemp("export-bad") / "work")
 
 
 def copy_of(workdir: Path, target: Path, export: dict | None = None) -> Path:

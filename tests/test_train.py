@@ -18,7 +18,7 @@ from conftest import FIXTURES, REPO, run_stage, write_params
 from pipeline_repo import TINY_TRAIN, read_json, tool_env, wait_until_gone
 from stages.lib.allocator import glibc
 from stages.lib.params import load_params
-from tiny import save_tiny, save_tiny_encoder
+from tiny import save_tiny
 
 
 def tiny_params(train: dict | None = None, **sections: dict) -> dict:
@@ -259,28 +259,18 @@ def test_lora_trains_and_saves_a_merged_model(prepared, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_adapter_only_records_its_base_and_evaluates(prepared, tmp_path):
-    work = workspace(
-        prepared, tmp_path, {"method": "lora", "max_steps": 4, "lora": {"r": 4, "alpha": 8, "merge": False}}
-    )
+def test_lora_adapter_only_records_its_base_and_score_loads_it(prepared, tmp_path):
+    lora = {"method": "lora", "max_steps": 4, "lora": {"r": 4, "alpha": 8, "merge": False}}
+    work = workspace(prepared, tmp_path, lora)
     result = run_train(work)
     assert result.returncode == 0, result.stderr[-3000:]
     out = work / "models" / "finetuned"
     assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
     assert read_json(out / "base_model.json")["base_model"] == "models/base"
-    save_tiny_encoder(work / "tiny-encoder")
-    write_params(
-        work,
-        tiny_params(
-            {"method": "lora", "max_steps": 4, "lora": {"r": 4, "alpha": 8, "merge": False}},
-            evaluate={"max_conversations": 3, "max_new_tokens": 8},
-            encoder={"model": "tiny-encoder"},
-        ),
-    )
-    for args in (("score", "--model", "base"), ("score", "--model", "finetuned"), ("encoder",), ("evaluate",)):
-        evaluated = run_stage(args[0], work, *args[1:])  # base model + adapter on top, the way score loads it
-        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert read_json(work / "metrics" / "eval.json")["finetuned"]["scored_tokens"] > 0
+    write_params(work, tiny_params(lora, evaluate={"max_conversations": 3, "max_new_tokens": 8}))
+    scored = run_stage("score", work, "--model", "finetuned")  # base model + adapter on top, the way score loads it
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert read_json(work / "metrics" / "runtime" / "score_finetuned.json")["scored_tokens"] > 0
 
 
 SIX_STEPS = {"max_steps": 6, "eval_steps": 6, "save_steps": 6, "logging_steps": 3}
@@ -504,29 +494,37 @@ def test_fp16_on_a_cpu_is_refused_in_one_line_before_any_work(prepared, tmp_path
     assert not (work / "models" / "checkpoints").exists()  # refused before any work
 
 
-@pytest.mark.slow
-def test_a_one_process_job_trains_in_the_stage_process_without_torchrun(prepared, tmp_path):
-    """Under torchrun even one process joins a gloo process group and the Trainer wraps the model in DDP, whose
-    bucketing splits the compiled graph: the default run's model came out different. dvc.yaml's command trains a
-    one-process job itself; a `torchrun` on PATH that fails shows it never starts (two processes use it: above)."""
-    work = workspace(prepared, tmp_path, {"max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1})
+@pytest.fixture(scope="module")
+def one_process_auto(prepared, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """dvc.yaml's command for 2 steps of one process, precision auto, with a `torchrun` on PATH that fails: the
+    workspace and the finished command. One run for the two claims below."""
+    tmp_path = tmp_path_factory.mktemp("one-process-auto")
+    short = {"precision": "auto", "max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}
+    work = workspace(prepared, tmp_path, short)
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "torchrun").write_text("#!/bin/sh\necho 'torchrun started' >&2\nexit 3\n")
     (fake / "torchrun").chmod(0o755)
     result = dvc_train(work, {"PATH": f"{fake}{os.pathsep}{tool_env()['PATH']}"})
-    assert result.returncode == 0 and "torchrun started" not in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work, result
+
+
+@pytest.mark.slow
+def test_a_one_process_job_trains_in_the_stage_process_without_torchrun(one_process_auto):
+    """Under torchrun even one process joins a gloo process group and the Trainer wraps the model in DDP, whose
+    bucketing splits the compiled graph: the default run's model came out different. dvc.yaml's command trains a
+    one-process job itself; a `torchrun` on PATH that fails shows it never starts (two processes use it: above)."""
+    work, result = one_process_auto
+    assert "torchrun started" not in result.stderr, result.stderr[-3000:]
     assert read_json(work / "metrics" / "train.json")["processes"] == 1 and result.stdout.count("train: 2 steps") == 1
 
 
 @pytest.mark.slow
-def test_recorded_precision_and_compile_are_the_ones_that_ran(prepared, tmp_path):
+def test_recorded_precision_and_compile_are_the_ones_that_ran(one_process_auto):
     """`auto` is recorded as what it resolved to on this machine (measured once, by `--check`, for every worker),
     never as `auto` or a precision that did not run; compile set off is recorded off, with no cache."""
-    work = workspace(
-        prepared, tmp_path, {"precision": "auto", "max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}
-    )
-    assert dvc_train(work).returncode == 0
+    work, _ = one_process_auto
     runtime = read_json(work / "metrics" / "runtime" / "train.json")
     choice = runtime["precision"]
     assert read_json(work / "metrics" / "train.json")["precision"] == choice["precision"] in ("bf16", "fp32")
