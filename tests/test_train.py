@@ -605,13 +605,27 @@ def gpt2_prepared(prepared, tmp_path_factory) -> Path:
     """`prepared` with a tiny GPT-2 (Conv1D layers named c_attn, c_proj, c_fc) as models/base."""
     work = tmp_path_factory.mktemp("gpt2") / "work"
     shutil.copytree(prepared, work)
-    shutil.rmtree(work / "models" / "base")
-    shutil.rmtree(work / "data" / "tokenized")
+    for llama in ("models/base", "data/tokenized", "tiny-model"):  # tiny-model: no ChatML template file left over
+        shutil.rmtree(work / llama)
     save_tiny(work / "tiny-model", "gpt2")
     for stage in ("base_model", "tokenize"):
         result = run_stage(stage, work)
         assert result.returncode == 0, result.stderr
     return work
+
+
+@pytest.mark.slow
+def test_gpt2_gets_the_plain_template_and_learns_the_chats_with_it(gpt2_prepared, tmp_path):
+    """GPT-2 has no chat template: base_model gives it the plain one, <|endoftext|> ending each turn and a pad token
+    of its own, and a full fine-tune through dvc.yaml's command learns the fixture chats in that format."""
+    card = read_json(gpt2_prepared / "models" / "base" / "model_card.json")
+    assert card["chat_template"].startswith("plain")
+    assert card["end_of_turn"] == "<|endoftext|>" and card["pad_token"] == "<|pad|>"
+    work = workspace(gpt2_prepared, tmp_path)
+    result = dvc_train(work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = read_json(work / "metrics" / "train.json")
+    assert train["method"] == "full" and train["val_loss_after"] < train["val_loss_before"] - 1.0, train
 
 
 @pytest.mark.slow
