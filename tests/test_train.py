@@ -684,7 +684,7 @@ done = keep_freed_memory() if sys.argv[1] == "kept" else "default"
 def step():  # a training step's pattern: large tensors alive together (all over glibc's mmap threshold), then freed
     held = [torch.empty(size, dtype=torch.uint8).fill_(1) for size in (2**26, 3 * 2**24, 2**25 + 4096)]
     return sum(t.numel() for t in held)
-for _ in range(4):
+for _ in range(10):  # the heap grows over the first few steps (up to the 6th, seen) until every layout fits
     step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 touched = sum(step() for _ in range(8))
