@@ -34,6 +34,7 @@ import shutil
 import signal
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -135,21 +136,25 @@ def fingerprint(params: Params, precision: PrecisionChoice, compiled: CompileCho
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def complete(checkpoint: Path) -> bool:
-    """The Trainer writes trainer_state.json last: a checkpoint killed mid-save lacks a readable one."""
+def complete(checkpoint: Path, processes: int) -> bool:
+    """Whether a checkpoint was written whole. The first process writes trainer_state.json after its own parts,
+    but every other process writes its RNG state on its own, unsynchronised: a run killed in between leaves a
+    checkpoint that the Trainer would resume with a warning and a different random stream. torch.save writes a
+    zip, whose central directory comes last: a file cut short is not a zip."""
+    names = ["rng_state.pth"] if processes == 1 else [f"rng_state_{rank}.pth" for rank in range(processes)]
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())
-        return True
     except (OSError, ValueError):
         return False
+    return all(zipfile.is_zipfile(checkpoint / name) for name in names)
 
 
-def resumable_checkpoint(identity: str) -> str | None:
+def resumable_checkpoint(identity: str, processes: int) -> str | None:
     """The last complete checkpoint of an interrupted run with the same fingerprint, if any."""
     if not FINGERPRINT.exists() or json.loads(FINGERPRINT.read_text()).get("fingerprint") != identity:
         return None
     checkpoints = sorted(CHECKPOINTS.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    return next((str(c) for c in checkpoints if complete(c)), None)
+    return next((str(c) for c in checkpoints if complete(c, processes)), None)
 
 
 def reset_checkpoints(identity: str, status: str) -> None:
@@ -769,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     nodes = int(os.environ.get("WORLD_SIZE", "1")) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's
     # Checkpoints live on the first node's disk, which the other nodes do not see: a multi-node run that was
     # interrupted starts again from step 0 (to the same result), never from a step only one node could load.
-    resume = resumable_checkpoint(identity) if nodes == 1 else None
+    resume = resumable_checkpoint(identity, int(os.environ.get("WORLD_SIZE", "1"))) if nodes == 1 else None
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if resume is None and rank0:
         reset_checkpoints(identity, "running")

@@ -244,7 +244,7 @@ def test_a_run_killed_during_train_and_resumed_reproduces_the_model_scores_and_m
     from stages.train import complete
 
     checkpoint = repo / "models" / "checkpoints" / "checkpoint-75"
-    wait_for(lambda: complete(checkpoint), process)  # fully written: a half-written one is rightly not resumed
+    wait_for(lambda: complete(checkpoint, 1), process)  # fully written: a half-written one is rightly not resumed
     kill_group(process, signal.SIGKILL)
     wait_until_gone("train", repo, 10, "the train stage outlived its killed `dvc repro`")
     assert not (repo / "models" / "finetuned").exists(), "half-written models/finetuned"

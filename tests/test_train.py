@@ -1,5 +1,6 @@
 """The train stage on tiny models: gradient accumulation, LoRA, resume after a kill, two-process DDP."""
 
+import json
 import math
 import os
 import shutil
@@ -295,8 +296,10 @@ def test_two_cpu_processes_train_with_ddp_and_save_once(two_processes):
     assert (work / "models" / "finetuned" / "model.safetensors").exists()
 
 
-def kill_after_checkpoint(work: Path, command: list[str] | str, step: int) -> None:
+def kill_after_checkpoint(work: Path, command: list[str] | str, step: int, processes: int) -> None:
     """Start the train stage, SIGKILL its whole process group once checkpoint-`step` is complete."""
+    from stages.train import complete
+
     env = {**tool_env(), "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(
         command,
@@ -308,8 +311,8 @@ def kill_after_checkpoint(work: Path, command: list[str] | str, step: int) -> No
         start_new_session=True,
     )
     deadline = time.time() + 600
-    state = work / "models" / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json"
-    while not state.exists() and process.poll() is None and time.time() < deadline:
+    checkpoint = work / "models" / "checkpoints" / f"checkpoint-{step}"
+    while not complete(checkpoint, processes) and process.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -317,6 +320,28 @@ def kill_after_checkpoint(work: Path, command: list[str] | str, step: int) -> No
     # torchrun's workers run in sessions of their own: the group kill does not reach them
     wait_until_gone("train", work, 10, "a train worker outlived its killed launcher (it would write beside the resume)")
     assert not (work / "models" / "finetuned").exists() and not (work / "metrics" / "train.json").exists()
+
+
+def test_a_checkpoint_is_resumed_only_when_every_process_wrote_its_part(tmp_path):
+    """The first process writes trainer_state.json, the others their RNG states on their own: a kill in between
+    must not leave a checkpoint that resumes with one process's random stream missing or cut short."""
+    from stages.train import complete
+
+    checkpoint = tmp_path / "checkpoint-10"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 10')  # cut short mid-write
+    torch.save({"cpu": torch.random.get_rng_state()}, checkpoint / "rng_state_0.pth")
+    assert not complete(checkpoint, 2)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
+    assert not complete(checkpoint, 2), "rank 1's RNG state is missing"
+    whole = (checkpoint / "rng_state_0.pth").read_bytes()
+    (checkpoint / "rng_state_1.pth").write_bytes(whole[: len(whole) // 2])
+    assert not complete(checkpoint, 2), "rank 1's RNG state is cut short"
+    (checkpoint / "rng_state_1.pth").write_bytes(whole)
+    assert complete(checkpoint, 2)
+    assert not complete(checkpoint, 1), "one process writes rng_state.pth"
+    (checkpoint / "rng_state.pth").write_bytes(whole)
+    assert complete(checkpoint, 1)
 
 
 def dvc_command(work: Path) -> str:
@@ -344,7 +369,7 @@ def test_fsdp_resumes_after_a_kill_to_the_same_weights_and_saves_a_model_score_l
     result = dvc_train(straight)
     assert result.returncode == 0, result.stderr[-3000:]
     killed = workspace(prepared, tmp_path / "b", settings)
-    kill_after_checkpoint(killed, dvc_command(killed), 10)
+    kill_after_checkpoint(killed, dvc_command(killed), 10, 2)
     resumed = dvc_train(killed)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     runtime = read_json(killed / "metrics" / "runtime" / "train.json")
