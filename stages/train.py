@@ -139,8 +139,9 @@ def fingerprint(params: Params, precision: PrecisionChoice, compiled: CompileCho
 def complete(checkpoint: Path, processes: int) -> bool:
     """Whether a checkpoint was written whole. The first process writes trainer_state.json after its own parts,
     but every other process writes its RNG state on its own, unsynchronised: a run killed in between leaves a
-    checkpoint that the Trainer would resume with a warning and a different random stream. torch.save writes a
-    zip, whose central directory comes last: a file cut short is not a zip."""
+    checkpoint that the Trainer resumes without that process's RNG state (logged at info level only), on another
+    random stream, or fails on a cut-short file. torch.save writes a zip, whose end record comes last: a file cut
+    short is not a zip."""
     names = ["rng_state.pth"] if processes == 1 else [f"rng_state_{rank}.pth" for rank in range(processes)]
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())
@@ -453,6 +454,7 @@ def fsdp_settings(train: TrainParams) -> dict[str, Any]:
 #   Trainer.model_wrapped, Trainer._prepare_inputs (private)   the token-weighted evaluation loop
 #   DVCLiveCallback._initialized (private)    Curves.setup skips DVCLive's dump of every TrainingArguments field
 #   TrainingArguments.warmup_steps            a float below 1 is a ratio of the total steps (train.warmup_ratio)
+#   Trainer._save_rng_state (private)         names each process's RNG file as `complete` expects
 
 
 class ChatTrainer(Trainer):

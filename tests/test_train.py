@@ -892,6 +892,9 @@ def test_the_trainer_internals_train_py_uses():
     # train.warmup_ratio passed as warmup_steps: a float below 1 is a ratio of the total steps
     arguments = TrainingArguments(output_dir="unused", warmup_steps=0.05, max_steps=40, use_cpu=True, report_to="none")
     assert arguments.get_warmup_steps(40) == 2 and arguments.get_warmup_steps(100) == 5
+    # the RNG files `complete` waits for: one per process, named by its index, or one file without a process group
+    rng_source = inspect.getsource(Trainer._save_rng_state)
+    assert '"rng_state.pth"' in rng_source and 'f"rng_state_{self.args.process_index}.pth"' in rng_source
 
 
 def test_allocator_tuning_is_only_for_cpu_training(tmp_path, monkeypatch):
