@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stage_server import run_forked
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
@@ -42,7 +44,11 @@ def write_params(directory: Path, overrides: dict | None = None) -> Path:
 
 
 def run_stage(stage: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m stages.<stage> *args` in `cwd`: a process forked from a preloaded interpreter (stage_server.py),
+    except `train`, which sets up its allocator and compile cache before its imports and so starts fresh."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if stage != "train":
+        return run_forked(f"stages.{stage}", cwd, args, env)
     command = [sys.executable, "-m", f"stages.{stage}", *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
 

@@ -3,13 +3,13 @@
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, run_stage, write_params
+from stage_server import run_forked
 from test_chat import chat_dir  # noqa: F401  (a work directory whose models/base came from a good tiny Llama)
 from test_params import stage_error
 from tiny import save_tiny, tiny_model, train_tokenizer
@@ -124,14 +124,8 @@ def test_gpt2_directory_without_tokenizer_is_refused_not_given_an_empty_one(chat
 
 
 def chat(work: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "stages.tools.chat", *args],
-        cwd=work,
-        env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    return run_forked("stages.tools.chat", work, args, env, timeout=300)
 
 
 @pytest.mark.parametrize(

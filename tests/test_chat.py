@@ -1,12 +1,11 @@
 """Chat with a tiny model: one prompt, a JSONL of prompts, the interactive loop, and an overflowing history."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from conftest import REPO, run_stage, write_params
+from stage_server import run_forked
 from stages.lib.template import fit_prompt
 from tiny import save_tiny, train_tokenizer
 
@@ -22,16 +21,9 @@ def chat_dir(tmp_path_factory):
 
 
 def chat(work, *args, stdin=None):
-    command = [sys.executable, "-m", "stages.tools.chat", "--model", "base", "--max-new-tokens", "8", *args]
-    return subprocess.run(
-        command,
-        cwd=work,
-        env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": ""},
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = ("--model", "base", "--max-new-tokens", "8", *args)
+    env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": ""}
+    return run_forked("stages.tools.chat", work, args, env, stdin, timeout=300)
 
 
 def test_one_prompt_prints_the_models_own_greedy_reply(chat_dir):

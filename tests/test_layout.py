@@ -256,6 +256,7 @@ def test_tests_sharing_a_module_fixture_build_it_once_on_two_workers(tmp_path):
     (tmp_path / "tests").mkdir()
     shutil.copy(REPO / "pyproject.toml", tmp_path)
     shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "tests")
+    shutil.copy(REPO / "tests" / "stage_server.py", tmp_path / "tests")
     (tmp_path / "tests" / "test_shared.py").write_text(SHARED_FIXTURE_TESTS)
     command = [sys.executable, "-m", "pytest", "-n", "2", "-v", "-p", "no:cacheprovider", "--basetemp", "base"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)

@@ -4,12 +4,12 @@ machine and the tokenizer are compared, and bad input is one line."""
 import json
 import math
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from conftest import REPO
+from stage_server import run_forked
 from stages.tools.review import Run, setup_warnings, significance
 
 
@@ -189,13 +189,7 @@ def test_another_machine_precision_or_tokenizer_is_flagged(tmp_path, monkeypatch
 
 
 def review(cwd, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "stages.tools.review", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-    )
+    return run_forked("stages.tools.review", cwd, args, {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
 
 
 def test_bad_input_is_one_line_and_base_takes_revisions_only(tmp_path):
