@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, write_params
+from stage_server import run_forked
 from tiny import PERSONA, PERSONA_TEMPLATE, save_tiny
 
 pytestmark = pytest.mark.slow  # a chat subprocess loads torch and transformers: ~5 s each on a quiet 2-core CPU
@@ -40,28 +41,12 @@ def work(tmp_path_factory) -> Path:
 
 
 def chat(work: Path, *args: str, model: str = "base") -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "stages.tools.chat",
-            "--model",
-            model,
-            "--max-new-tokens",
-            "4",
-            "--temperature",
-            "0",
-            *args,
-        ],
-        cwd=work,
-        env=ENV,
-        capture_output=True,
-        timeout=300,
-    )
+    args = ("--model", model, "--max-new-tokens", "4", "--temperature", "0", *args)
+    return run_forked("stages.tools.chat", work, args, ENV, timeout=300)
 
 
 def one_line(result: subprocess.CompletedProcess) -> str:
-    stderr = result.stderr.decode("utf-8", "replace")
+    stderr = result.stderr if isinstance(result.stderr, str) else result.stderr.decode("utf-8", "replace")
     lines = [line for line in stderr.splitlines() if line.strip() and "it/s]" not in line]
     assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in stderr, (result.returncode, stderr[-3000:])
     return lines[0]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 import yaml
 
 from conftest import FIXTURES, REPO, run_stage, write_params
+from stage_server import run_forked
 from stages.lib import model_card
 from stages.lib.errors import TemplateError
 from stages.lib.ollama import TurnFormat
@@ -142,26 +142,9 @@ def test_modelfile_names_the_file_template_and_stops(exported):
 
 
 def test_chat_with_the_exported_file(exported):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "stages.tools.chat",
-            "--model",
-            "export",
-            "--prompt",
-            "hello",
-            "--temperature",
-            "0",
-            "--max-new-tokens",
-            "4",
-        ],
-        cwd=exported,
-        env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": ""},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = ("--model", "export", "--prompt", "hello", "--temperature", "0", "--max-new-tokens", "4")
+    env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": ""}
+    result = run_forked("stages.tools.chat", exported, args, env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(result.stdout.splitlines()) == 1
 
