@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stage_server import run_forked
+from stage_server import keep_environment, run_forked
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+keep_environment()  # what forked stage runs start from (stage_server.py)
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -43,11 +44,12 @@ def write_params(directory: Path, overrides: dict | None = None) -> Path:
     return path
 
 
-def run_stage(stage: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+def run_stage(stage: str, cwd: Path, *args: str, fresh: bool = False) -> subprocess.CompletedProcess:
     """`python -m stages.<stage> *args` in `cwd`: a process forked from a preloaded interpreter (stage_server.py),
-    except `train`, which sets up its allocator and compile cache before its imports and so starts fresh."""
+    or a new interpreter when `fresh` and for `train`, which sets up its allocator and compile cache before its
+    imports."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    if stage != "train":
+    if stage != "train" and not fresh:
         return run_forked(f"stages.{stage}", cwd, args, env)
     command = [sys.executable, "-m", f"stages.{stage}", *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)

@@ -3,13 +3,16 @@
 A stage run costs a 2-core machine 2 to 5 s of imports before it does a second of work; the suite runs about a
 hundred of them outside `dvc repro`. `run_stage` (conftest.py) sends each to a server that one pytest worker
 starts once: it imports the libraries, then forks one child per request. The child is a process of its own (its
-own exit code, stdout, stderr, working directory, environment and argv) that runs the stage as `python -m`
-would, from its `if __name__ == "__main__"` block; only the library imports were done before the fork. Its
-`sys.orig_argv` is the command it stands for, so a stage that re-executes itself runs that command.
+own exit code, stdout, stderr, stdin, working directory, environment, argv and torch thread count) that runs the
+stage as `python -m` would, from its `if __name__ == "__main__"` block. Its `sys.orig_argv` is the command it
+stands for, so a stage that re-executes itself runs that command.
 
-What this cannot show, the tests that run stages under `dvc repro` or with `subprocess` show: a stage's start in
-a fresh interpreter (import-time warnings, import order) and anything set before the imports (the train stage's
-allocator restart and compile cache: stages/train.py runs as a fresh process, never from here).
+What a forked run cannot show, and the tests that start fresh interpreters show (`dvc repro`, `subprocess`):
+- anything at a library's import: its warnings, and settings it reads from the environment then (the server's
+  environment is the worker's once conftest.py has set its defaults, without the thread variables);
+- what differs between interpreters: every forked run has the server's string-hash seed, so a determinism test
+  runs its second run fresh (`run_stage(..., fresh=True)`);
+- what a stage sets up before its imports: the train stage (allocator, compile cache) always starts fresh.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,39 +29,65 @@ from pathlib import Path
 
 # Imported before the fork: what every stage but `train` spends its start on. Nothing of the project's.
 PRELOAD = ("torch", "transformers", "transformers.modeling_utils", "datasets", "peft", "gguf", "safetensors.torch")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# The server's environment: the worker's when conftest.py has set its defaults, before any test can change it.
+SERVER_ENVIRONMENT: dict[str, str] = {}
+
+
+def keep_environment() -> None:
+    """Take this process's environment, without the thread variables, as the server's."""
+    SERVER_ENVIRONMENT.clear()
+    SERVER_ENVIRONMENT.update({k: v for k, v in os.environ.items() if k not in (*THREAD_VARIABLES, "PYTHONPATH")})
 
 SERVER = r"""
-import importlib, json, os, runpy, signal, sys
+import ctypes, importlib, io, json, os, runpy, signal, sys
+responses = os.fdopen(os.dup(1), "w")  # before the imports, so that nothing they print reads as an answer
+devnull = os.open(os.devnull, os.O_WRONLY)
+os.dup2(devnull, 1)
+os.close(devnull)
 for name in sys.argv[1:]:
     importlib.import_module(name)
-import transformers
+import torch, transformers
 transformers.AutoModelForCausalLM, transformers.AutoTokenizer  # resolve the lazy names once
-base_path = [p for p in sys.path if p not in ("", os.getcwd())]
-responses = os.fdopen(os.dup(1), "w")
-os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+default_threads = torch.get_num_threads()
+base_path = list(sys.path)
+libc = ctypes.CDLL(None)
 for line in sys.stdin:
     request = json.loads(line)
     sys.stdout.flush()
     sys.stderr.flush()
+    libc.fflush(None)  # C stdio buffers too: a child would write them out again
     pid = os.fork()
     if pid == 0:
         break
+    responses.write(json.dumps({"id": request["id"], "pid": pid}) + "\n")
+    responses.flush()
     _, status = os.waitpid(pid, 0)
-    responses.write(json.dumps(os.waitstatus_to_exitcode(status)) + "\n")
+    responses.write(json.dumps({"id": request["id"], "code": os.waitstatus_to_exitcode(status)}) + "\n")
     responses.flush()
 else:
     sys.exit(0)
 # The child: the request's process, from here to its exit.
 responses.close()
+for fd, path, flags in (
+    (2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+    (1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+    (0, request["stdin"] or os.devnull, os.O_RDONLY),
+):
+    opened = os.open(path, flags, 0o644)
+    os.dup2(opened, fd)
+    os.close(opened)
+stdin = sys.stdin
+sys.stdin = sys.__stdin__ = io.TextIOWrapper(
+    io.open(0, "rb", closefd=False), encoding=stdin.encoding, errors=stdin.errors, newline="\n"
+)
 os.chdir(request["cwd"])
 os.environ.clear()
 os.environ.update(request["env"])
-os.dup2(os.open(request["stdin"] or os.devnull, os.O_RDONLY), 0)
-sys.stdin = open(0, closefd=False)
-for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+threads = request["env"].get("OMP_NUM_THREADS", "")
+torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else default_threads)
 pythonpath = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
-sys.path[:] = [request["cwd"], *pythonpath, *base_path]
+sys.path[:] = [os.getcwd(), *pythonpath, *base_path]
 sys.argv = [request["module"], *request["args"]]
 sys.orig_argv = [sys.executable, "-m", request["module"], *request["args"]]
 if request["timeout"]:
@@ -67,25 +98,45 @@ runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
 
 class StageServer:
     def __init__(self) -> None:
-        env = {**os.environ, "PYTHONPATH": ""}
+        self.log = tempfile.NamedTemporaryFile(prefix="stage-server-", suffix=".log", delete=False)
+        self.requests, self.pending = 0, b""
         self.process = subprocess.Popen(
-            [sys.executable, "-c", SERVER, *PRELOAD],
+            [sys.executable, "-P", "-c", SERVER, *PRELOAD],  # -P: no working directory on sys.path
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=env,
+            stderr=self.log,
+            env=SERVER_ENVIRONMENT,
             cwd=tempfile.gettempdir(),
-            text=True,
+            bufsize=0,
         )
+
+    def answer(self, request_id: int, seconds: float) -> dict:
+        """The server's next answer line, read from the raw pipe (a buffered reader would hide a line that
+        arrived with the one before from `select`)."""
+        assert self.process.stdout is not None
+        pipe = self.process.stdout.fileno()
+        while b"\n" not in self.pending:
+            if not select.select([pipe], [], [], seconds)[0]:
+                raise TimeoutError(f"the stage server gave no answer in {seconds:.0f} s")
+            chunk = os.read(pipe, 65536)
+            if not chunk:
+                raise RuntimeError(f"the stage server exited: {Path(self.log.name).read_text()[-3000:]}")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        answer = json.loads(line)
+        assert answer["id"] == request_id, (answer, request_id)
+        return answer
 
     def run(
         self, module: str, cwd: Path, args: tuple[str, ...], env: dict[str, str], stdin: str | None, timeout: int
     ) -> subprocess.CompletedProcess:
+        self.requests += 1
         with tempfile.TemporaryDirectory() as scratch:
             stdout, stderr, typed = Path(scratch) / "stdout", Path(scratch) / "stderr", Path(scratch) / "stdin"
             if stdin is not None:
                 typed.write_text(stdin)
             request = {
+                "id": self.requests,
                 "module": module,
                 "cwd": str(cwd),
                 "args": list(args),
@@ -95,20 +146,30 @@ class StageServer:
                 "stderr": str(stderr),
                 "timeout": timeout,
             }
-            assert self.process.stdin is not None and self.process.stdout is not None
-            self.process.stdin.write(json.dumps(request) + "\n")
-            self.process.stdin.flush()
-            answer = self.process.stdout.readline()
-            assert answer, "the stage server exited"
+            assert self.process.stdin is not None
+            message = json.dumps(request).encode() + b"\n"
+            while message:  # a raw pipe may take part of a write
+                message = message[self.process.stdin.write(message) :]
+            child = self.answer(self.requests, 60)["pid"]
+            try:  # the child's alarm ends it at `timeout`; this covers a stage that cancels the alarm
+                code = self.answer(self.requests, timeout + 60)["code"]
+            except TimeoutError:
+                os.kill(child, signal.SIGKILL)
+                raise
             command = [sys.executable, "-m", module, *args]
             return subprocess.CompletedProcess(
-                command, json.loads(answer), stdout.read_text(errors="replace"), stderr.read_text(errors="replace")
+                command, code, stdout.read_text(errors="replace"), stderr.read_text(errors="replace")
             )
 
     def close(self) -> None:
-        if self.process.stdin:
-            self.process.stdin.close()
-        self.process.wait(timeout=60)
+        if self.process.poll() is None:
+            if self.process.stdin:
+                self.process.stdin.close()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        Path(self.log.name).unlink(missing_ok=True)
 
 
 _server: StageServer | None = None
@@ -123,9 +184,14 @@ def run_forked(
     timeout: int = 600,
 ) -> subprocess.CompletedProcess:
     """`python -m module *args` in `cwd` with `env` (and `stdin` typed in), forked from this worker's server
-    (started on first use); ended by SIGALRM after `timeout` seconds."""
+    (started on first use); ended by SIGALRM (return code -14) after `timeout` seconds."""
     global _server
     if _server is None or _server.process.poll() is not None:
         _server = StageServer()
         atexit.register(_server.close)
-    return _server.run(module, cwd, args, env, stdin, timeout)
+    try:
+        return _server.run(module, cwd, args, env, stdin, timeout)
+    except BaseException:  # an answer may still be on its way: the next run starts a new server
+        _server.process.kill()
+        _server = None
+        raise

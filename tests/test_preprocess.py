@@ -197,8 +197,8 @@ def test_cli_is_deterministic(workdir):
     (raw / "conversations.jsonl").write_text((FIXTURES / "conversations.jsonl").read_text())
     write_params(workdir)
     outputs = []
-    for _ in range(2):
-        result = run_stage("preprocess", workdir)
+    for fresh in (False, True):  # two interpreters: two string-hash seeds
+        result = run_stage("preprocess", workdir, fresh=fresh)
         assert result.returncode == 0, result.stderr
         outputs.append(
             [(workdir / "data" / "processed" / f"{s}.jsonl").read_bytes() for s in ("train", "val", "test")]

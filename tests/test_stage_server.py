@@ -3,44 +3,80 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import FIXTURES, REPO, write_params
 from stage_server import run_forked
 
 
-def both(module: str, cwd: Path, *args: str, stdin: str | None = None) -> tuple[subprocess.CompletedProcess, ...]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def both(
+    module: str, cwds: tuple[Path, Path], *args: str, env: dict | None = None, stdin: str | None = None
+) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """The same command as a fresh interpreter in cwds[0] and forked in cwds[1]."""
+    env = env or {**os.environ, "PYTHONPATH": str(REPO)}
     fresh = subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=env, input=stdin, capture_output=True, text=True
+        [sys.executable, "-m", module, *args], cwd=cwds[0], env=env, input=stdin, capture_output=True, text=True
     )
-    return fresh, run_forked(module, cwd, args, env, stdin)
+    return fresh, run_forked(module, cwds[1], args, env, stdin)
 
 
-def test_a_forked_stage_exits_prints_and_writes_as_a_fresh_process(workdir):
+def test_a_forked_stage_exits_prints_and_writes_as_a_fresh_process(workdir, tmp_path):
     (workdir / "data" / "external" / "chats.jsonl").write_bytes((FIXTURES / "conversations.jsonl").read_bytes())
     write_params(workdir, {"data": {"source": "data/external/chats.jsonl"}})
-    fresh, forked = both("stages.ingest", workdir)
+    twin = shutil.copytree(workdir, tmp_path / "twin")
+    fresh, forked = both("stages.ingest", (workdir, twin))
     assert fresh.returncode == forked.returncode == 0, (fresh.stderr, forked.stderr)
     assert (fresh.stdout, fresh.stderr) == (forked.stdout, forked.stderr)
-    written = (workdir / "data" / "raw" / "conversations.jsonl").read_bytes()
-    assert written and b'"messages"' in written
+    written = [cwd / "data" / "raw" / "conversations.jsonl" for cwd in (workdir, twin)]
+    assert b'"messages"' in written[0].read_bytes() and written[1].read_bytes() == written[0].read_bytes()
 
-    fresh, forked = both("stages.tokenize", workdir, "--show", "abc")  # argparse's error, in the stage's words
+    fresh, forked = both("stages.tokenize", (workdir, twin), "--show", "abc")  # argparse's error, the stage's words
     assert fresh.returncode == forked.returncode == 1
     assert fresh.stderr == forked.stderr and fresh.stderr.startswith("error: ")
 
 
-def test_a_forked_process_has_the_requests_cwd_environment_argv_and_stdin(tmp_path):
-    probe = tmp_path / "probe.py"
-    probe.write_text(
-        "import os, sys\n"
-        "print(os.getcwd(), os.environ['PROBE'], sys.argv[1:], sys.orig_argv[1:3], sys.stdin.read().strip())\n"
-        "sys.exit(3)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "PROBE": "set"}
-    forked = run_forked("probe", tmp_path, ("a", "b"), env, "typed")
-    assert forked.returncode == 3
-    assert forked.stdout.strip() == f"{tmp_path} set ['a', 'b'] ['-m', 'probe'] typed"
+PROBE = """
+import os, sys, torch
+how = sys.argv[1]
+if how == "report":
+    print(os.getcwd(), os.environ["PROBE"], sys.argv[1:], sys.orig_argv[1:3], torch.get_num_threads())
+    print(repr(sys.stdin.read()))
+    sys.exit(3)
+if how == "message":
+    sys.exit("a message")
+if how == "raise":
+    raise ValueError("broken")
+if how == "signal":
+    os.kill(os.getpid(), 15)
+"""
+
+
+@pytest.mark.parametrize("how", ["report", "message", "raise", "signal"])
+def test_a_forked_probe_has_the_requests_process_state_and_ends_as_a_fresh_one(tmp_path, how):
+    (tmp_path / "probe.py").write_text(PROBE)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "PROBE": "set", "OMP_NUM_THREADS": "1"}
+    fresh, forked = both("probe", (tmp_path, tmp_path), how, "b", env=env, stdin="typed\r\nline\n")
+    assert forked.returncode == fresh.returncode == {"report": 3, "message": 1, "raise": 1, "signal": -15}[how]
+    assert forked.stdout == fresh.stdout
+    assert forked.stderr.strip().splitlines()[-1:] == fresh.stderr.strip().splitlines()[-1:]
+    if how == "report":
+        assert fresh.stdout == f"{tmp_path} set ['report', 'b'] ['-m', 'probe'] 1\n'typed\\r\\nline\\n'\n"
+
+
+def test_a_module_that_does_not_exist_fails_as_a_fresh_one(tmp_path):
+    fresh, forked = both("stages.no_such_stage", (tmp_path, tmp_path))
+    assert fresh.returncode == 1 and forked.returncode == 1
+    assert "No module named stages.no_such_stage" in fresh.stderr and "stages.no_such_stage" in forked.stderr
+
+
+def test_a_run_past_its_timeout_ends_and_the_next_run_works(tmp_path):
+    (tmp_path / "sleeper.py").write_text("import time\ntime.sleep(30)\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    assert run_forked("sleeper", tmp_path, (), env, timeout=1).returncode == -14  # SIGALRM
+    (tmp_path / "quick.py").write_text("print('done')\n")
+    assert run_forked("quick", tmp_path, (), env).stdout == "done\n"
