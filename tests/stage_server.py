@@ -39,6 +39,7 @@ def keep_environment() -> None:
     SERVER_ENVIRONMENT.clear()
     SERVER_ENVIRONMENT.update({k: v for k, v in os.environ.items() if k not in (*THREAD_VARIABLES, "PYTHONPATH")})
 
+
 SERVER = r"""
 import ctypes, importlib, io, json, os, runpy, signal, sys
 responses = os.fdopen(os.dup(1), "w")  # before the imports, so that nothing they print reads as an answer

@@ -46,7 +46,7 @@ def chat(work: Path, *args: str, model: str = "base") -> subprocess.CompletedPro
 
 
 def one_line(result: subprocess.CompletedProcess) -> str:
-    stderr = result.stderr if isinstance(result.stderr, str) else result.stderr.decode("utf-8", "replace")
+    stderr = result.stderr
     lines = [line for line in stderr.splitlines() if line.strip() and "it/s]" not in line]
     assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in stderr, (result.returncode, stderr[-3000:])
     return lines[0]
@@ -82,7 +82,7 @@ def test_a_damaged_gguf_is_one_line(work, tmp_path, damage):
 
 def test_an_argument_that_is_not_utf8_is_one_line(work):
     command = [sys.executable.encode(), b"-m", b"stages.tools.chat", b"--model", b"base", b"--prompt", b"hi \xff there"]
-    result = subprocess.run(command, cwd=work, env=ENV, capture_output=True, timeout=300)
+    result = subprocess.run(command, cwd=work, env=ENV, capture_output=True, text=True, errors="replace", timeout=300)
     assert one_line(result) == "error: --prompt: not UTF-8 text (byte 0xff at character 4); pass UTF-8"
 
 
