@@ -12,7 +12,10 @@ What a forked run cannot show, and the tests that start fresh interpreters show 
   environment is the worker's once conftest.py has set its defaults, without the thread variables);
 - what differs between interpreters: every forked run has the server's string-hash seed, so a determinism test
   runs its second run fresh (`run_stage(..., fresh=True)`);
-- what a stage sets up before its imports: the train stage (allocator, compile cache) always starts fresh.
+- what a run sets up before its imports differently from the server. The train stage's own set-up (its restart
+  with glibc's allocator tunables, inductor's cache directory) is done by its server before the imports, as the
+  stage does it, and its children carry the restart's variables; a test that changes what the stage reads then
+  (HOME, TORCHINDUCTOR_CACHE_DIR, CXX, GLIBC_TUNABLES) starts it fresh.
 """
 
 from __future__ import annotations
@@ -27,8 +30,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Imported before the fork: what every stage but `train` spends its start on. Nothing of the project's.
+# Imported before the fork: what a stage spends its start on. Nothing of the project's: each test's repository has
+# its own copy of stages/.
 PRELOAD = ("torch", "transformers", "transformers.modeling_utils", "datasets", "peft", "gguf", "safetensors.torch")
+TRAIN_PRELOAD = (*PRELOAD, "transformers.trainer", "transformers.integrations.integration_utils", "dvclive")
+REPO = Path(__file__).resolve().parents[1]
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # The server's environment: the worker's when conftest.py has set its defaults, before any test can change it.
 SERVER_ENVIRONMENT: dict[str, str] = {}
@@ -41,15 +47,30 @@ def keep_environment() -> None:
 
 
 SERVER = r"""
-import ctypes, importlib, io, json, os, runpy, signal, sys
+import ctypes, gc, importlib, io, json, os, runpy, signal, sys
+setup = json.loads(sys.argv[1])
+restarted = None
+if setup["train_repo"]:  # what `python -m stages.train` does before its imports (stages/train.py), done once here
+    sys.path.insert(0, setup["train_repo"])
+    from stages.lib.allocator import RESTARTED, restart_with_allocator_tunables, with_allocator_tunables
+    restart_with_allocator_tunables()  # may re-execute this server, before it has read or written its pipes
+    restarted = {k: os.environ[k] for k in ("GLIBC_TUNABLES", RESTARTED) if RESTARTED in os.environ}
 responses = os.fdopen(os.dup(1), "w")  # before the imports, so that nothing they print reads as an answer
 devnull = os.open(os.devnull, os.O_WRONLY)
 os.dup2(devnull, 1)
 os.close(devnull)
-for name in sys.argv[1:]:
+if setup["train_repo"]:
+    from stages.lib.precision import keep_compile_cache
+    keep_compile_cache()
+    del sys.path[0]
+    for name in [m for m in sys.modules if m == "stages" or m.startswith("stages.")]:
+        del sys.modules[name]  # each request imports its own repository's stages
+for name in setup["preload"]:
     importlib.import_module(name)
 import torch, transformers
 transformers.AutoModelForCausalLM, transformers.AutoTokenizer  # resolve the lazy names once
+if setup["train_repo"]:
+    transformers.Trainer, transformers.TrainingArguments, transformers.EarlyStoppingCallback
 default_threads = torch.get_num_threads()
 base_path = list(sys.path)
 libc = ctypes.CDLL(None)
@@ -58,6 +79,9 @@ for line in sys.stdin:
     sys.stdout.flush()
     sys.stderr.flush()
     libc.fflush(None)  # C stdio buffers too: a child would write them out again
+    # The preloaded objects out of the collector's sight: a child's collections and its exit would otherwise touch
+    # every one of them, copying the server's pages into the child (~1 s of CPU a run).
+    gc.freeze()
     pid = os.fork()
     if pid == 0:
         break
@@ -85,6 +109,8 @@ sys.stdin = sys.__stdin__ = io.TextIOWrapper(
 os.chdir(request["cwd"])
 os.environ.clear()
 os.environ.update(request["env"])
+if restarted and with_allocator_tunables(os.environ).get("GLIBC_TUNABLES") == restarted["GLIBC_TUNABLES"]:
+    os.environ.update(restarted)  # as the train stage's restart leaves them; otherwise it restarts this child
 threads = request["env"].get("OMP_NUM_THREADS", "")
 torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else default_threads)
 pythonpath = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -98,11 +124,12 @@ runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
 
 
 class StageServer:
-    def __init__(self) -> None:
+    def __init__(self, train: bool) -> None:
         self.log = tempfile.NamedTemporaryFile(prefix="stage-server-", suffix=".log", delete=False)
         self.requests, self.pending = 0, b""
+        setup = {"preload": TRAIN_PRELOAD if train else PRELOAD, "train_repo": str(REPO) if train else None}
         self.process = subprocess.Popen(
-            [sys.executable, "-P", "-c", SERVER, *PRELOAD],  # -P: no working directory on sys.path
+            [sys.executable, "-P", "-c", SERVER, json.dumps(setup)],  # -P: no working directory on sys.path
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
@@ -173,7 +200,8 @@ class StageServer:
         Path(self.log.name).unlink(missing_ok=True)
 
 
-_server: StageServer | None = None
+# One server for the train stage (started with the allocator tunables its restart sets), one for the others.
+_servers: dict[bool, StageServer] = {}
 
 
 def run_forked(
@@ -186,13 +214,14 @@ def run_forked(
 ) -> subprocess.CompletedProcess:
     """`python -m module *args` in `cwd` with `env` (and `stdin` typed in), forked from this worker's server
     (started on first use); ended by SIGALRM (return code -14) after `timeout` seconds."""
-    global _server
-    if _server is None or _server.process.poll() is not None:
-        _server = StageServer()
-        atexit.register(_server.close)
+    train = module == "stages.train"
+    server = _servers.get(train)
+    if server is None or server.process.poll() is not None:
+        server = _servers[train] = StageServer(train)
+        atexit.register(server.close)
     try:
-        return _server.run(module, cwd, args, env, stdin, timeout)
+        return server.run(module, cwd, args, env, stdin, timeout)
     except BaseException:  # an answer may still be on its way: the next run starts a new server
-        _server.process.kill()
-        _server = None
+        server.process.kill()
+        del _servers[train]
         raise

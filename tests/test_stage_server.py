@@ -80,3 +80,40 @@ def test_a_run_past_its_timeout_ends_and_the_next_run_works(tmp_path):
     assert run_forked("sleeper", tmp_path, (), env, timeout=1).returncode == -14  # SIGALRM
     (tmp_path / "quick.py").write_text("print('done')\n")
     assert run_forked("quick", tmp_path, (), env).stdout == "done\n"
+
+
+TRAIN_START = """
+if __name__ == "__main__":  # the train stage's first lines (stages/train.py)
+    from stages.lib.allocator import restart_with_allocator_tunables
+
+    restart_with_allocator_tunables()
+import os, sys
+from stages.lib.precision import keep_compile_cache
+
+keep_compile_cache()
+print(os.environ.get("GLIBC_TUNABLES"), os.environ["TORCHINDUCTOR_CACHE_DIR"], "transformers.trainer" in sys.modules)
+print(sys.modules["stages"].__path__[0])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's tunables")
+@pytest.mark.parametrize("tunables", [None, "glibc.malloc.arena_max=2"], ids=["restart-done", "restart-differs"])
+def test_a_forked_train_stage_starts_as_the_restarted_process_it_stands_for(tmp_path, tunables):
+    """The train server restarts with the stage's allocator tunables and sets its compile cache before the
+    imports; a child then runs the stage without restarting it. A request with other tunables than the server's
+    restarts the child: a fresh interpreter, which has not imported the Trainer."""
+    for cwd in (tmp_path / "fresh", tmp_path / "forked"):
+        (cwd / "stages").mkdir(parents=True)
+        shutil.copytree(REPO / "stages" / "lib", cwd / "stages" / "lib")
+        (cwd / "stages" / "__init__.py").write_text("")
+        (cwd / "stages" / "train.py").write_text(TRAIN_START)
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "PYTHONPATH")}
+    if tunables:
+        env["GLIBC_TUNABLES"] = tunables
+    fresh, forked = both("stages.train", (tmp_path / "fresh", tmp_path / "forked"), env=env)
+    assert fresh.returncode == forked.returncode == 0, (fresh.stderr, forked.stderr)
+    (fresh_tunables, cache, fresh_preloaded), fresh_package = (line.split() for line in fresh.stdout.splitlines())
+    (forked_tunables, forked_cache, preloaded), package = (line.split() for line in forked.stdout.splitlines())
+    assert forked_tunables == fresh_tunables != "None" and forked_cache == cache
+    assert fresh_preloaded == "False" and preloaded == ("False" if tunables else "True")
+    assert fresh_package == [str(tmp_path / "fresh" / "stages")] and package == [str(tmp_path / "forked" / "stages")]

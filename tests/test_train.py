@@ -17,6 +17,7 @@ from transformers import LlamaForCausalLM
 
 from conftest import FIXTURES, REPO, run_stage, write_params
 from pipeline_repo import TINY_TRAIN, read_json, tool_env, wait_until_gone
+from stage_server import run_forked
 from stages.lib.allocator import glibc
 from stages.lib.params import load_params
 from tiny import save_tiny
@@ -233,8 +234,9 @@ def test_two_nodes_and_fsdp_take_the_step_of_one_process_with_the_global_batch(p
 
 def run_train(work: Path, *launcher: str) -> subprocess.CompletedProcess:
     env = {**tool_env(), "PYTHONPATH": str(REPO)}
-    command = list(launcher) if launcher else [sys.executable]
-    return subprocess.run(command + ["-m", "stages.train"], cwd=work, env=env, capture_output=True, text=True)
+    if not launcher:
+        return run_forked("stages.train", work, (), env)
+    return subprocess.run([*launcher, "-m", "stages.train"], cwd=work, env=env, capture_output=True, text=True)
 
 
 @pytest.mark.slow
@@ -478,8 +480,11 @@ def test_auto_precision_is_measured_and_explained():
 
 
 def dvc_train(work: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The train stage's command exactly as dvc.yaml runs it (checks, then training here or under torchrun)."""
+    """The train stage's command as dvc.yaml runs it (checks, then training here or under torchrun): forked from a
+    preloaded interpreter (stage_server.py), or in a shell when a test changes the environment."""
     command = dvc_command(work)
+    if env is None and command.split()[:3] == ["python", "-m", "stages.train"]:
+        return run_forked("stages.train", work, tuple(command.split()[3:]), {**tool_env(), "PYTHONPATH": str(REPO)})
     env = {
         key: value for key, value in {**tool_env(), "PYTHONPATH": str(REPO), **(env or {})}.items() if value is not None
     }
