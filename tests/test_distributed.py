@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import REPO
-from pipeline_repo import tool_env
+from pipeline_repo import dvc_train
 from stages.lib.errors import InputError
 from stages.lib.launch import HELD, Rendezvous, rendezvous, share, use_slot
 
@@ -138,18 +138,11 @@ def test_without_stages_slots_nothing_changes(monkeypatch):
 )
 def test_the_train_command_rejects_an_impossible_layout_in_one_line_before_any_work(tmp_path, train, message):
     """dvc.yaml's command, as dvc runs it: the first process's checks stop with one line, torchrun never starts."""
-    import yaml
-
     from conftest import write_params
 
     write_params(tmp_path, {"train": train})
-    command = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["cmd"]
-    env = {
-        key: value
-        for key, value in {**tool_env(), "PYTHONPATH": str(REPO)}.items()
-        if key not in ("MASTER_ADDR", "SKYPILOT_NODE_IPS", "SKYPILOT_NUM_NODES", "NNODES")
-    }
-    result = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    unset = dict.fromkeys(("MASTER_ADDR", "SKYPILOT_NODE_IPS", "SKYPILOT_NUM_NODES", "NNODES"))
+    result = dvc_train(tmp_path, unset)
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [message]
     assert not (tmp_path / "models").exists()

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from conftest import FIXTURES, REPO, run_stage, write_params
-from pipeline_repo import TINY_TRAIN, read_json, tool_env, wait_until_gone
+from pipeline_repo import TINY_TRAIN, dvc_command, dvc_train, read_json, tool_env, wait_until_gone
 from stage_server import run_forked
 from stages.lib.allocator import glibc
 from stages.lib.params import load_params
@@ -346,14 +346,6 @@ def test_a_checkpoint_is_resumed_only_when_every_process_wrote_its_part(tmp_path
     assert complete(checkpoint, 1)
 
 
-def dvc_command(work: Path) -> str:
-    import yaml
-
-    command = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["cmd"]
-    assert "${" not in command, command  # no params to substitute, as dvc would
-    return command
-
-
 @pytest.mark.slow
 def test_fsdp_resumes_after_a_kill_to_the_same_weights_and_saves_a_model_score_loads(prepared, tmp_path):
     """FSDP2 across 2 processes through dvc.yaml's command: a run killed after a checkpoint resumes to the weights
@@ -477,18 +469,6 @@ def test_auto_precision_is_measured_and_explained():
     fp16 = choose("fp16", config)
     if not torch.cuda.is_available():  # recorded as what runs, not as what was asked for
         assert fp16.precision == "fp32" and "fp16 needs a GPU" in fp16.reason
-
-
-def dvc_train(work: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The train stage's command as dvc.yaml runs it (checks, then training here or under torchrun): forked from a
-    preloaded interpreter (stage_server.py), or in a shell when a test changes the environment."""
-    command = dvc_command(work)
-    if env is None and command.split()[:3] == ["python", "-m", "stages.train"]:
-        return run_forked("stages.train", work, tuple(command.split()[3:]), {**tool_env(), "PYTHONPATH": str(REPO)})
-    env = {
-        key: value for key, value in {**tool_env(), "PYTHONPATH": str(REPO), **(env or {})}.items() if value is not None
-    }
-    return subprocess.run(command, shell=True, cwd=work, env=env, capture_output=True, text=True, timeout=600)
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
