@@ -6,10 +6,12 @@ a local directory holding a transformers model in safetensors, or a hub id (wher
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from stages.lib.atomic import atomic_path, write_json
 from stages.lib.bundled import wheel_file
@@ -36,6 +38,28 @@ def bundled_gguf(name: str) -> Path:
     return wheel_file("model.base", name, *BUNDLED[name])
 
 
+@contextlib.contextmanager
+def gguf_parsed_once(path: Path) -> Iterator[None]:
+    """transformers parses a GGUF file for the tokenizer, again for the config and again for the weights, and
+    builds gguf's tensor-name table again for every submodule: 40% of the bundled model's stage time
+    (docs/DESIGN.md §3). Inside this block one parse of `path` and one table per architecture serve them all;
+    gguf's own functions are back after it. transformers imports both names from gguf where it calls them
+    (tests/test_export.py checks one parse happens and gives a plain load's tokenizer and weights)."""
+    import gguf
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    parsed = reader_class(path)
+
+    def reader(file: Any, *args: Any, **kwargs: Any) -> Any:
+        return parsed if Path(file) == path and not args and not kwargs else reader_class(file, *args, **kwargs)
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+
+
 def load_source(params: ModelParams) -> tuple[Any, Any, dict]:
     """Return (model, tokenizer, provenance) for model.base; weights only from GGUF or safetensors."""
     import torch
@@ -45,8 +69,9 @@ def load_source(params: ModelParams) -> tuple[Any, Any, dict]:
     common = {"trust_remote_code": params.trust_remote_code}
     if base in BUNDLED:
         path = bundled_gguf(base)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        with gguf_parsed_once(path):
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config.
         config = quantized.config
         if hasattr(config, "quantization_config"):

@@ -103,6 +103,44 @@ def exported(request, llama_workdir, tmp_path_factory) -> Path:
     return work
 
 
+def test_one_parse_of_a_gguf_serves_its_tokenizer_and_weights_as_separate_parses_do(exported, monkeypatch):
+    """base_model loads the bundled GGUF under `gguf_parsed_once`: transformers reads the file once instead of three
+    times, and gets the tokenizer and weights it gets without it; gguf's own reader is back afterwards."""
+    import gguf
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from stages.base_model import gguf_parsed_once
+
+    path = exported / "models" / "export" / "model.gguf"
+
+    def load() -> tuple[dict, dict]:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        if config.model_type == "gpt2":  # GPT-2's n_ctx quirk, as in gguf_logits
+            config.n_positions = config.n_ctx
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, config=config, dtype=torch.float32
+        )
+        return tokenizer.get_vocab(), model.state_dict()
+
+    parsed = []
+
+    class CountedReader(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs) -> None:
+            parsed.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountedReader)
+    vocabulary, weights = load()
+    assert len(parsed) == 3  # what the block saves: tokenizer, config, weights
+    parsed.clear()
+    with gguf_parsed_once(path):
+        once_vocabulary, once_weights = load()
+    assert parsed == [path] and gguf.GGUFReader is CountedReader
+    assert once_vocabulary == vocabulary and set(once_weights) == set(weights)
+    assert all(torch.equal(once_weights[name], weights[name]) for name in weights)
+
+
 def test_gguf_reads_back_with_the_same_logits_and_tokenizer(exported):
     from gguf import GGUFReader
     from transformers import AutoTokenizer
