@@ -36,7 +36,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -670,6 +670,17 @@ def full_state_dict(trainer: Any) -> dict[str, torch.Tensor]:
     return trainer.model.state_dict()
 
 
+def end_worker(code: int) -> NoReturn:
+    """End one of torchrun's workers at once, everything it writes written: the interpreter's teardown of its
+    gloo process group sometimes aborted ("terminate called without an active exception") or hung, failing a job
+    that had trained and saved. A gloo thread's last release of a tensor needs the GIL, which the main thread holds
+    while it joins that thread in the group's destructor; `destroy_process_group` does not avoid it, as DDP's
+    reducer keeps the group and frees it the same way (docs/DESIGN.md §8)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def unsharded(params: TrainParams, weights: dict[str, torch.Tensor]) -> Any:
     """A whole copy of the trained model (LoRA-wrapped if it was) holding the gathered `weights`, so that an FSDP
     run saves (and merges) exactly what an unsharded run saves."""
@@ -798,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
         full_state_dict(trainer) if trainer.is_fsdp_enabled else None
     )  # collective: before the other processes leave
     if not trainer.is_world_process_zero():
-        return 0
+        end_worker(0)
     world = max(trainer.args.world_size, 1)
     ceiling = gemm_ceiling(
         unwrap(trainer.model),
@@ -863,6 +874,8 @@ def main(argv: list[str] | None = None) -> int:
         "GEMM ceiling measured here), "
         f"{runtime['wall_time_s']} s, peak {runtime['peak_memory_mb']} MB -> {OUTPUT}"
     )
+    if worker:
+        end_worker(0)
     return 0
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file  # noqa: E402
 from stages.lib.modeling import load_causal_lm  # noqa: E402
 from stages.lib.params import load_params  # noqa: E402
 from stages.lib.paths import BASE_MODEL, TOKENIZED  # noqa: E402
-from stages.train import build_trainer, full_state_dict  # noqa: E402
+from stages.train import build_trainer, end_worker, full_state_dict  # noqa: E402
 
 
 def main(out: Path, batch: int, distributed: str = "ddp") -> None:
@@ -60,6 +60,7 @@ def main(out: Path, batch: int, distributed: str = "ddp") -> None:
     if trainer.is_world_process_zero():
         save_file({name: tensor.detach().clone().contiguous() for name, tensor in weights.items()}, str(out))
         out.with_suffix(".json").write_text(json.dumps({**evaluation, "world_size": trainer.args.world_size}))
+    end_worker(0)  # as the train stage's workers end
 
 
 if __name__ == "__main__":
