@@ -211,10 +211,12 @@ def run_forked(
     env: dict[str, str],
     stdin: str | None = None,
     timeout: int = 600,
+    trains: bool = False,
 ) -> subprocess.CompletedProcess:
     """`python -m module *args` in `cwd` with `env` (and `stdin` typed in), forked from this worker's server
-    (started on first use); ended by SIGALRM (return code -14) after `timeout` seconds."""
-    train = module == "stages.train"
+    (started on first use; the train stage's server for `stages.train` and a module that `trains` with its
+    Trainer); ended by SIGALRM (return code -14) after `timeout` seconds."""
+    train = trains or module == "stages.train"
     server = _servers.get(train)
     if server is None or server.process.poll() is not None:
         server = _servers[train] = StageServer(train)

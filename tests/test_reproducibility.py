@@ -25,6 +25,7 @@ from pipeline_repo import (
     tool_env,
     wait_until_gone,
 )
+from stage_server import run_forked
 from test_pipeline import VERDICTS
 
 DVC_OUTPUTS = [
@@ -104,8 +105,9 @@ def test_a_training_change_reruns_downstream_is_reviewed_and_going_back_restores
         # A training change re-scores the fine-tuned model only: the base model's scores are not recomputed.
         ran = stages_ran(dvc(llama_repo, "repro").stdout)
         assert ran == {"train", "score@finetuned", "evaluate", "transcripts", "export"}
-        review = [sys.executable, "-m", "stages.tools.review", "--base", "HEAD", "--out", "review/review.md"]
-        result = sh(llama_repo, *review)
+        review = ("--base", "HEAD", "--out", "review/review.md")
+        result = run_forked("stages.tools.review", llama_repo, review, tool_env())
+        assert result.returncode == 0, result.stderr[-3000:]
         report = (llama_repo / "review" / "review.md").read_text()
         assert "train.learning_rate" in report and "0.005" in report and "0.003" in report
         assert report.index("## Significance") < report.index("## Parameters")  # the table opens the report

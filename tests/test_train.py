@@ -147,8 +147,14 @@ def ddp_step(
     work: Path, out: Path, processes: int, batch: int, distributed: str = "ddp", nodes: int = 1
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """tests/ddp_step.py under torchrun: one launcher (--standalone), or `nodes` launchers on this machine started
-    the way dvc.yaml starts each node of a multi-node job (stages/lib/launch.py: NNODES, NODE_RANK, MASTER_ADDR)."""
+    the way dvc.yaml starts each node of a multi-node job (stages/lib/launch.py: NNODES, NODE_RANK, MASTER_ADDR).
+    One process in all runs as the train stage runs a one-process job: without a launcher."""
     env = {**tool_env(), "PYTHONPATH": str(REPO)}
+    if processes == nodes == 1:
+        env["PYTHONPATH"] += os.pathsep + str(REPO / "tests")
+        result = run_forked("ddp_step", work, (str(out), str(batch), distributed), env, trains=True)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return load_file(out), read_json(out.with_suffix(".json"))
     script = [
         "--nproc_per_node",
         str(processes),
