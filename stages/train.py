@@ -676,8 +676,13 @@ def end_worker(code: int) -> NoReturn:
     that had trained and saved. A gloo thread's last release of a tensor needs the GIL, which the main thread holds
     while it joins that thread in the group's destructor; `destroy_process_group` does not avoid it, as DDP's
     reducer keeps the group and frees it the same way (docs/DESIGN.md §8)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # NCCL collectives only order the stream: the last one may still be running
     sys.stdout.flush()
     sys.stderr.flush()
+    import ctypes
+
+    ctypes.CDLL(None).fflush(None)  # C stdio buffers (a library's printf) too
     os._exit(code)
 
 

@@ -44,19 +44,14 @@ def dvc_command(work: Path) -> str:
     return command
 
 
-# What the train stage reads when it runs, not at its imports: a run that changes only these can be forked.
-READ_AT_RUN = {"PATH", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "SKYPILOT_NODE_IPS", "SKYPILOT_NUM_NODES"}
-
-
 def dvc_train(work: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """The train stage's command as dvc.yaml runs it (checks, then training here or under torchrun), with `env`'s
-    changes (None removes a variable): forked from a preloaded interpreter (stage_server.py) unless it changes
-    what the stage reads at its imports, then in a shell."""
-    command, changes = dvc_command(work), env or {}
-    full = {k: v for k, v in {**tool_env(), "PYTHONPATH": str(REPO), **changes}.items() if v is not None}
-    if set(changes) <= READ_AT_RUN and command.split()[:3] == ["python", "-m", "stages.train"]:
-        return run_forked("stages.train", work, tuple(command.split()[3:]), full)
-    return subprocess.run(command, shell=True, cwd=work, env=full, capture_output=True, text=True, timeout=600)
+    changes (None removes a variable): forked from a preloaded interpreter (stage_server.py), which runs it fresh
+    when the changes reach what the libraries read at import."""
+    command = dvc_command(work)
+    full = {k: v for k, v in {**tool_env(), "PYTHONPATH": str(REPO), **(env or {})}.items() if v is not None}
+    assert command.split()[:3] == ["python", "-m", "stages.train"], command
+    return run_forked("stages.train", work, tuple(command.split()[3:]), full)
 
 
 def sh(cwd: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -14,8 +14,9 @@ What a forked run cannot show, and the tests that start fresh interpreters show 
   runs its second run fresh (`run_stage(..., fresh=True)`);
 - what a run sets up before its imports differently from the server. The train stage's own set-up (its restart
   with glibc's allocator tunables, inductor's cache directory) is done by its server before the imports, as the
-  stage does it, and its children carry the restart's variables; a test that changes what the stage reads then
-  (HOME, TORCHINDUCTOR_CACHE_DIR, CXX, GLIBC_TUNABLES) starts it fresh.
+  stage does it, and its children carry the restart's variables. A request that sets what the libraries read
+  at import otherwise (READ_AT_IMPORT) runs in a fresh interpreter, and a train request with other tunables
+  re-executes its child as one.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ PRELOAD = ("torch", "transformers", "transformers.modeling_utils", "datasets", "
 TRAIN_PRELOAD = (*PRELOAD, "transformers.trainer", "transformers.integrations.integration_utils", "dvclive")
 REPO = Path(__file__).resolve().parents[1]
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# Read when the libraries are imported (inductor's compiler; the hub's cache, which defaults under HOME, and its
+# offline switches): a request that sets one otherwise than the server's environment runs in a fresh interpreter.
+READ_AT_IMPORT = ("HOME", "CXX", "CC", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 # The server's environment: the worker's when conftest.py has set its defaults, before any test can change it.
 SERVER_ENVIRONMENT: dict[str, str] = {}
 
@@ -109,8 +113,11 @@ sys.stdin = sys.__stdin__ = io.TextIOWrapper(
 os.chdir(request["cwd"])
 os.environ.clear()
 os.environ.update(request["env"])
-if restarted and with_allocator_tunables(os.environ).get("GLIBC_TUNABLES") == restarted["GLIBC_TUNABLES"]:
-    os.environ.update(restarted)  # as the train stage's restart leaves them; otherwise it restarts this child
+if restarted:
+    if with_allocator_tunables(os.environ).get("GLIBC_TUNABLES") != restarted["GLIBC_TUNABLES"]:
+        # Other tunables than the server started with: a fresh interpreter, as the request stands for.
+        os.execve(sys.executable, [sys.executable, "-m", request["module"], *request["args"]], os.environ)
+    os.environ.update(restarted)  # as the train stage's restart leaves them
 threads = request["env"].get("OMP_NUM_THREADS", "")
 torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else default_threads)
 pythonpath = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -215,7 +222,11 @@ def run_forked(
 ) -> subprocess.CompletedProcess:
     """`python -m module *args` in `cwd` with `env` (and `stdin` typed in), forked from this worker's server
     (started on first use; the train stage's server for `stages.train` and a module that `trains` with its
-    Trainer); ended by SIGALRM (return code -14) after `timeout` seconds."""
+    Trainer); ended by SIGALRM (return code -14) after `timeout` seconds. A fresh interpreter instead when `env`
+    sets a variable of READ_AT_IMPORT otherwise than the server's environment."""
+    if any(key in env and env[key] != SERVER_ENVIRONMENT.get(key) for key in READ_AT_IMPORT):
+        command = [sys.executable, "-m", module, *args]
+        return subprocess.run(command, cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=timeout)
     train = trains or module == "stages.train"
     server = _servers.get(train)
     if server is None or server.process.poll() is not None:

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import FIXTURES, REPO, write_params
 from stage_server import run_forked
+from stages.lib.allocator import TUNABLES, glibc, gpu_host
 
 
 def both(
@@ -96,7 +97,10 @@ print(sys.modules["stages"].__path__[0])
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's tunables")
+@pytest.mark.skipif(
+    not glibc() or gpu_host() or TUNABLES in os.environ.get("GLIBC_TUNABLES", ""),
+    reason="the train stage restarts with glibc's tunables on a CPU host that has not set them",
+)
 @pytest.mark.parametrize("tunables", [None, "glibc.malloc.arena_max=2"], ids=["restart-done", "restart-differs"])
 def test_a_forked_train_stage_starts_as_the_restarted_process_it_stands_for(tmp_path, tunables):
     """The train server restarts with the stage's allocator tunables and sets its compile cache before the
